@@ -1,0 +1,75 @@
+"""Plain-PyTorch integer references: the bit-exact specification every native kernel is tested against.
+
+Everything here is exact integer arithmetic (int64), so results do not depend on the machine.
+
+Conventions shared with the native kernels (csrc/):
+- int8 GEMM: activations ``x`` uint8 [M, K] with zero point ``x_zp``; weights int8 [N, K] (symmetric,
+  zero point 0); ``acc[m, n] = sum_k (x[m, k] - x_zp) * w[n, k] + bias[n]`` in int32.
+- Requantization epilogue: ``lowbit.formats.affine.requantize`` per output channel (Q31 ``m0``,
+  ``rshift``), output zero point, clamp to [qmin, qmax] (a fused ReLU/ReLU6 is a tighter clamp).
+- Float epilogue: ``out = float32(acc) * scale[n] + fbias[n]``, two float32 roundings, no FMA.
+- Convolution: NCHW semantics; padded positions hold ``x_zp`` (i.e. real zero).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats.affine import requantize
+
+from .epilogue import Epilogue, FloatOut, Requant
+
+
+def apply_epilogue(acc: torch.Tensor, epi: Epilogue | None, channel_axis: int = -1) -> torch.Tensor:
+    """int32 accumulator -> output of the epilogue (int32 if ``epi`` is None)."""
+    if epi is None:
+        return acc
+    ax = channel_axis % acc.dim()
+    shape = [1] * acc.dim()
+    shape[ax] = -1
+    if isinstance(epi, Requant):
+        q = requantize(acc, epi.m0, epi.rshift, epi.out_zp, epi.qmin, epi.qmax, axis=ax)
+        return q.to(epi.out_dtype)
+    if isinstance(epi, FloatOut):
+        y = acc.to(torch.float32) * epi.scale.to(torch.float32).reshape(shape)
+        if epi.bias is not None:
+            y = y + epi.bias.to(torch.float32).reshape(shape)
+        return y
+    raise TypeError(f"unknown epilogue {type(epi).__name__}")
+
+
+def _check_int32(acc64: torch.Tensor) -> torch.Tensor:
+    if acc64.numel() and (acc64.max() > 2**31 - 1 or acc64.min() < -(2**31)):
+        raise OverflowError("int32 accumulator overflow (K too large for these values)")
+    return acc64.to(torch.int32)
+
+
+def int8_gemm_ref(
+    x: torch.Tensor, x_zp: int, w: torch.Tensor, bias: torch.Tensor | None = None, epi: Epilogue | None = None
+) -> torch.Tensor:
+    """uint8 [M, K] x int8 [N, K] -> epilogue([M, N])."""
+    acc = (x.to(torch.int64) - int(x_zp)) @ w.to(torch.int64).t()
+    if bias is not None:
+        acc = acc + bias.to(torch.int64)
+    return apply_epilogue(_check_int32(acc), epi)
+
+
+def int8_conv2d_ref(
+    x: torch.Tensor,
+    x_zp: int,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    epi: Epilogue | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """uint8 NCHW x int8 [N, C/groups, kh, kw] -> epilogue(NCHW). Exact: float64 holds every partial sum."""
+    xc = x.to(torch.float64) - float(x_zp)  # padding with 0 here == padding with x_zp in code space
+    acc = F.conv2d(xc, w.to(torch.float64), None, stride, padding, dilation, groups)
+    acc = torch.round(acc).to(torch.int64)
+    if bias is not None:
+        acc = acc + bias.to(torch.int64).reshape(1, -1, 1, 1)
+    return apply_epilogue(_check_int32(acc), epi, channel_axis=1)
