@@ -1,3 +1,32 @@
-"""lowbit: quantize trained PyTorch networks and run them fast on ordinary CPUs."""
+"""lowbit: quantize trained PyTorch networks and run them fast on ordinary CPUs.
+
+Main entry points::
+
+    qmodel = lowbit.quantize(model, "static", calib=calib_tensor)
+    lowbit.save(qmodel, "model.lowbit"); qmodel = lowbit.load("model.lowbit")
+    result = lowbit.compare(model, calib, eval_fn, methods=["dynamic", "static", "full_integer", "float16"])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "compare": "lowbit.compare",
+    "CompareResult": "lowbit.compare",
+    "load": "lowbit.io",
+    "save": "lowbit.io",
+    "quantize": "lowbit.methods",
+    "available_methods": "lowbit.methods",
+}
+
+__all__ = ["CompareResult", "__version__", "available_methods", "compare", "load", "quantize", "save"]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: import the heavy parts on first use
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -1,0 +1,302 @@
+"""The ``lowbit`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EXIT_ERROR = 2
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help="dataset: digits (bundled), mnist, cifar10, ... (default digits)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files (else $LOWBIT_DATA, ../shared/data)")
+    p.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/calibration/test split")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="built-in model name (uses the checkpoint `lowbit train` wrote), "
+                                 "a torch.export archive (.pt2), or package.module:function")
+    p.add_argument("--checkpoint", default=None, help="checkpoint of a built-in model (default runs/MODEL-DATA.pt)")
+    p.add_argument("--weights-file", default=None, help="state_dict for a package.module:function model")
+    p.add_argument("--epochs", type=int, default=None, help="epochs if a built-in model must be trained first")
+
+
+def _parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``--option [method.]key=value`` -> {method or '*': {key: value}} (values parsed as JSON if they can be)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--option takes key=value, got {item!r}")
+        key, val = item.split("=", 1)
+        scope, _, key = key.rpartition(".")
+        try:
+            value: Any = json.loads(val)
+        except json.JSONDecodeError:
+            value = val
+        out.setdefault(scope or "*", {})[key] = value
+    return out
+
+
+def _method_config(opts: dict[str, dict[str, Any]], method: str, keep_float: str | None) -> dict[str, Any]:
+    cfg = {**opts.get("*", {}), **opts.get(method, {})}
+    if keep_float:
+        cfg["keep_float"] = tuple(p for p in keep_float.split(",") if p)
+    return cfg
+
+
+def _load_data(args: argparse.Namespace) -> Any:
+    from lowbit.data import load_dataset
+
+    return load_dataset(args.data, data_dir=args.data_dir, seed=args.seed, download=args.download)
+
+
+def _resolve_model(args: argparse.Namespace, splits: Any) -> torch.nn.Module:
+    from lowbit.models import available_models
+
+    spec = args.model
+    if spec in available_models():
+        from lowbit.train import train_or_load
+
+        model, _, meta = train_or_load(spec, args.data, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
+                                       checkpoint=args.checkpoint, progress=True, download=args.download)
+        return model
+    if spec.endswith(".pt2") or ":" in spec:
+        from lowbit.graph import load_model
+
+        return load_model(spec, args.weights_file)
+    raise ValueError(f"unknown model {spec!r}: not a built-in model ({', '.join(available_models())}), "
+                     "not a .pt2 archive and not package.module:function")
+
+
+def _eval_fn(splits: Any):
+    from lowbit.evaluate import accuracy
+
+    return lambda m: accuracy(m, splits.test)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lowbit.train import cli_train
+
+    return cli_train(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.evaluate import accuracy
+
+    splits = _load_data(args)
+    model = _resolve_model(args, splits)
+    cfg = _method_config(_parse_options(args.option), args.method, args.keep_float)
+    t0 = time.perf_counter()
+    qm = lowbit.quantize(model, args.method, calib=splits.calib, config=cfg)
+    took = time.perf_counter() - t0
+    path = lowbit.save(qm, args.out)
+    acc = accuracy(qm, splits.test)
+    meta = qm.lowbit_meta
+    print(f"{args.method}: test accuracy {acc:.2f}% on {splits.name}, file {path} ({path.stat().st_size:,} bytes), "
+          f"quantized in {took:.1f} s")
+    kept = meta.get("float_layers", []) + meta.get("float_ops", [])
+    if kept:
+        print("left in float: " + ", ".join(kept))
+    if meta.get("input", {}).get("dtype") not in (None, "float32"):
+        i, o = meta["input"], meta["output"]
+        print(f"input  {i['dtype']} scale={i['scale']:.6g} zero_point={i['zero_point']}")
+        print(f"output {o['dtype']} scale={o['scale']:.6g} zero_point={o['zero_point']}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lowbit.compare import compare
+
+    splits = _load_data(args)
+    model = _resolve_model(args, splits)
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    opts = _parse_options(args.option)
+    from lowbit.methods import available_methods
+
+    configs = {m: _method_config(opts, m, args.keep_float) for m in (methods or available_methods())}
+    res = compare(
+        model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
+        batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
+        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name},
+    )
+    print()
+    print(res.table())
+    print(f"\nchosen: {res.chosen} (λS,λT,λA = {args.lambdas}); saved to {res.saved}")
+    if res.report:
+        print(f"report: {res.report.get('html', Path(args.report_dir) / 'index.html')}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from lowbit.select import cli_select
+
+    return cli_select(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.evaluate import accuracy, measure_latency, model_input
+
+    model = lowbit.load(args.file)
+    splits = _load_data(args)
+    acc = accuracy(model, splits.test)
+    x = model_input(model, splits.test.tensors[0][: args.batch_size])
+    lat = measure_latency({"model": lambda: model(x)}, args.batch_size, repeats=args.repeats, threads=args.threads)
+    lt = lat["model"]
+    meta = model.lowbit_meta
+    print(f"{args.file}: method {meta.get('method')}, {Path(args.file).stat().st_size:,} bytes, "
+          f"test accuracy {acc:.2f}% on {splits.name}, latency {lt.median_ms:.3f} ms "
+          f"(median of {lt.repeats}, batch {lt.batch_size}, {lt.threads} threads)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lowbit.bench.kernels import run
+
+    run(threads=args.threads, json_path=args.json, repeats=args.repeats, quick=args.quick)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from lowbit.methods import METHODS
+
+    for name, cls in METHODS.items():
+        calib = "calibration data" if cls.needs_calibration else "no data"
+        print(f"{name:14s} {cls.summary} [{calib}]")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit import kernels
+
+    print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    try:
+        from lowbit import _native
+
+        feats = [k for k, v in _native.cpu_features().items() if v]
+        print(f"native kernels: built; CPU features: {', '.join(feats) or 'none'}; best ISA {_native.best_isa()}, "
+              f"active {_native.active_isa()}")
+    except ImportError as e:
+        print(f"native kernels: not available ({e})")
+    print(f"int8 backend: {kernels.backend_name()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    args.model, args.checkpoint, args.weights_file = args.model or "small_cnn", None, None
+    args.methods, args.option, args.keep_float = None, None, None
+    args.lambdas, args.batch_size, args.threads = args.lambdas or "1,1,1", 1, None
+    print(f"lowbit demo: {args.model} on {args.data}, every method, measured on this CPU\n", flush=True)
+    rc = cmd_compare(args)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    return rc
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize PyTorch networks and run them fast on CPUs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from lowbit.train import add_train_arguments
+
+    sp = sub.add_parser("train", help="train a built-in reference model and write its checkpoint")
+    add_train_arguments(sp)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("quantize", help="quantize a model by one method and save it")
+    _add_model_args(sp)
+    _add_data_args(sp)
+    sp.add_argument("--method", required=True, help="method name (see `lowbit methods`)")
+    sp.add_argument("--out", required=True, help="output model file")
+    sp.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. activation_observer=kl")
+    sp.add_argument("--keep-float", default=None, help="comma-separated layer-name patterns left float")
+    sp.set_defaults(fn=cmd_quantize)
+
+    sp = sub.add_parser("compare", help="quantize by several methods, measure, choose by the objective L")
+    _add_model_args(sp)
+    _add_data_args(sp)
+    sp.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    sp.add_argument("--lambdas", default="1,1,1", help="weights λS,λT,λA of size, time, accuracy (default 1,1,1)")
+    sp.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE", help="method option")
+    sp.add_argument("--keep-float", default=None, help="comma-separated layer-name patterns left float")
+    sp.add_argument("--batch-size", type=int, default=1, help="latency batch size (default 1)")
+    sp.add_argument("--repeats", type=int, default=20, help="timed repeats per model (default 20)")
+    sp.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
+    sp.add_argument("--report-dir", default="report", help="where results and plots go (default report/)")
+    sp.add_argument("--out", default="report/chosen.lowbit", help="file for the chosen model")
+    sp.set_defaults(fn=cmd_compare)
+
+    from lowbit.select import add_select_arguments
+
+    sp = sub.add_parser("select", help="score and choose from a CSV of measured results")
+    add_select_arguments(sp)
+    sp.set_defaults(fn=cmd_select)
+
+    sp = sub.add_parser("eval", help="accuracy and latency of a saved lowbit model")
+    sp.add_argument("file")
+    _add_data_args(sp)
+    sp.add_argument("--batch-size", type=int, default=1)
+    sp.add_argument("--repeats", type=int, default=50)
+    sp.add_argument("--threads", type=int, default=None)
+    sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("bench", help="benchmarks")
+    bsub = sp.add_subparsers(dest="what", required=True)
+    bp = bsub.add_parser("kernels", help="GEMM/conv kernels against torch fp32, torch int8 and peers")
+    bp.add_argument("--threads", type=int, default=1)
+    bp.add_argument("--json", default=None, help="write the records to this JSON file")
+    bp.add_argument("--repeats", type=int, default=20)
+    bp.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
+    bp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("methods", help="list the quantization methods")
+    sp.set_defaults(fn=cmd_methods)
+    sp = sub.add_parser("info", help="CPU features and kernel backend")
+    sp.set_defaults(fn=cmd_info)
+
+    sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")
+    _add_data_args(sp)
+    sp.add_argument("--model", default="small_cnn")
+    sp.add_argument("--epochs", type=int, default=None)
+    sp.add_argument("--lambdas", default="1,1,1")
+    sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument("--report-dir", default="report")
+    sp.add_argument("--out", default="report/chosen.lowbit")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, NotImplementedError, OSError, KeyError) as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``lowbit.compare``: quantize by several methods, measure each for real, choose by the objective L."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+import lowbit
+from lowbit import io, kernels
+from lowbit.evaluate import FloatIO, measure_latency, model_input
+from lowbit.graph import prepare
+from lowbit.methods import available_methods, get_method, quantize
+from lowbit.methods.base import calibration_batches
+from lowbit.report import format_table, write_report
+from lowbit.select import Lambdas, choose, score
+
+BASELINE = "float"
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict[str, Any]]
+    chosen: str
+    models: dict[str, nn.Module]
+    report: dict[str, Path] = field(default_factory=dict)
+    saved: Path | None = None
+
+    def table(self) -> str:
+        return format_table(self.rows, self.chosen)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compare(
+    model: nn.Module,
+    calib: Any,
+    eval_fn: Callable[[nn.Module], float],
+    methods: Sequence[str] | None = None,
+    lambdas: Lambdas | str = "1,1,1",
+    example_input: torch.Tensor | None = None,
+    configs: dict[str, dict[str, Any]] | None = None,
+    batch_size: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    report_dir: str | os.PathLike[str] | None = "report",
+    save_chosen: str | os.PathLike[str] | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> CompareResult:
+    """Quantize ``model`` by each method, measure file size, latency and accuracy, choose by L.
+
+    eval_fn(model) -> accuracy in percent; it receives float-in/float-out models (full-integer ones
+    are wrapped to quantize their input), so one function serves every method. The float model
+    (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``.
+    """
+    lam = Lambdas.parse(lambdas) if isinstance(lambdas, str) else lambdas
+    methods = list(methods) if methods else available_methods()
+    for name in methods:
+        get_method(name)  # unknown names fail before any work
+    if len(set(methods)) != len(methods):
+        raise ValueError("a method is listed twice")
+    configs = configs or {}
+    batches = calibration_batches(calib, 10**9, 100)
+    if example_input is None:
+        if not batches:
+            raise ValueError("the calibration set is empty")
+        example_input = batches[0][:1]
+    bench_input = torch.cat(batches)[:batch_size] if batches else example_input.expand(batch_size, *example_input.shape[1:])
+    if len(bench_input) < batch_size:
+        raise ValueError(f"need at least {batch_size} calibration samples for latency batches")
+
+    candidates: dict[str, nn.Module] = {}
+    float_gm: fx.GraphModule = prepare(model, example_input).gm
+    float_gm.lowbit_meta = {"method": BASELINE, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
+    candidates[BASELINE] = float_gm
+    bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        candidates[name] = quantize(model, name, calib=calib, config=configs.get(name),
+                                    example_input=example_input)
+
+    rows: list[dict[str, Any]] = []
+    tmpdir = Path(tempfile.mkdtemp(prefix="lowbit-compare-"))
+    try:
+        files = {name: io.save(m, tmpdir / f"{name}.lowbit") for name, m in candidates.items()}
+        inputs = {name: model_input(m, bench_input) for name, m in candidates.items()}
+        runs = {name: (lambda m=m, x=inputs[name]: m(x)) for name, m in candidates.items()}
+        if progress:
+            print(f"timing {len(runs)} models: batch {batch_size}, {repeats} repeats, interleaved", flush=True)
+        lat = measure_latency(runs, batch_size, warmup, repeats, threads)
+        for name, m in tqdm(candidates.items(), desc="evaluating", unit="model", disable=not progress):
+            with torch.inference_mode():
+                acc = float(eval_fn(FloatIO(m).eval()))
+            mm = getattr(m, "lowbit_meta", {})
+            rows.append({
+                "method": name,
+                "size_bytes": files[name].stat().st_size,
+                "latency_ms": lat[name].median_ms,
+                "accuracy": acc,
+                "latency_p10_ms": lat[name].p10_ms,
+                "latency_p90_ms": lat[name].p90_ms,
+                "batch_size": batch_size,
+                "threads": lat[name].threads,
+                "float_layers": len(mm.get("float_layers", [])) + len(mm.get("float_ops", [])),
+            })
+        rows = score(rows, BASELINE, lam)
+        chosen = choose(rows)["method"]
+        saved = None
+        if save_chosen is not None:
+            dst = Path(save_chosen)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(files[chosen], tmp)
+            os.replace(tmp, dst)
+            saved = dst
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    report: dict[str, Path] = {}
+    if report_dir is not None:
+        info = {
+            "lowbit_version": lowbit.__version__,
+            "torch_version": torch.__version__,
+            "cpu": _cpu_name(),
+            "kernel_backend": kernels.backend_name(),
+            "threads": rows[0]["threads"],
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "methods": methods,
+            **(meta or {}),
+        }
+        report = write_report(rows, report_dir, chosen, lam, info)
+    return CompareResult(rows, chosen, candidates, report, saved)

@@ -1,0 +1,182 @@
+"""What every quantization method shares: configuration, the registry, calibration data handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx, nn
+
+#: name -> Method subclass. A new method is one module that defines a subclass with @register.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} must set a class attribute 'name'")
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+
+
+@dataclass
+class LayerSettings:
+    """Per-layer settings after overrides are applied."""
+
+    keep_float: bool = False
+    per_channel: bool = True
+    weight_observer: str = "minmax"
+
+
+@dataclass
+class QuantConfig:
+    """Options shared by the methods.
+
+    keep_float: glob patterns of layer names (as in ``model.named_modules()``) left in float32, e.g.
+        ``("features.0", "classifier.*")`` keeps the first and the classifier layers float.
+    overrides: pattern -> dict of :class:`LayerSettings` fields for matching layers, e.g.
+        ``{"fc*": {"per_channel": False}}``; later patterns win.
+    """
+
+    per_channel: bool = True
+    weight_observer: str = "minmax"
+    activation_observer: str = "minmax"
+    keep_float: tuple[str, ...] = ()
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calib_samples: int = 500
+    calib_batch_size: int = 100
+
+    def layer(self, name: str) -> LayerSettings:
+        s = LayerSettings(per_channel=self.per_channel, weight_observer=self.weight_observer)
+        if any(fnmatch.fnmatchcase(name, p) for p in self.keep_float):
+            s.keep_float = True
+        known = {f.name for f in dataclasses.fields(LayerSettings)}
+        for pattern, values in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                bad = set(values) - known
+                if bad:
+                    raise ValueError(f"unknown per-layer setting(s) {sorted(bad)}; known: {sorted(known)}")
+                s = dataclasses.replace(s, **values)
+        return s
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        bad = set(values) - set(known)
+        if bad:
+            raise ValueError(f"unknown option(s) {sorted(bad)} for {cls.__name__}; known: {sorted(known)}")
+        vals = dict(values)
+        if "keep_float" in vals and isinstance(vals["keep_float"], str):
+            vals["keep_float"] = tuple(p for p in vals["keep_float"].split(",") if p)
+        return cls(**vals)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["keep_float"] = list(self.keep_float)
+        return d
+
+
+class Method:
+    """A recipe that turns a float model into a quantized one. Subclasses set ``name``, ``config_cls``,
+    ``needs_calibration`` and implement :meth:`convert`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    config_cls: ClassVar[type[QuantConfig]] = QuantConfig
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: QuantConfig | dict[str, Any] | None = None, **options: Any) -> None:
+        if isinstance(config, dict):
+            config = {**config, **options}
+            options = {}
+        if config is None or isinstance(config, dict):
+            config = self.config_cls.from_dict(config or {})
+        if options:
+            config = dataclasses.replace(config, **options)
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{self.name} takes a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def convert(self, prepared: Any, calib: list[torch.Tensor]) -> fx.GraphModule:
+        raise NotImplementedError
+
+
+def calibration_batches(data: Any, max_samples: int, batch_size: int) -> list[torch.Tensor]:
+    """Normalize calibration data (a tensor [N, ...], a Dataset of (x, y) or x, a DataLoader or any
+    iterable of batches) to a list of float tensors holding at most ``max_samples`` samples."""
+    if data is None:
+        return []
+    batches: list[torch.Tensor] = []
+    seen = 0
+
+    def take(x: Any) -> None:
+        nonlocal seen
+        if isinstance(x, (tuple, list)):
+            x = x[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"calibration data must hold tensors, got {type(x).__name__}")
+        x = x[: max_samples - seen]
+        if len(x):
+            batches.append(x.to(torch.float32))
+            seen += len(x)
+
+    if isinstance(data, torch.Tensor):
+        for i in range(0, min(len(data), max_samples), batch_size):
+            take(data[i : i + batch_size])
+    elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        n = min(len(data), max_samples)  # type: ignore[arg-type]
+        for i in range(0, n, batch_size):
+            items = [data[j] for j in range(i, min(n, i + batch_size))]
+            xs = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
+            take(torch.stack(xs))
+    else:
+        it: Iterator[Any] = iter(data if isinstance(data, Iterable) else [data])
+        for b in it:
+            take(b)
+            if seen >= max_samples:
+                break
+    return batches
+
+
+def check_calibration(batches: list[torch.Tensor], example: torch.Tensor, method: str) -> None:
+    if not batches:
+        raise ValueError(f"method {method!r} needs calibration data, but the calibration set is empty")
+    want = tuple(example.shape[1:])
+    for b in batches:
+        if tuple(b.shape[1:]) != want:
+            raise ValueError(
+                f"calibration sample shape {tuple(b.shape[1:])} does not match the model input shape {want}"
+            )
+        if not torch.isfinite(b).all():
+            raise ValueError("calibration data contains NaN or Inf")
+
+
+def layer_of(module: nn.Module) -> tuple[nn.Module, str | None]:
+    """(conv/linear, fused activation) of a prepared layer module (plain or lowbit.graph.Fused)."""
+    from lowbit.graph import Fused
+
+    if isinstance(module, Fused):
+        return module.layer, module.act
+    return module, None
+
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def is_layer(module: nn.Module | None) -> bool:
+    if module is None:
+        return False
+    inner, _ = layer_of(module)
+    return isinstance(inner, QUANTIZABLE) and getattr(inner, "padding_mode", "zeros") == "zeros"

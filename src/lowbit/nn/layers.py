@@ -1,0 +1,243 @@
+"""Inference layers holding packed integer (or float16) weights.
+
+- :class:`QLinear`, :class:`QConv` (static / full integer): uint8 codes in, uint8 codes out; int8
+  weights, int32 bias and accumulation, per-channel Q31 requantization, fused ReLU/ReLU6 as a clamp.
+- :class:`DynamicQLinear`, :class:`DynamicQConv` (dynamic range): float in and out; the activation is
+  quantized per call from its own min/max, the product is integer, the output dequantized.
+- :class:`F16Linear`, :class:`F16Conv` (float16): weights stored as float16, upcast to float32 to run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lowbit import kernels
+from lowbit.formats.affine import UINT8_ACT, choose_qparams, quantize, quantize_multiplier
+
+from .base import LowbitModule, act_clamp, float_act, pair
+
+
+def _conv_geometry(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stride": pair(attrs.get("stride", 1)),
+        "padding": pair(attrs.get("padding", 0)),
+        "dilation": pair(attrs.get("dilation", 1)),
+        "groups": int(attrs.get("groups", 1)),
+    }
+
+
+class _IntWeights(LowbitModule):
+    """int8 weights [N, ...] with per-channel (or per-tensor) float scales; packed once for the kernels."""
+
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> None:
+        super().__init__()
+        if weight_q.dtype != torch.int8:
+            raise TypeError(f"quantized weights must be int8, got {weight_q.dtype}")
+        ws = weight_scale.to(torch.float32).reshape(-1)
+        if ws.numel() == 1:
+            ws = ws.expand(weight_q.shape[0]).contiguous()
+        if ws.numel() != weight_q.shape[0]:
+            raise ValueError(f"{ws.numel()} weight scales for {weight_q.shape[0]} output channels")
+        self.register_buffer("weight_q", weight_q.contiguous())
+        self.register_buffer("weight_scale", ws)
+        self.packed = kernels.pack_int8(self.weight_q)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # keep the packed form in step with .to()
+        out = super()._apply(fn, recurse)
+        self.packed = kernels.pack_int8(self.weight_q)
+        return out
+
+
+class _StaticInt8(_IntWeights):
+    """Static int8 layer: requantizes its int32 accumulator to the next layer's uint8 codes."""
+
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias_q: torch.Tensor | None,
+                 in_qparams: tuple[float, int], out_qparams: tuple[float, int], act: str | None = None) -> None:
+        super().__init__(weight_q, weight_scale)
+        self.in_scale, self.in_zp = float(in_qparams[0]), int(in_qparams[1])
+        self.out_scale, self.out_zp = float(out_qparams[0]), int(out_qparams[1])
+        self.act = act or None
+        n = weight_q.shape[0]
+        if bias_q is None:
+            bias_q = torch.zeros(n, dtype=torch.int32)
+        self.register_buffer("bias_q", bias_q.to(torch.int32).reshape(-1).contiguous())
+        m0, rshift = quantize_multiplier(self.weight_scale.to(torch.float64) * self.in_scale / self.out_scale)
+        lo, hi = act_clamp(self.act, self.out_zp, self.out_scale, 0, 255)
+        self.epilogue = kernels.Requant(m0, rshift, self.out_zp, lo, hi, torch.uint8)
+
+    def _spec(self, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        attrs = {"in_qparams": [self.in_scale, self.in_zp], "out_qparams": [self.out_scale, self.out_zp],
+                 "act": self.act, **extra}
+        return attrs, {"weight_q": self.weight_q, "weight_scale": self.weight_scale, "bias_q": self.bias_q}
+
+
+class QLinear(_StaticInt8):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_linear(x, self.in_zp, self.packed, self.bias_q, self.epilogue)
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return self._spec({})
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QLinear:
+        return cls(tensors["weight_q"], tensors["weight_scale"], tensors["bias_q"],
+                   tuple(attrs["in_qparams"]), tuple(attrs["out_qparams"]), attrs["act"])
+
+    def extra_repr(self) -> str:
+        k, n = self.packed.in_features, self.packed.out_features
+        return f"in_features={k}, out_features={n}, act={self.act}, in={self.in_scale:.4g}/{self.in_zp}"
+
+
+class QConv(_StaticInt8):
+    """Static int8 Conv1d/Conv2d (NCHW semantics; padding holds the input zero point)."""
+
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias_q: torch.Tensor | None,
+                 in_qparams: tuple[float, int], out_qparams: tuple[float, int], act: str | None = None,
+                 **geometry: Any) -> None:
+        w4 = weight_q.unsqueeze(2) if weight_q.dim() == 3 else weight_q
+        super().__init__(w4, weight_scale, bias_q, in_qparams, out_qparams, act)
+        self.conv1d = weight_q.dim() == 3
+        self.geometry = _conv_geometry(geometry)
+        if self.conv1d:
+            g = self.geometry
+            self.geometry = {"stride": (1, g["stride"][0]), "padding": (0, g["padding"][0]),
+                             "dilation": (1, g["dilation"][0]), "groups": g["groups"]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv1d:
+            x = x.unsqueeze(2)
+        y = kernels.int8_conv2d(x, self.in_zp, self.packed, self.bias_q, self.epilogue, **self.geometry)
+        return y.squeeze(2) if self.conv1d else y
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        g = dict(self.geometry)
+        attrs, tensors = self._spec({"conv1d": self.conv1d, **g})
+        if self.conv1d:
+            tensors["weight_q"] = self.weight_q.squeeze(2)
+            attrs.update(stride=g["stride"][1], padding=g["padding"][1], dilation=g["dilation"][1])
+        return attrs, tensors
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QConv:
+        return cls(tensors["weight_q"], tensors["weight_scale"], tensors["bias_q"],
+                   tuple(attrs["in_qparams"]), tuple(attrs["out_qparams"]), attrs["act"],
+                   stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
+                   groups=attrs["groups"])
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight_q.shape)}, {self.geometry}, act={self.act}"
+
+
+def _dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
+    """Per-call activation range (TFLite dynamic range: quantized on the fly from the batch)."""
+    if not torch.isfinite(x).all():
+        raise ValueError("input contains NaN or Inf")
+    s, z = choose_qparams(x.min(), x.max(), UINT8_ACT)
+    return float(s), int(z)
+
+
+class _DynamicInt8(_IntWeights):
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act: str | None = None) -> None:
+        super().__init__(weight_q, weight_scale)
+        self.act = act or None
+        self.register_buffer("bias", None if bias is None else bias.to(torch.float32).reshape(-1).contiguous())
+
+    def _epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, int, kernels.FloatOut]:
+        s, z = _dynamic_qparams(x)
+        xq = quantize(x, s, z, UINT8_ACT)
+        return xq, z, kernels.FloatOut(self.weight_scale * s, self.bias)
+
+    def _spec(self, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        t = {"weight_q": self.weight_q, "weight_scale": self.weight_scale}
+        if self.bias is not None:
+            t["bias"] = self.bias
+        return {"act": self.act, **extra}, t
+
+
+class DynamicQLinear(_DynamicInt8):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, z, epi = self._epilogue(x)
+        return float_act(kernels.int8_linear(xq, z, self.packed, None, epi), self.act)
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return self._spec({})
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DynamicQLinear:
+        return cls(tensors["weight_q"], tensors["weight_scale"], tensors.get("bias"), attrs["act"])
+
+
+class DynamicQConv(_DynamicInt8):
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act: str | None = None, **geometry: Any) -> None:
+        self.conv1d = weight_q.dim() == 3
+        super().__init__(weight_q.unsqueeze(2) if self.conv1d else weight_q, weight_scale, bias, act)
+        self.geometry = _conv_geometry(geometry)
+        if self.conv1d:
+            g = self.geometry
+            self.geometry = {"stride": (1, g["stride"][0]), "padding": (0, g["padding"][0]),
+                             "dilation": (1, g["dilation"][0]), "groups": g["groups"]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv1d:
+            x = x.unsqueeze(2)
+        xq, z, epi = self._epilogue(x)
+        y = float_act(kernels.int8_conv2d(xq, z, self.packed, None, epi, **self.geometry), self.act)
+        return y.squeeze(2) if self.conv1d else y
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        g = dict(self.geometry)
+        attrs, t = self._spec(g)
+        if self.conv1d:
+            t["weight_q"] = self.weight_q.squeeze(2)
+            attrs.update(stride=g["stride"][1], padding=g["padding"][1], dilation=g["dilation"][1])
+        return attrs, t
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DynamicQConv:
+        return cls(tensors["weight_q"], tensors["weight_scale"], tensors.get("bias"), attrs["act"],
+                   stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
+                   groups=attrs["groups"])
+
+
+class F16Layer(LowbitModule):
+    """float16-stored Linear/Conv1d/Conv2d; computes in float32 (CPUs lack fast fp16 arithmetic)."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
+                 **geometry: Any) -> None:
+        super().__init__()
+        if kind not in ("linear", "conv1d", "conv2d"):
+            raise ValueError(f"unknown float16 layer kind {kind!r}")
+        self.kind, self.act = kind, act or None
+        self.register_buffer("weight", weight.to(torch.float16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(torch.float16).contiguous())
+        self.geometry = _conv_geometry(geometry) if kind != "linear" else {}
+        if kind == "conv1d":
+            g = self.geometry
+            self.geometry = {k: (v[0] if isinstance(v, tuple) else v) for k, v in g.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(torch.float32)
+        b = None if self.bias is None else self.bias.to(torch.float32)
+        if self.kind == "linear":
+            y = F.linear(x, w, b)
+        elif self.kind == "conv1d":
+            y = F.conv1d(x, w, b, **self.geometry)
+        else:
+            y = F.conv2d(x, w, b, **self.geometry)
+        return float_act(y, self.act)
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        t = {"weight": self.weight}
+        if self.bias is not None:
+            t["bias"] = self.bias
+        return {"kind": self.kind, "act": self.act, **self.geometry}, t
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> F16Layer:
+        geo = {k: attrs[k] for k in ("stride", "padding", "dilation", "groups") if k in attrs}
+        return cls(attrs["kind"], tensors["weight"], tensors.get("bias"), attrs["act"], **geo)
