@@ -28,7 +28,7 @@ class Float16(Method):
         def make(layer: nn.Module, act: str | None, settings: LayerSettings, name: str) -> nn.Module:
             if not torch.isfinite(layer.weight).all():
                 raise ValueError(f"layer '{name}' has NaN or Inf weights")
-            kind = "linear" if isinstance(layer, nn.Linear) else ("conv1d" if isinstance(layer, nn.Conv1d) else "conv2d")
+            kind = {nn.Linear: "linear", nn.Conv1d: "conv1d"}.get(type(layer), "conv2d")
             if (layer.weight.abs() > 65504).any():
                 raise ValueError(f"layer '{name}' has weights beyond the float16 range (65504)")
             b = None if layer.bias is None else layer.bias.detach()

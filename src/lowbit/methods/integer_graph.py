@@ -191,6 +191,7 @@ def build_integer_graph(
                 meta["float_ops"].append(f"{node.name}: {type(mod).__name__ if mod is not None else why}")
             env[node.name] = (float_node(node), None)
 
-    g.eliminate_dead_code()
     new = fx.GraphModule(root, g)
+    new.graph.eliminate_dead_code()
+    new.recompile()
     return new, meta
