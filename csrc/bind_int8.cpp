@@ -1,10 +1,195 @@
 // Python binding of the int8 kernels (registered into lowbit._native by module.cpp).
+//
+// Raw buffers only: lowbit.kernels.native checks dtypes/shapes/contiguity of the torch tensors and
+// passes data pointers (as integers). Everything that could make the C++ side read or write out of
+// bounds and can be checked from the arguments (sizes against the packed weights, zero points,
+// shift ranges, clamp ranges, null pointers) is checked here too and raises ValueError.
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "int8_common.h"
 
 namespace py = pybind11;
 
 namespace lowbit {
 
-void register_int8(py::module_& m) { (void)m; }
+namespace {
+
+using int8::EpiKind;
+using int8::Packed;
+
+template <class T>
+const T* cptr(std::uintptr_t p) {
+    return reinterpret_cast<const T*>(p);
+}
+
+// The message is only built when the check fails.
+#define LB_REQUIRE(cond, msg)                                   \
+    do {                                                        \
+        if (!(cond)) throw std::invalid_argument(msg);          \
+    } while (0)
+
+// Builds and validates the epilogue for `n` output channels starting at 0.
+int8::Epi make_epi(int kind, std::uintptr_t out, int64_t rows, int64_t ldo, int64_t n, std::uintptr_t m0,
+                   std::uintptr_t rshift, int out_zp, int qmin, int qmax, std::uintptr_t scale, std::uintptr_t fbias) {
+    LB_REQUIRE(kind >= 0 && kind <= 3, "epilogue kind must be 0 (none), 1 (requant u8), 2 (requant s8), 3 (float)");
+    LB_REQUIRE(out != 0 || rows * n == 0, "null output pointer");
+    int8::Epi e;
+    e.kind = static_cast<EpiKind>(kind);
+    e.out = reinterpret_cast<void*>(out);
+    e.ldo = ldo;
+    if (e.kind == EpiKind::requant_u8 || e.kind == EpiKind::requant_s8) {
+        LB_REQUIRE(m0 != 0 && rshift != 0, "requantization needs m0 and rshift");
+        const int lo = e.kind == EpiKind::requant_u8 ? 0 : -128, hi = e.kind == EpiKind::requant_u8 ? 255 : 127;
+        LB_REQUIRE(lo <= qmin && qmin <= qmax && qmax <= hi,
+                "requantization clamp [" + std::to_string(qmin) + ", " + std::to_string(qmax) +
+                    "] is outside the output range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+        LB_REQUIRE(lo <= out_zp && out_zp <= hi, "output zero point " + std::to_string(out_zp) + " out of range");
+        const int32_t* rs = cptr<int32_t>(rshift);
+        for (int64_t i = 0; i < n; ++i)
+            if (rs[i] < 1 || rs[i] > 62)
+                throw std::invalid_argument("rshift[" + std::to_string(i) + "] = " + std::to_string(rs[i]) +
+                                            " outside [1, 62]");
+        e.m0 = cptr<int32_t>(m0);
+        e.rshift = rs;
+        e.out_zp = out_zp;
+        e.qmin = qmin;
+        e.qmax = qmax;
+    } else if (e.kind == EpiKind::float_out) {
+        LB_REQUIRE(scale != 0, "float epilogue needs a scale");
+        e.scale = cptr<float>(scale);
+        e.fbias = fbias ? cptr<float>(fbias) : nullptr;
+    }
+    return e;
+}
+
+void check_zp(int x_zp) { LB_REQUIRE(x_zp >= 0 && x_zp <= 255, "activation zero point must be in [0, 255]"); }
+
+}  // namespace
+
+void register_int8(py::module_& m) {
+    py::class_<Packed>(m, "Int8Weights", "int8 weights [n, k] packed for lowbit's int8 GEMM kernels")
+        .def_readonly("n", &Packed::n)
+        .def_readonly("k", &Packed::k)
+        .def_property_readonly("nbytes", &Packed::nbytes)
+        .def("colsum", [](const Packed& p) {
+            py::list l;
+            for (int64_t i = 0; i < p.n; ++i) l.append(p.colsum[static_cast<size_t>(i)]);
+            return l;
+        })
+        .def("__repr__", [](const Packed& p) {
+            return "<lowbit Int8Weights n=" + std::to_string(p.n) + " k=" + std::to_string(p.k) + ">";
+        });
+
+    m.def(
+        "int8_pack",
+        [](std::uintptr_t w, int64_t n, int64_t k) {
+            LB_REQUIRE(n >= 0 && k >= 0, "negative weight shape");
+            LB_REQUIRE(w != 0 || n * k == 0, "null weight pointer");
+            LB_REQUIRE(k < (int64_t(1) << 31) && n < (int64_t(1) << 31), "weight matrix too large");
+            py::gil_scoped_release rel;
+            return int8::pack(cptr<int8_t>(w), n, k, k);
+        },
+        py::arg("w"), py::arg("n"), py::arg("k"), "Pack int8 weights [n, k] (row-major, contiguous).");
+
+    m.def("int8_isa", []() { return std::string(isa_name(int8::int8_isa())); },
+          "Kernel family the int8 ops use under the current ISA cap: portable, avx2 or vnni.");
+
+    m.def(
+        "int8_gemm",
+        [](std::uintptr_t x, int64_t mrows, int64_t k, int64_t ldx, int x_zp, const Packed& w, std::uintptr_t bias,
+           int kind, std::uintptr_t out, std::uintptr_t m0, std::uintptr_t rshift, int out_zp, int qmin, int qmax,
+           std::uintptr_t scale, std::uintptr_t fbias) {
+            LB_REQUIRE(mrows >= 0, "negative row count");
+            LB_REQUIRE(k == w.k, "activations have K = " + std::to_string(k) + ", the packed weights K = " +
+                                  std::to_string(w.k));
+            LB_REQUIRE(ldx >= k, "activation row stride smaller than K");
+            LB_REQUIRE(x != 0 || mrows * k == 0, "null activation pointer");
+            check_zp(x_zp);
+            int8::Epi e = make_epi(kind, out, mrows, w.n, w.n, m0, rshift, out_zp, qmin, qmax, scale, fbias);
+            if (mrows == 0 || w.n == 0) return;
+            int8::DenseRows rows;
+            rows.k = k;
+            rows.x = cptr<uint8_t>(x);
+            rows.ld = ldx;
+            py::gil_scoped_release rel;
+            int8::gemm(rows, mrows, x_zp, w, cptr<int32_t>(bias), e);
+        },
+        py::arg("x"), py::arg("m"), py::arg("k"), py::arg("ldx"), py::arg("x_zp"), py::arg("w"), py::arg("bias"),
+        py::arg("kind"), py::arg("out"), py::arg("m0"), py::arg("rshift"), py::arg("out_zp"), py::arg("qmin"),
+        py::arg("qmax"), py::arg("scale"), py::arg("fbias"),
+        "out[m, n] = epi(sum_k (x[m, k] - x_zp) * w[n, k] + bias[n]); pointers as integers (0 = none).");
+
+    // Convolution on NHWC uint8 input; output NHWC [b, ho, wo, n]. `weights`: one Int8Weights per group
+    // with K order (kh, kw, c/groups), or an empty list with `dw_weight` (int8 [c, kh, kw]) for depthwise.
+    m.def(
+        "int8_conv2d",
+        [](std::uintptr_t x, py::tuple in_shape, int x_zp, py::list weights, std::uintptr_t dw_weight, int64_t n,
+           py::tuple kernel, py::tuple stride, py::tuple padding, py::tuple dilation, int64_t groups,
+           std::uintptr_t bias, int kind, std::uintptr_t out, std::uintptr_t m0, std::uintptr_t rshift, int out_zp,
+           int qmin, int qmax, std::uintptr_t scale, std::uintptr_t fbias) {
+            LB_REQUIRE(in_shape.size() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                        dilation.size() == 2,
+                    "shape tuples have the wrong length");
+            int8::ConvShape s;
+            s.b = in_shape[0].cast<int64_t>();
+            s.c = in_shape[1].cast<int64_t>();
+            s.h = in_shape[2].cast<int64_t>();
+            s.w = in_shape[3].cast<int64_t>();
+            s.n = n;
+            s.kh = kernel[0].cast<int64_t>();
+            s.kw = kernel[1].cast<int64_t>();
+            s.sh = stride[0].cast<int64_t>();
+            s.sw = stride[1].cast<int64_t>();
+            s.ph = padding[0].cast<int64_t>();
+            s.pw = padding[1].cast<int64_t>();
+            s.dh = dilation[0].cast<int64_t>();
+            s.dw = dilation[1].cast<int64_t>();
+            s.groups = groups;
+            LB_REQUIRE(s.b >= 0 && s.c >= 1 && s.h >= 1 && s.w >= 1 && s.n >= 1, "bad conv input/output shape");
+            LB_REQUIRE(s.kh >= 1 && s.kw >= 1 && s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && s.ph >= 0 &&
+                        s.pw >= 0,
+                    "kernel, stride and dilation must be >= 1, padding >= 0");
+            LB_REQUIRE(groups >= 1 && s.c % groups == 0 && s.n % groups == 0,
+                    "groups must divide the input and output channels");
+            s.ho = (s.h + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
+            s.wo = (s.w + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
+            LB_REQUIRE(s.h + 2 * s.ph >= s.dh * (s.kh - 1) + 1 && s.w + 2 * s.pw >= s.dw * (s.kw - 1) + 1,
+                    "the (dilated) kernel is larger than the padded input");
+            LB_REQUIRE(x != 0 || s.b == 0, "null input pointer");
+            check_zp(x_zp);
+            int8::Epi e = make_epi(kind, out, s.b * s.ho * s.wo, s.n, s.n, m0, rshift, out_zp, qmin, qmax, scale, fbias);
+            const int64_t cg = s.c / groups, ng = s.n / groups;
+            if (weights.size() == 0) {
+                LB_REQUIRE(groups == s.c && s.n == s.c && dw_weight != 0,
+                        "depthwise path needs groups == in == out channels and a weight pointer");
+                if (s.b == 0) return;
+                py::gil_scoped_release rel;
+                int8::conv2d_depthwise(cptr<uint8_t>(x), s, x_zp, cptr<int8_t>(dw_weight), cptr<int32_t>(bias), e);
+                return;
+            }
+            LB_REQUIRE(static_cast<int64_t>(weights.size()) == groups, "need one packed weight per group");
+            std::vector<const Packed*> ws;
+            for (auto h : weights) {
+                const Packed& p = h.cast<const Packed&>();
+                LB_REQUIRE(p.n == ng && p.k == s.kh * s.kw * cg,
+                        "packed group weight has shape [" + std::to_string(p.n) + ", " + std::to_string(p.k) +
+                            "], expected [" + std::to_string(ng) + ", " + std::to_string(s.kh * s.kw * cg) + "]");
+                ws.push_back(&p);
+            }
+            if (s.b == 0) return;
+            py::gil_scoped_release rel;
+            int8::conv2d_gemm(cptr<uint8_t>(x), s, x_zp, ws, cptr<int32_t>(bias), e);
+        },
+        py::arg("x"), py::arg("in_shape"), py::arg("x_zp"), py::arg("weights"), py::arg("dw_weight"), py::arg("n"),
+        py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+        py::arg("bias"), py::arg("kind"), py::arg("out"), py::arg("m0"), py::arg("rshift"), py::arg("out_zp"),
+        py::arg("qmin"), py::arg("qmax"), py::arg("scale"), py::arg("fbias"));
+}
 
 }  // namespace lowbit

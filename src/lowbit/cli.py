@@ -201,7 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     args.model, args.checkpoint, args.weights_file = args.model or "small_cnn", None, None
     args.methods, args.option, args.keep_float = None, None, None
-    args.lambdas, args.batch_size, args.threads = args.lambdas or "1,1,1", 1, None
+    args.lambdas, args.batch_size = args.lambdas or "1,1,1", 1
     print(f"lowbit demo: {args.model} on {args.data}, every method, measured on this CPU\n", flush=True)
     rc = cmd_compare(args)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-float", default=None, help="comma-separated layer-name patterns left float")
     sp.add_argument("--batch-size", type=int, default=1, help="latency batch size (default 1)")
     sp.add_argument("--repeats", type=int, default=20, help="timed repeats per model (default 20)")
-    sp.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
+    sp.add_argument("--threads", type=int, default=1,
+                    help="threads for every candidate (default 1: batch-1 latency, robust on shared machines)")
     sp.add_argument("--report-dir", default="report", help="where results and plots go (default report/)")
     sp.add_argument("--out", default="report/chosen.lowbit", help="file for the chosen model")
     sp.set_defaults(fn=cmd_compare)
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(sp)
     sp.add_argument("--batch-size", type=int, default=1)
     sp.add_argument("--repeats", type=int, default=50)
-    sp.add_argument("--threads", type=int, default=None)
+    sp.add_argument("--threads", type=int, default=1)
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("bench", help="benchmarks")
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=None)
     sp.add_argument("--lambdas", default="1,1,1")
     sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument("--threads", type=int, default=1)
     sp.add_argument("--report-dir", default="report")
     sp.add_argument("--out", default="report/chosen.lowbit")
     sp.set_defaults(fn=cmd_demo)

@@ -61,7 +61,7 @@ def compare(
     batch_size: int = 1,
     repeats: int = 20,
     warmup: int = 3,
-    threads: int | None = None,
+    threads: int | None = 1,
     report_dir: str | os.PathLike[str] | None = "report",
     save_chosen: str | os.PathLike[str] | None = None,
     meta: dict[str, Any] | None = None,
@@ -85,7 +85,10 @@ def compare(
         if not batches:
             raise ValueError("the calibration set is empty")
         example_input = batches[0][:1]
-    bench_input = torch.cat(batches)[:batch_size] if batches else example_input.expand(batch_size, *example_input.shape[1:])
+    if batches:
+        bench_input = torch.cat(batches)[:batch_size]
+    else:
+        bench_input = example_input.expand(batch_size, *example_input.shape[1:])
     if len(bench_input) < batch_size:
         raise ValueError(f"need at least {batch_size} calibration samples for latency batches")
 

@@ -38,8 +38,11 @@ class FloatIO(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        while isinstance(model, FloatIO):  # wrapping twice must not quantize twice
+            model = model.model
         self.model = model
-        self.lowbit_meta = getattr(model, "lowbit_meta", {})
+        meta = getattr(model, "lowbit_meta", {})
+        self.lowbit_meta = {**meta, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return model_output(self.model, self.model(model_input(self.model, x)))

@@ -7,10 +7,10 @@ from .affine import (
     choose_qparams,
     dequantize,
     fake_quantize,
+    qrange,
     quantize,
     quantize_bias,
     quantize_multiplier,
-    qrange,
     requantize,
 )
 

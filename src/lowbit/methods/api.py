@@ -13,7 +13,7 @@ from .base import METHODS, QuantConfig, calibration_batches, check_calibration, 
 
 
 def available_methods() -> list[str]:
-    return list(METHODS)
+    return sorted(METHODS, key=lambda n: (METHODS[n].order, n))
 
 
 def quantize(

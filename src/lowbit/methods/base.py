@@ -94,6 +94,7 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    order: ClassVar[int] = 100  # position in listings and in "all methods"
     config_cls: ClassVar[type[QuantConfig]] = QuantConfig
     needs_calibration: ClassVar[bool] = False
 

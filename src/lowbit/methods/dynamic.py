@@ -21,6 +21,7 @@ from .common import conv_geometry, quantize_weight, swap_layers
 @register
 class Dynamic(Method):
     name = "dynamic"
+    order = 10
     summary = "int8 weights; activations quantized per call from their own range (no calibration)"
     config_cls = QuantConfig
     needs_calibration = False

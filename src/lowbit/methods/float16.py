@@ -20,6 +20,7 @@ from .common import conv_geometry, swap_layers
 @register
 class Float16(Method):
     name = "float16"
+    order = 40
     summary = "float16 weights, float32 compute (half the size, float accuracy)"
     config_cls = QuantConfig
     needs_calibration = False

@@ -25,6 +25,7 @@ class FullIntegerConfig(StaticConfig):
 @register
 class FullInteger(Static):
     name = "full_integer"
+    order = 30
     summary = "integer-only end to end; int8 or uint8 model input and output"
     config_cls = FullIntegerConfig
     needs_calibration = True

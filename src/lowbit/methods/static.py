@@ -27,6 +27,7 @@ class StaticConfig(QuantConfig):
 @register
 class Static(Method):
     name = "static"
+    order = 20
     summary = "int8 weights and activations, ranges from a representative dataset; float I/O"
     config_cls = StaticConfig
     needs_calibration = True
