@@ -259,12 +259,15 @@ def _render_pareto_png(
 
     ax.margins(0.15)
     ax.autoscale_view()
+    lo, hi = ax.get_ylim()
+    if max(ys) <= 100.0 and hi > 100.5:  # accuracy cannot exceed 100 %
+        ax.set_ylim(lo, 100.5)
     # labels: points that fall on (nearly) the same pixel get their labels stacked
     pix = ax.transData.transform(list(zip(xs, ys, strict=True)))
     placed: list[tuple[float, float]] = []
     for i in sorted(range(len(rows)), key=lambda k: (xs[k], -ys[k])):
         px, py = pix[i]
-        k = sum(1 for qx, qy in placed if abs(qx - px) < 40 and abs(qy - py) < 12)
+        k = sum(1 for qx, qy in placed if abs(qx - px) < 160 and abs(qy - py) < 12)
         placed.append((px, py))
         label = methods[i] + (" (baseline)" if i == b else "") + (" ← chosen" if methods[i] == chosen else "")
         ax.annotate(

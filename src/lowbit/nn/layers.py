@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
-from lowbit.formats.affine import UINT8_ACT, choose_qparams, quantize, quantize_multiplier
+from lowbit.formats.affine import UINT8_ACT, quantize, quantize_multiplier
 
 from .base import LowbitModule, act_clamp, float_act, pair
 
@@ -133,10 +134,12 @@ class QConv(_StaticInt8):
 
 def _dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
     """Per-call activation range (TFLite dynamic range: quantized on the fly from the batch)."""
-    if not torch.isfinite(x).all():
+    lo_t, hi_t = torch.aminmax(x)  # NaN propagates into the extremes
+    lo, hi = min(float(lo_t), 0.0), max(float(hi_t), 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("input contains NaN or Inf")
-    s, z = choose_qparams(x.min(), x.max(), UINT8_ACT)
-    return float(s), int(z)
+    scale = float(torch.tensor(max((hi - lo) / 255.0, 1e-12), dtype=torch.float32))  # as choose_qparams
+    return scale, int(min(255, max(0, round(-lo / scale))))
 
 
 class _DynamicInt8(_IntWeights):

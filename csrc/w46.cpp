@@ -1,0 +1,289 @@
+// 4.6-bit kernels: packing, the portable path, the GEMM driver, linear and conv2d (see w46.h).
+#include "w46.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "cpu_features.h"
+#include "parallel.h"
+
+namespace lowbit {
+namespace w46 {
+
+// ------------------------------------------------------------------------------------------------
+// int16 flush interval. The SIMD paths multiply unsigned activation codes a in [0, 2*K_x] by signed
+// weight codes w in [-K_w, K_w] with vpmaddubsw, which adds adjacent products into int16 with
+// saturation: p = a0*w0 + a1*w1, so |p| <= 2 * (2*K_x) * K_w = 4*K_x*K_w <= 4*127 = 508 < 32767.
+// That sum can never saturate. Each k-quad step adds exactly one such pair sum to every int16
+// accumulator lane (vpaddw, wrapping), so after t steps a lane holds at most t * 4*K_x*K_w in
+// magnitude: it stays exact while t <= floor(32767 / (4*K_x*K_w)). We widen (vpmaddwd with ones,
+// which sums the two pair lanes of a channel into int32 without saturation: |2 * 32767| < 2^31)
+// and restart after `flush` = floor(32767 / (4*K_x*K_w)) steps. Worst case K_x*K_w = 127:
+// floor(32767 / 508) = 64 steps = 256 k per flush; (N_x, N_w) = (29, 19): K_w = 9, K_x = 14,
+// 4*126 = 504 -> 65; (23, 23): K_x = K_w = 11, 484 -> 67; (255, 1): K_x = 127, 508 -> 64.
+// The range of the activation codes is checked before every call (max_code), the weights' at pack.
+// ------------------------------------------------------------------------------------------------
+static int flush_interval(int K_x, int K_w) { return 32767 / (4 * K_x * K_w); }
+
+std::shared_ptr<Packed> pack(const int8_t* w, int64_t N, int64_t K, int K_x, int K_w, int64_t groups) {
+    if (K_x < 1 || K_w < 1)
+        throw std::invalid_argument("4.6-bit: K_x and K_w must be >= 1 (got K_x=" + std::to_string(K_x) +
+                                    ", K_w=" + std::to_string(K_w) + ")");
+    if (K_x * K_w > 127)
+        throw std::invalid_argument("4.6-bit: K_x * K_w = " + std::to_string(K_x * K_w) +
+                                    " exceeds 127 (every centred product must fit in int8)");
+    if (N < 1 || K < 1) throw std::invalid_argument("4.6-bit: empty weight");
+    if (groups < 1 || N % groups != 0) throw std::invalid_argument("4.6-bit: N must be a multiple of groups");
+    for (int64_t i = 0; i < N * K; ++i)
+        if (w[i] < -K_w || w[i] > K_w)
+            throw std::invalid_argument("4.6-bit: weight code " + std::to_string(int(w[i])) + " outside [-K_w, K_w] = [" +
+                                        std::to_string(-K_w) + ", " + std::to_string(K_w) + "]");
+    auto p = std::make_shared<Packed>();
+    p->N = N;
+    p->K = K;
+    p->Kq = (K + 3) / 4;
+    p->Kp = p->Kq * 4;
+    p->G = groups;
+    p->Ng = N / groups;
+    p->PG = (p->Ng + NR - 1) / NR;
+    p->K_x = K_x;
+    p->K_w = K_w;
+    p->flush = flush_interval(K_x, K_w);
+    p->raw.assign(w, w + N * K);
+    p->colsum.assign(N, 0);
+    for (int64_t n = 0; n < N; ++n) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += w[n * K + k];
+        p->colsum[n] = s;
+    }
+    p->panels.alloc(static_cast<size_t>(groups * p->PG * p->Kq * 64));
+    int8_t* dst = reinterpret_cast<int8_t*>(p->panels.data());
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t pi = 0; pi < p->PG; ++pi) {
+            int8_t* P = dst + (g * p->PG + pi) * p->Kq * 64;
+            for (int64_t q = 0; q < p->Kq; ++q)
+                for (int c = 0; c < NR; ++c) {
+                    const int64_t nl = pi * NR + c;
+                    for (int t = 0; t < 4; ++t) {
+                        const int64_t k = 4 * q + t;
+                        P[q * 64 + c * 4 + t] = (nl < p->Ng && k < K) ? w[(g * p->Ng + nl) * K + k] : 0;
+                    }
+                }
+        }
+    return p;
+}
+
+// ------------------------------------------------------------------------------------------ portable
+
+static void tile_portable(const uint8_t* A, int64_t lda, int mr, const int8_t* P, int64_t pstride, int np,
+                          int64_t Kq, int /*flush*/, const int32_t* corr, int64_t m, int64_t n0, int cnt,
+                          const wb::Epi& e, const wb::Out& o) {
+    int32_t acc[MAX_MR * ACC_LD];
+    for (int r = 0; r < mr; ++r) std::memcpy(acc + r * ACC_LD, corr, sizeof(int32_t) * np * NR);
+    for (int j = 0; j < np; ++j) {
+        const int8_t* Pj = P + j * pstride;
+        for (int r = 0; r < mr; ++r) {
+            const uint8_t* a = A + r * lda;
+            int32_t s[NR] = {0};
+            for (int64_t q = 0; q < Kq; ++q) {
+                const int8_t* pq = Pj + q * 64;
+                const int32_t a0 = a[4 * q], a1 = a[4 * q + 1], a2 = a[4 * q + 2], a3 = a[4 * q + 3];
+                for (int c = 0; c < NR; ++c)
+                    s[c] += a0 * pq[4 * c] + a1 * pq[4 * c + 1] + a2 * pq[4 * c + 2] + a3 * pq[4 * c + 3];
+            }
+            for (int c = 0; c < NR; ++c) acc[r * ACC_LD + j * NR + c] += s[c];
+        }
+    }
+    for (int r = 0; r < mr; ++r) wb::epi_row_scalar(acc + r * ACC_LD, m + r, n0, n0, cnt, e, o);
+}
+
+Kernel kernel_portable() {
+    Kernel k;
+    k.mr = 4;
+    k.np = 1;
+    k.tile = tile_portable;
+    k.name = "portable";
+    return k;
+}
+
+Kernel select_kernel() {
+#ifdef LOWBIT_X86
+    const Isa isa = active_isa();
+    if (isa >= Isa::vnni) return kernel_vnni();
+    if (isa >= Isa::avx512bw) return kernel_avx512bw();
+    if (isa >= Isa::avx2) return kernel_avx2();
+#endif
+    return kernel_portable();
+}
+
+const char* active_path() { return select_kernel().name; }
+
+// -------------------------------------------------------------------------------------------- driver
+
+void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const int32_t* bias, const wb::Epi& e,
+          const wb::Out& o) {
+    if (M <= 0) return;
+    const Kernel kn = select_kernel();
+    const int64_t Ng = w.Ng, PG = w.PG, Kp = w.Kp, Kq = w.Kq;
+    const int64_t nbase = g * Ng;
+    // corr[n] = bias[n] - K_x * colsum[n] (int32, wrapping like the accumulator)
+    std::vector<int32_t> corr(static_cast<size_t>(PG * NR + ACC_LD), 0);
+    for (int64_t n = 0; n < Ng; ++n) {
+        const uint32_t b = bias ? static_cast<uint32_t>(bias[n]) : 0u;
+        corr[n] = static_cast<int32_t>(b - static_cast<uint32_t>(w.K_x) * static_cast<uint32_t>(w.colsum[nbase + n]));
+    }
+    const wb::Plan pl = wb::make_plan(M, PG, Kp, kn.mr, num_threads());
+    parallel_for(pl.tasks(), 1, [&](int64_t tb, int64_t te) {
+        thread_local std::vector<uint8_t> buf;
+        for (int64_t t = tb; t < te; ++t) {
+            const int64_t m0 = (t / pl.ngroups) * pl.mb, m1 = std::min(M, m0 + pl.mb);
+            const int64_t p0 = (t % pl.ngroups) * pl.pg, p1 = std::min(PG, p0 + pl.pg);
+            if (m0 >= m1 || p0 >= p1) continue;
+            if (buf.size() < static_cast<size_t>((m1 - m0) * Kp + 64)) buf.resize((m1 - m0) * Kp + 64);
+            int64_t lda = Kp;
+            const uint8_t* A = fill(m0, m1, buf.data(), &lda);
+            for (int64_t p = p0; p < p1; p += kn.np) {
+                const int np = static_cast<int>(std::min<int64_t>(kn.np, p1 - p));
+                const int cnt = static_cast<int>(std::min<int64_t>(np * NR, Ng - p * NR));
+                for (int64_t m = m0; m < m1; m += kn.mr) {
+                    const int mr = static_cast<int>(std::min<int64_t>(kn.mr, m1 - m));
+                    kn.tile(A + (m - m0) * lda, lda, mr, w.panel(g, p), w.panel_stride(), np, Kq, w.flush,
+                            corr.data() + p * NR, m, nbase + p * NR, cnt, e, o);
+                }
+            }
+        }
+    });
+}
+
+uint8_t max_code(const uint8_t* x, int64_t n) {
+    uint8_t mx = 0;
+    for (int64_t i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;  // vectorized by the compiler (pmaxub)
+    return mx;
+}
+
+static void check_codes(uint8_t mx, const Packed& w) {
+    if (mx > 2 * w.K_x)
+        throw std::invalid_argument("4.6-bit: activation code " + std::to_string(int(mx)) + " outside [0, 2*K_x] = [0, " +
+                                    std::to_string(2 * w.K_x) + "]");
+}
+
+void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int32_t* bias, const wb::Epi& e,
+            const wb::Out& o) {
+    if (w.G != 1) throw std::invalid_argument("4.6-bit linear: weights packed with groups != 1");
+    const int64_t K = w.K, Kp = w.Kp;
+    uint8_t mx = 0;
+    if (ldx == K) {
+        mx = max_code(x, M * K);
+    } else {
+        for (int64_t m = 0; m < M; ++m) mx = std::max(mx, max_code(x + m * ldx, K));
+    }
+    check_codes(mx, w);
+    AFill fill;
+    if (K == Kp) {
+        fill = [&](int64_t m0, int64_t, uint8_t*, int64_t* lda) -> const uint8_t* {
+            *lda = ldx;
+            return x + m0 * ldx;
+        };
+    } else {
+        fill = [&](int64_t m0, int64_t m1, uint8_t* buf, int64_t* lda) -> const uint8_t* {
+            *lda = Kp;
+            for (int64_t m = m0; m < m1; ++m) {
+                uint8_t* d = buf + (m - m0) * Kp;
+                std::memcpy(d, x + m * ldx, K);
+                std::memset(d + K, 0, Kp - K);
+            }
+            return buf;
+        };
+    }
+    gemm(w, 0, M, fill, bias, e, o);
+}
+
+// ---------------------------------------------------------------------------------------------- conv
+
+static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t* bias, const wb::Epi& e,
+                           const wb::Out& o) {
+    const int64_t N = w.N, Ng = w.Ng, HWo = gm.Ho * gm.Wo;
+    const int32_t Kx = w.K_x;
+    parallel_for(gm.B * N, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<int32_t> row(static_cast<size_t>(gm.Wo));
+        for (int64_t bn = b0; bn < b1; ++bn) {
+            const int64_t b = bn / N, n = bn % N, c = n / Ng;
+            const int8_t* wn = w.raw.data() + n * w.K;  // [kh, kw]
+            const int32_t bn_bias = bias ? bias[n] : 0;
+            for (int64_t oh = 0; oh < gm.Ho; ++oh) {
+                std::fill(row.begin(), row.end(), 0);
+                for (int64_t i = 0; i < gm.kh; ++i) {
+                    const int64_t ih = oh * gm.sh - gm.ph + i * gm.dh;
+                    if (ih < 0 || ih >= gm.H) continue;  // padding: (K_x - K_x) * w = 0
+                    const uint8_t* xr = x + ((b * gm.C + c) * gm.H + ih) * gm.W;
+                    for (int64_t j = 0; j < gm.kw; ++j) {
+                        const int32_t wv = wn[i * gm.kw + j];
+                        if (wv == 0) continue;
+                        const int64_t off = j * gm.dw - gm.pw;  // iw = ow*sw + off
+                        int64_t lo = off >= 0 ? 0 : (-off + gm.sw - 1) / gm.sw;
+                        const int64_t num = gm.W - 1 - off;
+                        if (num < 0) continue;
+                        int64_t hi = std::min<int64_t>(gm.Wo - 1, num / gm.sw);
+                        for (int64_t ow = lo; ow <= hi; ++ow) row[ow] += (static_cast<int32_t>(xr[ow * gm.sw + off]) - Kx) * wv;
+                    }
+                }
+                for (int64_t ow = 0; ow < gm.Wo; ++ow) {
+                    const int32_t a = static_cast<int32_t>(static_cast<uint32_t>(row[ow]) + static_cast<uint32_t>(bn_bias));
+                    wb::epi_row_scalar(&a, b * HWo + oh * gm.Wo + ow, n, n, 1, e, o);
+                }
+            }
+        }
+    });
+}
+
+void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t* bias, const wb::Epi& e,
+            const wb::Out& o) {
+    const int64_t G = gm.groups, C = gm.C, Cg = C / G, H = gm.H, W = gm.W;
+    if (G != w.G || C % G != 0 || w.K != gm.kh * gm.kw * Cg)
+        throw std::invalid_argument("4.6-bit conv2d: weight does not match the input channels / groups");
+    check_codes(max_code(x, gm.B * C * H * W), w);
+    if (Cg == 1) {
+        conv_depthwise(x, gm, w, bias, e, o);
+        return;
+    }
+    // NCHW -> NHWC, so that a patch row (K order (i, j, c)) is kh*kw contiguous runs of Cg bytes
+    std::vector<uint8_t> xh(static_cast<size_t>(gm.B * H * W * C));
+    parallel_for(gm.B * H, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / H, h = r % H;
+            uint8_t* d = xh.data() + r * W * C;
+            for (int64_t c = 0; c < C; ++c) {
+                const uint8_t* s = x + ((b * C + c) * H + h) * W;
+                for (int64_t ww = 0; ww < W; ++ww) d[ww * C + c] = s[ww];
+            }
+        }
+    });
+    const int64_t HWo = gm.Ho * gm.Wo, M = gm.B * HWo, K = w.K, Kp = w.Kp;
+    const uint8_t Kx = static_cast<uint8_t>(w.K_x);
+    for (int64_t g = 0; g < G; ++g) {
+        AFill fill = [&](int64_t m0, int64_t m1, uint8_t* buf, int64_t* lda) -> const uint8_t* {
+            *lda = Kp;
+            for (int64_t m = m0; m < m1; ++m) {
+                const int64_t b = m / HWo, pix = m % HWo, oh = pix / gm.Wo, ow = pix % gm.Wo;
+                uint8_t* d = buf + (m - m0) * Kp;
+                for (int64_t i = 0; i < gm.kh; ++i) {
+                    const int64_t ih = oh * gm.sh - gm.ph + i * gm.dh;
+                    for (int64_t j = 0; j < gm.kw; ++j, d += Cg) {
+                        const int64_t iw = ow * gm.sw - gm.pw + j * gm.dw;
+                        if (ih < 0 || ih >= H || iw < 0 || iw >= W)
+                            std::memset(d, Kx, Cg);
+                        else
+                            std::memcpy(d, xh.data() + ((b * H + ih) * W + iw) * C + g * Cg, Cg);
+                    }
+                }
+                std::memset(d, 0, Kp - K);
+            }
+            return buf;
+        };
+        gemm(w, g, M, fill, bias ? bias + g * w.Ng : nullptr, e, o);
+    }
+}
+
+}  // namespace w46
+}  // namespace lowbit

@@ -1,0 +1,317 @@
+"""lowbit's native int8 kernels (``lowbit._native``, built from csrc/), with checked torch-facing wrappers.
+
+The C++ side never sees torch: the wrappers here validate dtypes, shapes and contiguity, allocate the
+outputs with torch and pass raw data pointers. The compute runs with the GIL released, on lowbit's own
+thread pool (default size: ``torch.get_num_threads()`` at first use; see :func:`set_num_threads`).
+
+ISA dispatch happens at run time in C++: ``vnni`` (AVX-512 VNNI), ``avx2`` and ``portable`` int8 paths
+exist; an ``avx512bw`` cap runs the AVX2 path. The cap (:func:`set_isa`, :func:`isa`, env ``LOWBIT_ISA``)
+lowers the level for testing or comparisons. Packed weights do not depend on the ISA.
+
+Convolution takes NCHW-semantics input in any memory format and returns an NCHW-semantics tensor in
+``torch.channels_last`` memory format (the kernels work on NHWC). Feeding that output to the next
+convolution needs no copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .epilogue import FloatOut, Requant
+
+try:
+    from lowbit import _native as _C
+
+    _HAVE = hasattr(_C, "int8_gemm")
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
+    _HAVE = False
+
+__all__ = [
+    "available",
+    "supports_int8",
+    "active_isa",
+    "best_isa",
+    "int8_isa",
+    "set_isa",
+    "isa",
+    "set_num_threads",
+    "num_threads",
+    "pack_int8",
+    "int8_gemm",
+    "int8_conv2d",
+]
+
+_ISA_ORDER = ("portable", "neon", "avx2", "avx512bw", "vnni")
+_threads_set = False
+
+
+def available() -> bool:
+    """True when lowbit._native (with the int8 kernels) is importable."""
+    return _HAVE
+
+
+def supports_int8() -> bool:
+    """The int8 kernels run on every CPU (a portable path exists)."""
+    return _HAVE
+
+
+def _require() -> Any:
+    if not _HAVE:
+        raise RuntimeError("lowbit's native kernels are not built in this installation")
+    return _C
+
+
+def active_isa() -> str:
+    """Instruction-set level in use now (best supported, lowered by the cap)."""
+    return str(_require().active_isa())
+
+
+def best_isa() -> str:
+    """Best instruction-set level this CPU supports."""
+    return str(_require().best_isa())
+
+
+def int8_isa() -> str:
+    """Kernel family the int8 ops run now: ``portable``, ``avx2`` or ``vnni``."""
+    return str(_require().int8_isa())
+
+
+def set_isa(name: str | None) -> None:
+    """Cap the instruction set (``portable``, ``neon``, ``avx2``, ``avx512bw``, ``vnni``); None = best."""
+    c = _require()
+    if name is None:
+        name = "vnni"
+    if name not in _ISA_ORDER and name != "avx512vnni":
+        raise ValueError(f"unknown ISA {name!r}; use one of {', '.join(_ISA_ORDER)}")
+    c.set_isa_cap(name)
+
+
+@contextlib.contextmanager
+def isa(name: str | None) -> Iterator[str]:
+    """Temporarily cap the ISA; yields the resulting :func:`active_isa`."""
+    prev = active_isa()
+    set_isa(name)
+    try:
+        yield active_isa()
+    finally:
+        set_isa(prev)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by lowbit's kernels (the caller's thread counts as one)."""
+    global _threads_set
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    _require().set_num_threads(n)
+    _threads_set = True
+
+
+def num_threads() -> int:
+    if not _threads_set:
+        _ensure_threads()
+    return int(_require().num_threads())
+
+
+def _ensure_threads() -> None:
+    global _threads_set
+    if not _threads_set:
+        _require().set_num_threads(max(1, torch.get_num_threads()))
+        _threads_set = True
+
+
+def pack_int8(w2: torch.Tensor) -> Any:
+    """Pack int8 weights [N, K] (contiguous) once; returns an opaque handle (owns a copy)."""
+    c = _require()
+    if not isinstance(w2, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor, got {type(w2).__name__}")
+    if w2.dtype != torch.int8:
+        raise TypeError(f"int8 weights expected, got {w2.dtype}")
+    if w2.dim() != 2:
+        raise ValueError(f"weights must be 2-D [N, K], got shape {tuple(w2.shape)}")
+    if w2.device.type != "cpu":
+        raise ValueError("native kernels need CPU tensors")
+    if not w2.is_contiguous():
+        raise ValueError("weights must be contiguous")
+    n, k = w2.shape
+    return c.int8_pack(w2.data_ptr(), int(n), int(k))
+
+
+def _check_vec(t: torch.Tensor | None, n: int, dtype: torch.dtype, what: str) -> int:
+    """Data pointer of a contiguous CPU vector [n] of `dtype` (0 for None); raises on anything else."""
+    if t is None:
+        return 0
+    if isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == (n,) and t.is_cpu and t.is_contiguous():
+        return t.data_ptr()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{what} must be {dtype}, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{what} must have shape [{n}], got {tuple(t.shape)}")
+    raise ValueError(f"{what} must be a contiguous CPU tensor")
+
+
+# (kind, out dtype, m0, rshift, out_zp, qmin, qmax, scale, fbias) for the C++ side.
+def _epilogue(epi: Requant | FloatOut | None, n: int) -> tuple[int, torch.dtype, int, int, int, int, int, int, int]:
+    if epi is None:
+        return 0, torch.int32, 0, 0, 0, 0, 0, 0, 0
+    if isinstance(epi, Requant):
+        if epi.out_dtype not in (torch.uint8, torch.int8):
+            raise TypeError(f"requantized output must be uint8 or int8, got {epi.out_dtype}")
+        m0 = _check_vec(epi.m0, n, torch.int32, "Requant.m0")
+        rs = _check_vec(epi.rshift, n, torch.int32, "Requant.rshift")
+        kind = 1 if epi.out_dtype == torch.uint8 else 2
+        return kind, epi.out_dtype, m0, rs, int(epi.out_zp), int(epi.qmin), int(epi.qmax), 0, 0
+    if isinstance(epi, FloatOut):
+        sc = _check_vec(epi.scale, n, torch.float32, "FloatOut.scale")
+        fb = _check_vec(epi.bias, n, torch.float32, "FloatOut.bias")
+        return 3, torch.float32, 0, 0, 0, 0, 0, sc, fb
+    raise TypeError(f"unknown epilogue {type(epi).__name__}")
+
+
+def _bad_activation(x: Any, shape: str, dim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"activations must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.uint8:
+        raise TypeError(f"int8 kernels take uint8 activation codes, got {x.dtype}")
+    if x.dim() != dim:
+        raise ValueError(f"activations must be {dim}-D {shape}, got shape {tuple(x.shape)}")
+    raise ValueError("native kernels need CPU tensors")
+
+
+def _check_zp(x_zp: int) -> int:
+    if type(x_zp) is int and 0 <= x_zp <= 255:
+        return x_zp
+    if isinstance(x_zp, bool) or not isinstance(x_zp, int):
+        if isinstance(x_zp, torch.Tensor) and x_zp.numel() == 1:
+            x_zp = int(x_zp.item())
+        else:
+            raise TypeError(f"activation zero point must be an int, got {type(x_zp).__name__}")
+    if not 0 <= x_zp <= 255:
+        raise ValueError(f"activation zero point {x_zp} outside [0, 255]")
+    return x_zp
+
+
+def int8_gemm(
+    x: torch.Tensor,
+    x_zp: int,
+    handle: Any,
+    bias: torch.Tensor | None = None,
+    epi: Requant | FloatOut | None = None,
+) -> torch.Tensor:
+    """``epi(sum_k (x[m, k] - x_zp) * w[n, k] + bias[n])``: x uint8 [M, K] (rows contiguous) -> [M, N]."""
+    c = _require()
+    if not isinstance(handle, c.Int8Weights):
+        raise TypeError(f"handle must come from pack_int8, got {type(handle).__name__}")
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 2 and x.is_cpu):
+        _bad_activation(x, "[M, K]", 2)
+    m, k = x.shape
+    n = handle.n
+    if k != handle.k:
+        raise ValueError(f"activations have K = {k}, the packed weights expect {handle.k}")
+    if (x.stride(1) != 1 and k > 1) or (m > 1 and x.stride(0) < k):
+        raise ValueError("activation rows must be contiguous (x.stride(1) == 1)")
+    zp = _check_zp(x_zp)
+    b = _check_vec(bias, n, torch.int32, "bias")
+    kind, odt, m0, rs, ozp, qmin, qmax, sc, fb = _epilogue(epi, n)
+    out = torch.empty((m, n), dtype=odt)
+    if not _threads_set:
+        _ensure_threads()
+    ldx = x.stride(0) if m > 1 else k
+    c.int8_gemm(x.data_ptr(), m, k, ldx, zp, handle, b, kind, out.data_ptr(), m0, rs, ozp, qmin, qmax, sc, fb)
+    return out
+
+
+def _pair(v: Any, what: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(i) for i in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise ValueError(f"{what} must be an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _conv_weights(packed: Any, groups: int) -> tuple[list[Any], torch.Tensor | None]:
+    """Packed GEMM weights per group in (kh, kw, c) K order, cached on the PackedInt8 (``native_conv``);
+    depthwise returns ([], w) with w int8 [C, kh*kw] contiguous."""
+    w = packed.weight
+    n, cg, kh, kw = w.shape
+    cache = getattr(packed, "native_conv", None)
+    if cache is not None and cache[0] == groups:
+        return cache[1], cache[2]
+    if groups == n and cg == 1 and groups > 1:
+        entry: tuple[int, list[Any], torch.Tensor | None] = (groups, [], w.reshape(n, kh * kw).contiguous())
+    elif groups == 1 and kh == 1 and kw == 1 and getattr(packed, "native", None) is not None:
+        entry = (groups, [packed.native], None)
+    else:
+        ng = n // groups
+        wp = w.permute(0, 2, 3, 1)  # [N, kh, kw, Cg]
+        entry = (groups, [pack_int8(wp[g * ng:(g + 1) * ng].reshape(ng, -1).contiguous()) for g in range(groups)],
+                 None)
+    try:
+        packed.native_conv = entry
+    except AttributeError:  # pragma: no cover - frozen container
+        pass
+    return entry[1], entry[2]
+
+
+def int8_conv2d(
+    x: torch.Tensor,
+    x_zp: int,
+    packed: Any,
+    bias: torch.Tensor | None = None,
+    epi: Requant | FloatOut | None = None,
+    stride: Any = (1, 1),
+    padding: Any = (0, 0),
+    dilation: Any = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """Integer 2-D convolution with NCHW semantics (padding holds ``x_zp``).
+
+    x: uint8 [B, C, H, W] (any memory format); packed: a ``lowbit.kernels.PackedInt8`` of int8 weights
+    [N, C/groups, kh, kw]. Returns [B, N, Ho, Wo] (int32 / uint8 / int8 / float32 by epilogue) in
+    ``torch.channels_last`` memory format.
+    """
+    c = _require()
+    w = getattr(packed, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 4:
+        raise TypeError("packed must be a PackedInt8 of int8 conv weights [N, C/groups, kh, kw]")
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4 and x.is_cpu):
+        _bad_activation(x, "NCHW", 4)
+    groups = int(groups)
+    n, cg, kh, kw = (int(s) for s in w.shape)
+    bsz, ch, h, wd = (int(s) for s in x.shape)
+    if groups < 1 or n % groups:
+        raise ValueError(f"groups={groups} must divide the {n} output channels")
+    if ch != cg * groups:
+        raise ValueError(f"input has {ch} channels, the layer expects {cg * groups}")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("stride and dilation must be >= 1 and padding >= 0")
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"output would be empty: input {h}x{wd}, kernel {kh}x{kw}, padding {ph},{pw}")
+    zp = _check_zp(x_zp)
+    b = _check_vec(bias, n, torch.int32, "bias")
+    kind, odt, m0, rs, ozp, qmin, qmax, sc, fb = _epilogue(epi, n)
+    ws, wdw = _conv_weights(packed, groups)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty((bsz, n, ho, wo), dtype=odt, memory_format=torch.channels_last)
+    if not _threads_set:
+        _ensure_threads()
+    c.int8_conv2d(
+        xc.data_ptr(), (bsz, ch, h, wd), zp, ws, 0 if wdw is None else wdw.data_ptr(), n, (kh, kw), (sh, sw),
+        (ph, pw), (dh, dw), groups, b, kind, out.data_ptr(), m0, rs, ozp, qmin, qmax, sc, fb,
+    )
+    return out

@@ -1,0 +1,345 @@
+"""4.6-bit integer kernels (methods.md §2; Trusov, Limonova, Nikolaev, Arlazarov, Mathematics 2024).
+
+Operands
+    activation codes ``a``: uint8 in ``[0, 2*K_x]`` with zero point ``K_x`` (centred code ``a - K_x``);
+    weight codes ``w``: int8 in ``[-K_w, K_w]``, zero point 0;
+    the defining constraint ``K_x * K_w <= 127`` (every centred product fits in int8). With ``N_w``
+    weight levels, ``K_w = N_w // 2`` and ``K_x = 127 // K_w`` (:func:`w46_levels`).
+
+Arithmetic (the specification: :func:`w46_linear_ref`, :func:`w46_conv2d_ref`)
+    ``acc[m, n] = sum_k (a[m, k] - K_x) * w[n, k] + bias[n]`` in int32, then the same epilogues as the
+    int8 kernels (:class:`~lowbit.kernels.Requant`, :class:`~lowbit.kernels.FloatOut`, or the raw int32).
+    Convolution has NCHW semantics; padded positions hold ``K_x`` (real zero).
+
+Native kernels (``lowbit._native``, csrc/w46*.cpp), chosen at run time by CPU features and capped by
+``lowbit._native.set_isa_cap`` / ``LOWBIT_ISA``: ``avx2`` (vpmaddubsw pair sums, which cannot saturate
+under the bound, accumulated in int16 and widened to int32 before they can overflow), ``avx512bw``
+(the same at 512 bits), ``vnni`` (vpdpbusd) and ``portable`` C++. All are bit-exact with the reference.
+Without the native module (or with ``LOWBIT_KERNELS=torch``) the ops run the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .epilogue import Epilogue, FloatOut, Requant
+from .reference import _check_int32, apply_epilogue
+
+__all__ = [
+    "PackedW46",
+    "w46_levels",
+    "check_w46_levels",
+    "pack_w46",
+    "w46_linear",
+    "w46_conv2d",
+    "w46_linear_ref",
+    "w46_conv2d_ref",
+    "native_path",
+]
+
+_Pair = int | tuple[int, int]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _native() -> Any:
+    """lowbit._native when it is built with the 4.6-bit kernels and not disabled, else None."""
+    try:
+        from lowbit import kernels as _k
+
+        forced = getattr(_k, "_forced", None)
+    except ImportError:  # pragma: no cover
+        forced = None
+    choice = forced or os.environ.get("LOWBIT_KERNELS", "").strip().lower() or None
+    if choice == "torch":
+        return None
+    try:
+        from lowbit import _native as nat
+    except ImportError:
+        return None
+    return nat if hasattr(nat, "w46_pack") else None
+
+
+def native_path() -> str | None:
+    """Kernel path the native 4.6-bit ops use now (``avx2``, ...), or None when they are not used."""
+    nat = _native()
+    return None if nat is None else str(nat.w46_path())
+
+
+def w46_levels(n_w: int) -> tuple[int, int]:
+    """``(K_x, K_w)`` for ``N_w`` weight levels: ``K_w = N_w // 2``, ``K_x = 127 // K_w`` (so ``N_x = 2 K_x + 1``).
+
+    E.g. 19 -> (14, 9) i.e. (N_x, N_w) = (29, 19); 21 -> (12, 10); 23 -> (11, 11); 3 -> (127, 1).
+    """
+    if n_w < 3 or n_w % 2 == 0:
+        raise ValueError(f"the number of weight levels must be odd and >= 3, got {n_w}")
+    k_w = n_w // 2
+    if k_w > 127:
+        raise ValueError(f"{n_w} weight levels do not fit in int8")
+    return 127 // k_w, k_w
+
+
+def check_w46_levels(K_x: int, K_w: int) -> None:
+    """Raise ValueError unless ``K_x >= 1``, ``K_w >= 1`` and ``K_x * K_w <= 127``."""
+    if int(K_x) < 1 or int(K_w) < 1:
+        raise ValueError(f"K_x and K_w must be >= 1, got K_x={K_x}, K_w={K_w}")
+    if int(K_x) * int(K_w) > 127:
+        raise ValueError(
+            f"K_x * K_w = {int(K_x) * int(K_w)} exceeds 127: a centred activation code times a weight code "
+            "must fit in int8 (methods.md §2)"
+        )
+
+
+def _pair(v: _Pair, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(i) for i in v)
+    if len(t) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _check_acts(x: torch.Tensor, K_x: int) -> None:
+    if x.dtype != torch.uint8:
+        raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
+    if x.numel() and int(x.max()) > 2 * K_x:
+        raise ValueError(f"activation code {int(x.max())} outside [0, 2*K_x] = [0, {2 * K_x}]")
+
+
+def _check_weights(w: torch.Tensor, K_w: int) -> None:
+    if w.dtype != torch.int8:
+        raise TypeError(f"4.6-bit weight codes must be int8, got {w.dtype}")
+    if w.numel() and int(w.abs().max()) > K_w:
+        raise ValueError(f"weight code of magnitude {int(w.abs().max())} outside [-K_w, K_w] = [-{K_w}, {K_w}]")
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if bias.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8):
+        raise TypeError(f"bias must hold int32 values (accumulator scale), got {bias.dtype}")
+    b = bias.reshape(-1).to(torch.int32).contiguous()
+    if b.numel() != n:
+        raise ValueError(f"bias has {b.numel()} entries, expected {n}")
+    return b
+
+
+def _epi_args(epi: Epilogue | None, n: int) -> tuple[int, int, int, int, int, int, torch.dtype, list[Any]]:
+    """(kind, p0, p1, zp, qmin, qmax, out dtype, tensors to keep alive) for the native binding."""
+    if epi is None:
+        return 0, 0, 0, 0, 0, 0, torch.int32, []
+    if isinstance(epi, FloatOut):
+        s = epi.scale.to(torch.float32).reshape(-1).contiguous()
+        if s.numel() != n:
+            raise ValueError(f"FloatOut.scale has {s.numel()} entries, expected {n}")
+        keep = [s]
+        p1 = 0
+        if epi.bias is not None:
+            b = epi.bias.to(torch.float32).reshape(-1).contiguous()
+            if b.numel() != n:
+                raise ValueError(f"FloatOut.bias has {b.numel()} entries, expected {n}")
+            keep.append(b)
+            p1 = b.data_ptr()
+        return 1, s.data_ptr(), p1, 0, 0, 0, torch.float32, keep
+    if isinstance(epi, Requant):
+        m0 = epi.m0.to(torch.int32).reshape(-1).contiguous()
+        rs = epi.rshift.to(torch.int32).reshape(-1).contiguous()
+        if m0.numel() == 1 and n > 1:
+            m0 = m0.expand(n).contiguous()
+        if rs.numel() == 1 and n > 1:
+            rs = rs.expand(n).contiguous()
+        if m0.numel() != n or rs.numel() != n:
+            raise ValueError(f"Requant has {m0.numel()} multipliers / {rs.numel()} shifts, expected {n}")
+        if rs.numel() and (int(rs.min()) < 1 or int(rs.max()) > 62):
+            raise ValueError("Requant.rshift must be in [1, 62]")
+        kind = 2 if epi.out_dtype == torch.uint8 else 3
+        return kind, m0.data_ptr(), rs.data_ptr(), int(epi.out_zp), int(epi.qmin), int(epi.qmax), epi.out_dtype, [m0, rs]
+    raise TypeError(f"unknown epilogue {type(epi).__name__}")
+
+
+def _ref_epilogue(epi: Epilogue | None, n: int) -> Epilogue | None:
+    """Requant with per-tensor (one-element) parameters broadcast to n channels, as the native path does."""
+    if isinstance(epi, Requant) and (epi.m0.numel() == 1 or epi.rshift.numel() == 1) and n > 1:
+        return Requant(
+            epi.m0.reshape(-1).expand(n).contiguous(),
+            epi.rshift.reshape(-1).expand(n).contiguous(),
+            epi.out_zp,
+            epi.qmin,
+            epi.qmax,
+            epi.out_dtype,
+        )
+    return epi
+
+
+# ------------------------------------------------------------------------------------- reference
+
+
+def w46_linear_ref(
+    x: torch.Tensor, K_x: int, w: torch.Tensor, bias: torch.Tensor | None = None, epi: Epilogue | None = None
+) -> torch.Tensor:
+    """The specification: x uint8 [M, K] codes in [0, 2K_x], w int8 [N, K] in [-K_w, K_w] (K_w implied by
+    the bound) -> ``epi(sum_k (x - K_x) * w + bias)`` [M, N]. Exact int64 arithmetic, int32 result."""
+    acc = (x.to(torch.int64) - int(K_x)) @ w.to(torch.int64).t()
+    if bias is not None:
+        acc = acc + bias.to(torch.int64).reshape(-1)
+    return apply_epilogue(_check_int32(acc), _ref_epilogue(epi, w.shape[0]))
+
+
+def w46_conv2d_ref(
+    x: torch.Tensor,
+    K_x: int,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    epi: Epilogue | None = None,
+    stride: _Pair = 1,
+    padding: _Pair = 0,
+    dilation: _Pair = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The specification for convolution: x uint8 NCHW, w int8 [N, C/groups, kh, kw] -> epi(NCHW).
+    Padding holds K_x (centred zero). Exact: float64 holds every partial sum (< 2^53)."""
+    xc = x.to(torch.float64) - float(K_x)
+    acc = F.conv2d(xc, w.to(torch.float64), None, _pair(stride, "stride"), _pair(padding, "padding"),
+                   _pair(dilation, "dilation"), groups)
+    acc = torch.round(acc).to(torch.int64)
+    if bias is not None:
+        acc = acc + bias.to(torch.int64).reshape(1, -1, 1, 1)
+    return apply_epilogue(_check_int32(acc), _ref_epilogue(epi, w.shape[0]), channel_axis=1)
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+@dataclass
+class PackedW46:
+    """4.6-bit weight codes (int8 in [-K_w, K_w]; [N, K] for linear or [N, C/g, kh, kw] for conv) prepared
+    once for the kernels. The native packing is made on first use per (kind, groups) and cached."""
+
+    weight: torch.Tensor
+    K_x: int
+    K_w: int
+    _native: dict[tuple[str, int], Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_w46_levels(self.K_x, self.K_w)
+        self.K_x, self.K_w = int(self.K_x), int(self.K_w)
+        if self.weight.dim() not in (2, 4):
+            raise ValueError(f"4.6-bit weights must be 2-D [N, K] or 4-D [N, C/g, kh, kw], got {tuple(self.weight.shape)}")
+        _check_weights(self.weight, self.K_w)
+        self.weight = self.weight.detach().contiguous()
+        nat = _native()
+        if nat is not None:
+            self.native("linear" if self.weight.dim() == 2 else "conv", 1)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight[0].numel())
+
+    def native(self, kind: str, groups: int) -> Any:
+        """The lowbit._native.W46Packed for ``kind`` ("linear" or "conv") and ``groups`` (None if unbuilt)."""
+        key = (kind, int(groups))
+        if key not in self._native:
+            nat = _native()
+            if nat is None:
+                return None
+            w = self.weight
+            N = w.shape[0]
+            if kind == "conv":
+                w = w.permute(0, 2, 3, 1)  # K order (i, j, c): a patch row is kh*kw runs of C/g channels
+            w2 = w.reshape(N, -1).contiguous()
+            self._native[key] = nat.w46_pack(w2.data_ptr(), N, w2.shape[1], self.K_x, self.K_w, int(groups))
+        return self._native[key]
+
+
+def pack_w46(w_codes: torch.Tensor, K_x: int, K_w: int) -> PackedW46:
+    """Validate (``K_x*K_w <= 127``, int8 codes in [-K_w, K_w]) and pack 4.6-bit weights."""
+    return PackedW46(w_codes.detach(), int(K_x), int(K_w))
+
+
+# ---------------------------------------------------------------------------------------------- ops
+
+
+def w46_linear(
+    x: torch.Tensor, w: PackedW46, bias: torch.Tensor | None = None, epi: Epilogue | None = None
+) -> torch.Tensor:
+    """``epi(sum_k (x - K_x) * w + bias)``: x uint8 codes [..., K] in [0, 2 K_x] -> [..., N]."""
+    if not isinstance(w, PackedW46):
+        raise TypeError("w46_linear takes weights from pack_w46()")
+    if w.weight.dim() != 2:
+        raise ValueError("w46_linear needs 2-D [N, K] weights (these are conv weights)")
+    if x.dtype != torch.uint8:
+        raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
+    N, K = w.weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"input has {x.shape[-1] if x.dim() else 0} features, the layer expects {K}")
+    b = _check_bias(bias, N)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    nat = _native()
+    if nat is None:
+        _check_acts(x2, w.K_x)
+        return w46_linear_ref(x2, w.K_x, w.weight, b, epi).reshape(*lead, N)
+    kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
+    out = torch.empty(x2.shape[0], N, dtype=dt)
+    nat.w46_linear(x2.data_ptr(), x2.shape[0], K, w.native("linear", 1), 0 if b is None else b.data_ptr(),
+                   kind, p0, p1, zp, qmin, qmax, out.data_ptr())
+    del keep
+    return out.reshape(*lead, N)
+
+
+def w46_conv2d(
+    x: torch.Tensor,
+    w: PackedW46,
+    bias: torch.Tensor | None = None,
+    epi: Epilogue | None = None,
+    stride: _Pair = 1,
+    padding: _Pair = 0,
+    dilation: _Pair = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """4.6-bit 2-D convolution, NCHW semantics: x uint8 [B, C, H, W] codes in [0, 2 K_x], weights
+    [N, C/groups, kh, kw]; padded positions hold K_x (real zero). Returns epi(acc) [B, N, Ho, Wo]."""
+    if not isinstance(w, PackedW46):
+        raise TypeError("w46_conv2d takes weights from pack_w46()")
+    if w.weight.dim() != 4:
+        raise ValueError("w46_conv2d needs 4-D [N, C/groups, kh, kw] weights")
+    if x.dtype != torch.uint8:
+        raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"conv2d input must be 4-D NCHW, got shape {tuple(x.shape)}")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    groups = int(groups)
+    N, Cg, kh, kw = w.weight.shape
+    B, C, H, W = x.shape
+    if groups < 1 or N % groups != 0 or C != Cg * groups:
+        raise ValueError(f"input has {C} channels; the layer expects {Cg} per group x {groups} groups (N={N})")
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("stride and dilation must be >= 1, padding >= 0")
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"input {H}x{W} is too small for this kernel / padding / dilation")
+    b = _check_bias(bias, N)
+    nat = _native()
+    if nat is None:
+        _check_acts(x, w.K_x)
+        return w46_conv2d_ref(x, w.K_x, w.weight, b, epi, (sh, sw), (ph, pw), (dh, dw), groups)
+    xc = x.contiguous()
+    kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
+    out = torch.empty(B, N, Ho, Wo, dtype=dt)
+    nat.w46_conv2d(xc.data_ptr(), B, C, H, W, w.native("conv", groups), kh, kw, sh, sw, ph, pw, dh, dw, groups,
+                   0 if b is None else b.data_ptr(), kind, p0, p1, zp, qmin, qmax, out.data_ptr())
+    del keep
+    return out
