@@ -49,7 +49,9 @@ int8::Epi make_epi(int kind, std::uintptr_t out, int64_t rows, int64_t ldo, int6
         LB_REQUIRE(lo <= qmin && qmin <= qmax && qmax <= hi,
                 "requantization clamp [" + std::to_string(qmin) + ", " + std::to_string(qmax) +
                     "] is outside the output range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-        LB_REQUIRE(lo <= out_zp && out_zp <= hi, "output zero point " + std::to_string(out_zp) + " out of range");
+        // Any zero point works with the clamp; bounded so that int32 arithmetic in the kernels cannot overflow.
+        LB_REQUIRE(out_zp >= -(1 << 24) && out_zp <= (1 << 24),
+                   "output zero point " + std::to_string(out_zp) + " out of range");
         const int32_t* rs = cptr<int32_t>(rshift);
         for (int64_t i = 0; i < n; ++i)
             if (rs[i] < 1 || rs[i] > 62)

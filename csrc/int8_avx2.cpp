@@ -5,8 +5,11 @@
 // 4 k) and multiplied with vpmaddwd against a 64-bit broadcast of 4 activations. Each int32 lane then
 // holds a partial sum over 2 of the 4 k of one channel; the pairs are folded with vphaddd at the end.
 // |x - x_zp| <= 255 and |w| <= 128 so a vpmaddwd pair sum is at most 65280: never saturates.
-// Tiles: 6 rows x 8 channels (12 accumulators) for M >= 4, 1..3 rows x 16 channels for small M.
-// K is blocked (<= 512) so the weight slice of a block stays in L1 across the row tiles of a chunk.
+// Tiles: 6 rows x 8 channels (12 accumulators; the main one, hand-scheduled in inline asm), 4-5 rows
+// x 8 channels, and 1-3 rows x 16 channels. K is blocked (<= 512) so the weight slice of a block stays
+// in L1 across the row tiles of a chunk. The vector ALUs are the limit here (vpmaddwd + vpaddd per 16
+// multiply-adds): on Zen 3 about 21-23 multiply-adds per cycle. (vpmaddubsw would need fewer
+// instructions but saturates int16 for large u8 x s8 pairs, so it is not exact; VNNI has no such issue.)
 #include "int8_common.h"
 
 #ifdef LOWBIT_INT8_X86

@@ -86,7 +86,7 @@ struct GemmJob {
 // and local columns [n0, n0+cols): writes epi(T + corr) to the output.
 void epilogue_scalar(const Epi& e, const int32_t* T, int64_t ldt, int64_t row0, int64_t rows, int64_t n0,
                      int64_t cols, const int32_t* corr);
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LOWBIT_INT8_NO_X86)  // (the latter: test builds)
 #define LOWBIT_INT8_X86 1
 void epilogue_avx2(const Epi& e, const int32_t* T, int64_t ldt, int64_t row0, int64_t rows, int64_t n0,
                    int64_t cols, const int32_t* corr);

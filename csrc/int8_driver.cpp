@@ -30,10 +30,10 @@ void* scratch_bytes(int slot, size_t bytes) {
     static thread_local Buf bufs[8];
     Buf& b = bufs[slot];
     if (b.size < bytes) {
+        const size_t want = std::max(bytes, b.size * 3 / 2);
         std::free(b.p);
         b.p = nullptr;
         b.size = 0;
-        size_t want = std::max(bytes, b.size * 3 / 2);
         b.p = aligned_alloc64(want);
         b.size = want;
     }
@@ -170,7 +170,11 @@ void gemm(const Rows& a, int64_t m, int32_t zp, const Packed& w, const int32_t* 
     const int64_t ngroups = std::min<int64_t>(w.nblocks, std::max<int64_t>(1, (target + mchunks - 1) / mchunks));
     const int64_t njobs = mchunks * ngroups;
     const int64_t nb = w.nblocks;
-    parallel_for(njobs, 1, [&](int64_t j0, int64_t j1) {
+    // Hand a thread at least ~256k multiply-adds (several microseconds): waking a worker costs more than
+    // the work for tiny products.
+    const int64_t job_macs = std::max<int64_t>(1, std::min(m, mc) * (nb * kBlockN / ngroups) * std::max<int64_t>(w.k, 1));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / job_macs);
+    parallel_for(njobs, grain, [&](int64_t j0, int64_t j1) {
         for (int64_t jj = j0; jj < j1; ++jj) {
             const int64_t mi = jj / ngroups, gi = jj % ngroups;
             const int64_t m0 = mi * mc, m1 = std::min(m, m0 + mc);

@@ -1,6 +1,9 @@
-// Portable int8 GEMM worker: plain C++ over the packed layout (4 x 16 register-style tiles, the
-// compiler vectorizes with whatever the baseline ISA offers). Activations are packed per tile as
-// int16 (x - x_zp) so no zero-point correction is needed.
+// Portable int8 GEMM worker: plain C++ over the packed layout, written so that compilers vectorize it
+// with the baseline ISA (the int16 dot products below become pmaddwd on x86-64 SSE2, smlal/sdot-like
+// sequences on AArch64). Per chunk the activations are converted once to int16 rows (x - x_zp), and
+// per packed block the 16 weight columns are de-interleaved to contiguous int16; then each output is
+// a plain dot product over K, computed 2 rows x 2 columns at a time (1-3 rows: directly on the packed
+// block instead).
 #include <algorithm>
 #include <cstring>
 
@@ -11,54 +14,77 @@ namespace int8 {
 
 namespace {
 
-constexpr int kMr = 4;
-
-// A tile (rows m0..m0+mr) -> [k4][kMr][4] int16 (x - zp); rows >= mr and k >= K are zero.
-void pack_a_tile(const GemmJob& j, int64_t m0, int mr, int16_t* dst, uint8_t* rowbuf) {
-    const int64_t K = j.a->k, k4 = j.w->k4;
-    std::memset(dst, 0, static_cast<size_t>(k4 * kMr * 4) * sizeof(int16_t));
-    for (int r = 0; r < mr; ++r) {
-        const uint8_t* x = j.a->row(m0 + r, rowbuf);
-        for (int64_t k = 0; k < K; ++k)
-            dst[((k >> 2) * kMr + r) * 4 + (k & 3)] = static_cast<int16_t>(int32_t(x[k]) - j.zp);
+inline void dot_2x2(const int16_t* x0, const int16_t* x1, const int16_t* y0, const int16_t* y1, int64_t k,
+                    int32_t* t0, int32_t* t1) {
+    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+    for (int64_t i = 0; i < k; ++i) {
+        s00 += int32_t(x0[i]) * int32_t(y0[i]);
+        s01 += int32_t(x0[i]) * int32_t(y1[i]);
+        s10 += int32_t(x1[i]) * int32_t(y0[i]);
+        s11 += int32_t(x1[i]) * int32_t(y1[i]);
     }
+    t0[0] = s00;
+    t0[1] = s01;
+    t1[0] = s10;
+    t1[1] = s11;
 }
 
-void kernel(const int16_t* A, const int8_t* W, int64_t k4, int32_t* T) {
-    int32_t acc[kMr][kBlockN];
-    std::memset(acc, 0, sizeof(acc));
-    for (int64_t q = 0; q < k4; ++q) {
-        const int8_t* w = W + q * (kBlockN * kGroupK);
-        const int16_t* a = A + q * (kMr * 4);
-        for (int r = 0; r < kMr; ++r) {
-            const int32_t a0 = a[r * 4], a1 = a[r * 4 + 1], a2 = a[r * 4 + 2], a3 = a[r * 4 + 3];
-            for (int c = 0; c < kBlockN; ++c)
-                acc[r][c] += a0 * w[c * 4] + a1 * w[c * 4 + 1] + a2 * w[c * 4 + 2] + a3 * w[c * 4 + 3];
-        }
+inline void dot_1x2(const int16_t* x0, const int16_t* y0, const int16_t* y1, int64_t k, int32_t* t0) {
+    int32_t s00 = 0, s01 = 0;
+    for (int64_t i = 0; i < k; ++i) {
+        s00 += int32_t(x0[i]) * int32_t(y0[i]);
+        s01 += int32_t(x0[i]) * int32_t(y1[i]);
     }
-    std::memcpy(T, acc, sizeof(acc));
+    t0[0] = s00;
+    t0[1] = s01;
 }
 
 }  // namespace
 
 void chunk_portable(const GemmJob& j, int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
-    const int64_t k4 = j.w->k4, rows = m1 - m0;
-    const int64_t ntiles = (rows + kMr - 1) / kMr;
-    const size_t tile_elems = static_cast<size_t>(k4 * kMr * 4);
-    int16_t* A = scratch<int16_t>(0, tile_elems * static_cast<size_t>(ntiles));
-    int32_t* T = scratch<int32_t>(1, kMr * kBlockN);
-    uint8_t* rowbuf = scratch<uint8_t>(2, static_cast<size_t>(std::max<int64_t>(j.a->k, 1)));
-    for (int64_t t = 0; t < ntiles; ++t) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMr, rows - t * kMr));
-        pack_a_tile(j, m0 + t * kMr, mr, A + t * tile_elems, rowbuf);
+    const int64_t K = j.a->k, kp = j.w->k4 * kGroupK, rows = m1 - m0;
+    int16_t* A = scratch<int16_t>(0, static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
+    int32_t* T = scratch<int32_t>(1, static_cast<size_t>(rows * kBlockN));
+    uint8_t* rowbuf = scratch<uint8_t>(2, static_cast<size_t>(std::max<int64_t>(K, 1)));
+    int16_t* Wc = scratch<int16_t>(3, static_cast<size_t>(std::max<int64_t>(1, kBlockN * kp)));
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* x = j.a->row(m0 + r, rowbuf);
+        int16_t* d = A + r * kp;
+        for (int64_t k = 0; k < K; ++k) d[k] = static_cast<int16_t>(int32_t(x[k]) - j.zp);
+        for (int64_t k = K; k < kp; ++k) d[k] = 0;
     }
     for (int64_t b = b0; b < b1; ++b) {
         const int64_t cols = std::min<int64_t>(kBlockN, j.w->n - b * kBlockN);
-        for (int64_t t = 0; t < ntiles; ++t) {
-            const int64_t mr = std::min<int64_t>(kMr, rows - t * kMr);
-            kernel(A + t * tile_elems, j.w->block(b), k4, T);
-            epilogue_scalar(j.epi, T, kBlockN, m0 + t * kMr, mr, b * kBlockN, cols, j.corr);
+        const int64_t cpad = (cols + 1) & ~int64_t(1);
+        const int8_t* W = j.w->block(b);
+        if (rows < 4) {  // too few rows to amortize the de-interleave: straight over the packed block
+            for (int64_t r = 0; r < rows; ++r) {
+                int32_t acc[kBlockN] = {};
+                const int16_t* x = A + r * kp;
+                for (int64_t q = 0; q < j.w->k4; ++q) {
+                    const int8_t* w = W + q * (kBlockN * kGroupK);
+                    const int32_t x0 = x[q * 4], x1 = x[q * 4 + 1], x2 = x[q * 4 + 2], x3 = x[q * 4 + 3];
+                    for (int c = 0; c < kBlockN; ++c)
+                        acc[c] += x0 * w[c * 4] + x1 * w[c * 4 + 1] + x2 * w[c * 4 + 2] + x3 * w[c * 4 + 3];
+                }
+                std::memcpy(T + r * kBlockN, acc, sizeof(acc));
+            }
+            epilogue_scalar(j.epi, T, kBlockN, m0, rows, b * kBlockN, cols, j.corr);
+            continue;
         }
+        for (int64_t c = 0; c < cpad; ++c)
+            for (int64_t q = 0; q < j.w->k4; ++q)
+                for (int g = 0; g < kGroupK; ++g)
+                    Wc[c * kp + q * kGroupK + g] = W[q * (kBlockN * kGroupK) + c * kGroupK + g];
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2)
+            for (int64_t c = 0; c < cpad; c += 2)
+                dot_2x2(A + r * kp, A + (r + 1) * kp, Wc + c * kp, Wc + (c + 1) * kp, kp, T + r * kBlockN + c,
+                        T + (r + 1) * kBlockN + c);
+        if (r < rows)
+            for (int64_t c = 0; c < cpad; c += 2)
+                dot_1x2(A + r * kp, Wc + c * kp, Wc + (c + 1) * kp, kp, T + r * kBlockN + c);
+        epilogue_scalar(j.epi, T, kBlockN, m0, rows, b * kBlockN, cols, j.corr);
     }
 }
 

@@ -134,6 +134,7 @@ def test_tiny_mnist_gz(tmp_path):
     arrays = _write_tiny_mnist(tmp_path)
     s = load_dataset("mnist", data_dir=tmp_path, calib_size=5)
     assert (len(s.train), len(s.calib), len(s.test)) == (20, 5, 10)
+    assert s.source == str(tmp_path)
     assert s.input_shape == (1, 28, 28)
     want = (arrays["train-images-idx3-ubyte"].astype(np.float32) / 255 - 0.1307) / 0.3081
     assert np.allclose(s.train.tensors[0][:, 0].numpy(), want, atol=1e-5)
@@ -186,8 +187,10 @@ def test_lowbit_data_env_resolution(tmp_path, monkeypatch):
     # data_dir comes first
     _write_tiny_mnist(tmp_path / "explicit", n_train=16)
     assert len(load_dataset("mnist", data_dir=tmp_path / "explicit", calib_size=2).train) == 16
-    # an unusable data_dir falls through to LOWBIT_DATA
-    assert len(load_dataset("mnist", data_dir=tmp_path / "empty", calib_size=2).train) == 14
+    # an unusable data_dir falls through to LOWBIT_DATA, with a warning saying so
+    with pytest.warns(UserWarning, match="no usable files"):
+        s = load_dataset("mnist", data_dir=tmp_path / "empty", calib_size=2)
+    assert len(s.train) == 14 and s.source == str(parent / "mnist")
 
 
 def test_shared_data_fallback(tmp_path, monkeypatch):

@@ -405,3 +405,37 @@ def test_vnni_path_under_emulation(tmp_path):
     res = subprocess.run([exe], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "0 mismatches" in res.stdout
+
+
+@pytest.mark.parametrize("shape,groups", [((8, 4, 3, 3), 1), ((8, 4, 1, 1), 1), ((8, 2, 1, 1), 2), ((4, 1, 3, 3), 4)])
+def test_conv_weights_packed_lazily(shape, groups):
+    g = _gen(sum(shape) + groups)
+    w = torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
+    pk = PackedInt8(w)
+    pk.native = native.pack_weight(w)
+    assert isinstance(pk.native, native.ConvPending)
+    w2 = w[:, :, 0, 0].contiguous()
+    assert isinstance(native.pack_weight(w2), type(native.pack_int8(w2)))
+    x = torch.randint(0, 256, (2, shape[1] * groups, 6, 7), dtype=torch.uint8, generator=g)
+    y = native.int8_conv2d(x, 5, pk, None, None, (1, 1), (1, 1), (1, 1), groups)
+    cache = pk.native_conv
+    y2 = native.int8_conv2d(x, 5, pk, None, None, (1, 1), (1, 1), (1, 1), groups)
+    assert pk.native_conv is cache
+    ref = int8_conv2d_ref(x, 5, w, None, None, (1, 1), (1, 1), (1, 1), groups)
+    _assert_same(y, ref, "lazy conv")
+    _assert_same(y2, ref, "lazy conv (cached)")
+
+
+def test_requant_shift_ranges_and_odd_zero_points(isa):
+    """Shifts below and above 32 (two code paths in the SIMD epilogue), zero points outside the output range."""
+    g = _gen(99)
+    m, n, k = 7, 24, 200
+    x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    h = native.pack_int8(w)
+    m0 = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int64, generator=g).to(torch.int32)
+    for rs in (torch.full((n,), 1), torch.full((n,), 31), torch.full((n,), 32), torch.full((n,), 62),
+               torch.arange(n) % 8 + 28, torch.randint(1, 63, (n,), generator=g)):
+        for zp, lo, hi, dt in ((300, 0, 255, torch.uint8), (-200, -128, 127, torch.int8), (17, 3, 250, torch.uint8)):
+            epi = Requant(m0, rs.to(torch.int32), zp, lo, hi, dt)
+            _assert_same(native.int8_gemm(x, 11, h, None, epi), int8_gemm_ref(x, 11, w, None, epi), f"rs={rs[:3]}")

@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class DatasetSplits:
     ``input_shape`` is ``(C, H, W)``; ``mean``/``std`` are the per-channel statistics the images were
     normalized with (``x = (pixel/255 - mean) / std``; digits use ``pixel/16``). ``calib`` never
     overlaps ``test`` (for digits it is also disjoint from ``train``; for the other datasets it is a
-    subset of ``train``), see the module docstring.
+    subset of ``train``), see the module docstring. ``source``: the folder the files were read from.
     """
 
     name: str
@@ -92,6 +93,7 @@ class DatasetSplits:
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    source: str = ""  # where the files were read from ("sklearn" for digits)
 
     @property
     def in_channels(self) -> int:
@@ -157,11 +159,13 @@ def load_dataset(
     if key == "digits":
         return _load_digits(seed, calib_size)
     if key in ("mnist", "fashion_mnist"):
-        (xtr, ytr), (xte, yte) = _load_idx_family(key, data_dir, download)
+        (xtr, ytr), (xte, yte), source = _load_idx_family(key, data_dir, download)
         xtr, xte = xtr[:, None], xte[:, None]
     else:
-        (xtr, ytr), (xte, yte) = _load_cifar(key, data_dir, download)
-    return _assemble(key, xtr, ytr, xte, yte, seed, calib_size, scale=255.0)
+        (xtr, ytr), (xte, yte), source = _load_cifar(key, data_dir, download)
+    splits = _assemble(key, xtr, ytr, xte, yte, seed, calib_size, scale=255.0)
+    splits.source = str(source)
+    return splits
 
 
 # ----------------------------------------------------------------------------------------- digits
@@ -196,6 +200,7 @@ def _load_digits(seed: int, calib_size: int) -> DatasetSplits:
         input_shape=(1, 8, 8),
         mean=mean,
         std=std,
+        source="sklearn.datasets.load_digits",
     )
 
 
@@ -298,6 +303,15 @@ def _default_roots() -> list[Path]:
     ]
 
 
+def _note_fallback(key: str, data_dir: str | os.PathLike[str] | None, used: Path) -> None:
+    """Warn when an explicit ``data_dir`` lacked the files and a later search location was used."""
+    if data_dir is None:
+        return
+    base = Path(data_dir).expanduser().absolute()
+    if base != used.absolute() and base not in used.absolute().parents:
+        warnings.warn(f"{key}: no usable files in data_dir {data_dir}; using {used}", stacklevel=4)
+
+
 def _not_found(key: str, looked: list[Path], what: str) -> FileNotFoundError:
     where = "\n  ".join(str(p) for p in looked)
     return FileNotFoundError(
@@ -327,6 +341,8 @@ def _torchvision_download(key: str, root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ IDX (MNIST)
+
+_Split = tuple[np.ndarray, np.ndarray]  # uint8 images, labels
 
 _IDX_TYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
@@ -407,9 +423,7 @@ def _idx_folder_files(folder: Path) -> dict[str, Path] | None:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def _load_idx_family(
-    key: str, data_dir: str | os.PathLike[str] | None, download: bool
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _load_idx_family(key: str, data_dir: str | os.PathLike[str] | None, download: bool) -> tuple[_Split, _Split, Path]:
     looked = _candidate_dirs(key, data_dir)
     files = next((f for f in map(_idx_folder_files, looked) if f is not None), None)
     if files is None and download:
@@ -419,6 +433,8 @@ def _load_idx_family(
     if files is None:
         names = ", ".join(f"{s}[.gz]" for s in _IDX_FILES.values())
         raise _not_found(key, looked, names)
+    folder = files["train_images"].parent
+    _note_fallback(key, data_dir, folder)
     arrays = {k: read_idx(p) for k, p in files.items()}
     out = []
     for split in ("train", "test"):
@@ -433,7 +449,7 @@ def _load_idx_family(
         out.append((x, y))
     if out[0][0].shape[1:] != out[1][0].shape[1:]:
         raise ValueError(f"{key}: train and test images differ in size")
-    return out[0], out[1]
+    return out[0], out[1], folder
 
 
 # ----------------------------------------------------------------------------------------- CIFAR
@@ -476,9 +492,7 @@ def _load_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _load_cifar(
-    key: str, data_dir: str | os.PathLike[str] | None, download: bool
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _load_cifar(key: str, data_dir: str | os.PathLike[str] | None, download: bool) -> tuple[_Split, _Split, Path]:
     train_names, test_names, label_key = _CIFAR_FILES[key]
 
     def complete(folder: Path) -> bool:
@@ -492,8 +506,9 @@ def _load_cifar(
         folder = next((f for f in _candidate_dirs(key, root) if complete(f)), None)
     if folder is None:
         raise _not_found(key, looked, "the CIFAR 'python version' files " + ", ".join(train_names + test_names))
+    _note_fallback(key, data_dir, folder)
     parts = []
     for names in (train_names, test_names):
         batches = [_load_cifar_batch(folder / n, label_key) for n in names]
         parts.append((np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])))
-    return parts[0], parts[1]
+    return parts[0], parts[1], folder

@@ -161,7 +161,14 @@ def _train(
     for epoch in range(1, epochs + 1):
         model.train()
         running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False, file=sys.stderr)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}/{epochs}",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # keep logs short when not a terminal
+        )
         for x, y in bar:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
@@ -418,7 +425,7 @@ def cli_train(args: argparse.Namespace) -> int:
         hp["threads"] = threads
     out = getattr(args, "out", None)
     path = Path(out) if out else default_checkpoint_path(model_key, splits.name)
-    print(f"{splits.summary()}; training {model_key} for {hp['epochs']} epochs", file=sys.stderr)
+    print(f"{splits.summary()} (from {splits.source}); training {model_key} for {hp['epochs']} epochs", file=sys.stderr)
     _, meta = _train_and_save(model_key, splits, hp, args.seed, path, progress=getattr(args, "progress", True))
     print(f"test accuracy: {meta['accuracy']:.2f}% ({meta['train_time_s']:.1f} s)")
     print(f"checkpoint: {path}")

@@ -76,6 +76,7 @@ class PackedInt8:
     w_t: torch.Tensor = field(init=False, repr=False)
     colsum: torch.Tensor = field(init=False, repr=False)
     native: Any = field(default=None, init=False, repr=False)
+    native_conv: Any = field(default=None, init=False, repr=False)  # per-group conv packing, made on first use
 
     def __post_init__(self) -> None:
         w = self.weight
@@ -86,7 +87,7 @@ class PackedInt8:
         self.colsum = w2.to(torch.int32).sum(1, dtype=torch.int32)
         nat = _native_module()
         if nat is not None and nat.supports_int8():
-            self.native = nat.pack_int8(w2)
+            self.native = nat.pack_weight(w)
 
     @property
     def out_features(self) -> int:

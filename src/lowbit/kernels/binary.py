@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .epilogue import Epilogue, FloatOut
+from .epilogue import FloatOut
 from .reference import apply_epilogue
 from .w46 import _epi_args, _native, _pair
 
@@ -82,7 +82,9 @@ class Threshold:
 
     def __post_init__(self) -> None:
         if self.thr.dtype.is_floating_point:
-            raise TypeError("Threshold.thr must be integer (compare with the integer dot: use ceil of a real threshold)")
+            raise TypeError(
+                "Threshold.thr must be integer (compare with the integer dot: use ceil of a real threshold)"
+            )
         self.thr = self.thr.to(torch.int32).reshape(-1).contiguous()
         if self.flip is not None:
             self.flip = (self.flip.reshape(-1) != 0).contiguous()

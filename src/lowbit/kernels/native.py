@@ -42,6 +42,8 @@ __all__ = [
     "set_num_threads",
     "num_threads",
     "pack_int8",
+    "pack_weight",
+    "ConvPending",
     "int8_gemm",
     "int8_conv2d",
 ]
@@ -140,6 +142,27 @@ def pack_int8(w2: torch.Tensor) -> Any:
         raise ValueError("weights must be contiguous")
     n, k = w2.shape
     return c.int8_pack(w2.data_ptr(), int(n), int(k))
+
+
+class ConvPending:
+    """Placeholder handle for conv weights: :func:`int8_conv2d` packs them at first use, once the group
+    count is known (K order (kh, kw, c) per group), and caches the result on the PackedInt8."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<lowbit conv weights, packed at first use>"
+
+
+def pack_weight(w: torch.Tensor) -> Any:
+    """What ``PackedInt8.native`` should hold: an Int8Weights for linear [N, K] weights, a
+    :class:`ConvPending` for conv [N, C/g, kh, kw] weights (avoids packing them in an order the
+    convolution does not use)."""
+    if isinstance(w, torch.Tensor) and w.dim() == 4:
+        if w.dtype != torch.int8:
+            raise TypeError(f"int8 weights expected, got {w.dtype}")
+        return ConvPending()
+    return pack_int8(w.contiguous() if isinstance(w, torch.Tensor) else w)
 
 
 def _check_vec(t: torch.Tensor | None, n: int, dtype: torch.dtype, what: str) -> int:
@@ -249,7 +272,7 @@ def _conv_weights(packed: Any, groups: int) -> tuple[list[Any], torch.Tensor | N
         return cache[1], cache[2]
     if groups == n and cg == 1 and groups > 1:
         entry: tuple[int, list[Any], torch.Tensor | None] = (groups, [], w.reshape(n, kh * kw).contiguous())
-    elif groups == 1 and kh == 1 and kw == 1 and getattr(packed, "native", None) is not None:
+    elif groups == 1 and kh == 1 and kw == 1 and _HAVE and isinstance(getattr(packed, "native", None), _C.Int8Weights):
         entry = (groups, [packed.native], None)
     else:
         ng = n // groups

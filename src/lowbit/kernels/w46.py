@@ -159,7 +159,8 @@ def _epi_args(epi: Epilogue | None, n: int) -> tuple[int, int, int, int, int, in
         if rs.numel() and (int(rs.min()) < 1 or int(rs.max()) > 62):
             raise ValueError("Requant.rshift must be in [1, 62]")
         kind = 2 if epi.out_dtype == torch.uint8 else 3
-        return kind, m0.data_ptr(), rs.data_ptr(), int(epi.out_zp), int(epi.qmin), int(epi.qmax), epi.out_dtype, [m0, rs]
+        lims = (int(epi.out_zp), int(epi.qmin), int(epi.qmax))
+        return kind, m0.data_ptr(), rs.data_ptr(), *lims, epi.out_dtype, [m0, rs]
     raise TypeError(f"unknown epilogue {type(epi).__name__}")
 
 
@@ -230,7 +231,8 @@ class PackedW46:
         check_w46_levels(self.K_x, self.K_w)
         self.K_x, self.K_w = int(self.K_x), int(self.K_w)
         if self.weight.dim() not in (2, 4):
-            raise ValueError(f"4.6-bit weights must be 2-D [N, K] or 4-D [N, C/g, kh, kw], got {tuple(self.weight.shape)}")
+            shape = tuple(self.weight.shape)
+            raise ValueError(f"4.6-bit weights must be 2-D [N, K] or 4-D [N, C/g, kh, kw], got {shape}")
         _check_weights(self.weight, self.K_w)
         self.weight = self.weight.detach().contiguous()
         nat = _native()
