@@ -260,3 +260,18 @@ def test_corrupt_and_future_files(quantized, tmp_path):
     save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ModelFileError, match="not a lowbit model"):
         lowbit.load(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv1d_models(mode, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Conv1d(8, 4, 3, dilation=2),
+                      nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.randn(64, 3, 16)
+    q = lowbit.quantize(m, mode, calib=x)
+    with torch.no_grad():
+        ref, out = m(x), FloatIO(q)(x)
+        assert ((out - ref).norm() / ref.norm()).item() < 0.05
+        r = lowbit.load(lowbit.save(q, tmp_path / "c1.lowbit"))
+        xi = model_input(q, x)
+        assert torch.equal(q(xi), r(xi))

@@ -21,13 +21,12 @@ from lowbit.formats.affine import UINT8_ACT, quantize, quantize_multiplier
 from .base import LowbitModule, act_clamp, float_act, pair
 
 
-def _conv_geometry(attrs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "stride": pair(attrs.get("stride", 1)),
-        "padding": pair(attrs.get("padding", 0)),
-        "dilation": pair(attrs.get("dilation", 1)),
-        "groups": int(attrs.get("groups", 1)),
-    }
+def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any]:
+    """Conv2d geometry; a Conv1d runs as a Conv2d of height 1 (its geometry goes on the width)."""
+    g = {k: pair(attrs.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))}
+    if conv1d:
+        g = {"stride": (1, g["stride"][0]), "padding": (0, g["padding"][0]), "dilation": (1, g["dilation"][0])}
+    return {**g, "groups": int(attrs.get("groups", 1))}
 
 
 class _IntWeights(LowbitModule):
@@ -101,11 +100,7 @@ class QConv(_StaticInt8):
         w4 = weight_q.unsqueeze(2) if weight_q.dim() == 3 else weight_q
         super().__init__(w4, weight_scale, bias_q, in_qparams, out_qparams, act)
         self.conv1d = weight_q.dim() == 3
-        self.geometry = _conv_geometry(geometry)
-        if self.conv1d:
-            g = self.geometry
-            self.geometry = {"stride": (1, g["stride"][0]), "padding": (0, g["padding"][0]),
-                             "dilation": (1, g["dilation"][0]), "groups": g["groups"]}
+        self.geometry = _conv_geometry(geometry, self.conv1d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv1d:
@@ -179,11 +174,7 @@ class DynamicQConv(_DynamicInt8):
                  act: str | None = None, **geometry: Any) -> None:
         self.conv1d = weight_q.dim() == 3
         super().__init__(weight_q.unsqueeze(2) if self.conv1d else weight_q, weight_scale, bias, act)
-        self.geometry = _conv_geometry(geometry)
-        if self.conv1d:
-            g = self.geometry
-            self.geometry = {"stride": (1, g["stride"][0]), "padding": (0, g["padding"][0]),
-                             "dilation": (1, g["dilation"][0]), "groups": g["groups"]}
+        self.geometry = _conv_geometry(geometry, self.conv1d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv1d:
