@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.lowbit-installed
 # torch is pinned here: 2.13.0 is the CPU build on this machine's disk (any other version pulls CUDA).
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
-
-bench: $(STAMP)
-	$(BIN)/lowbit bench kernels --threads 1
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/lowbit/*.so report runs

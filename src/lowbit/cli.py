@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -258,14 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=1)
     sp.set_defaults(fn=cmd_eval)
 
-    sp = sub.add_parser("bench", help="benchmarks")
-    bsub = sp.add_subparsers(dest="what", required=True)
-    bp = bsub.add_parser("kernels", help="GEMM/conv kernels against torch fp32, torch int8 and peers")
-    bp.add_argument("--threads", type=int, default=1)
-    bp.add_argument("--json", default=None, help="write the records to this JSON file")
-    bp.add_argument("--repeats", type=int, default=20)
-    bp.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
-    bp.set_defaults(fn=cmd_bench)
+    if importlib.util.find_spec("lowbit.bench") is not None:  # the kernel benchmark ships with the kernels
+        sp = sub.add_parser("bench", help="benchmarks")
+        bsub = sp.add_subparsers(dest="what", required=True)
+        bp = bsub.add_parser("kernels", help="GEMM/conv kernels against torch fp32, torch int8 and peers")
+        bp.add_argument("--threads", type=int, default=1)
+        bp.add_argument("--json", default=None, help="write the records to this JSON file")
+        bp.add_argument("--repeats", type=int, default=20)
+        bp.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
+        bp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
