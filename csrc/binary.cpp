@@ -56,8 +56,8 @@ std::shared_ptr<Packed> pack(const uint64_t* w, int64_t N, int64_t KW, int64_t s
                     uint64_t v = 0;
                     if (nl < p->Ng) v = w[(g * p->Ng + nl) * KW + k] & seg_mask(k % seg_words, seg_bits);
                     R[base + k * NR + c] = v;
-                    L[base + k * NR + c] = lo_plane(v);
-                    H[base + k * NR + c] = hi_plane(v);
+                    L[base + k * NR + kPlaneSlot[c]] = lo_plane(v);
+                    H[base + k * NR + kPlaneSlot[c]] = hi_plane(v);
                 }
         }
     return p;
@@ -99,6 +99,15 @@ static void epi_portable(const int32_t* pc, int64_t m, int64_t n0, int cnt, int3
             }                                                                                                      \
         }                                                                                                          \
         for (int r = 0; r < mr; ++r) epi_portable(pc + r * ACC_LD, m + r, n0, cnt, Kbits, e, o);                  \
+    }                                                                                                              \
+    ATTR static void NAME##_panel(const uint64_t* A, const uint64_t* A1, int64_t lda, int64_t rows,                 \
+                                  const uint64_t* P, const uint64_t* P1, int64_t pstride, int np, int64_t KW,       \
+                                  int32_t Kbits, int64_t m, int64_t n0, int cnt, const wb::Epi& e,                 \
+                                  const wb::Out& o) {                                                              \
+        for (int64_t r = 0; r < rows; r += 4) {                                                                    \
+            const int mr = static_cast<int>(std::min<int64_t>(4, rows - r));                                      \
+            NAME(A + r * lda, A1, lda, mr, P, P1, pstride, np, KW, Kbits, m + r, n0, cnt, e, o);                  \
+        }                                                                                                          \
     }
 
 LB_BINARY_PORTABLE_TILE(tile_portable, )
@@ -106,15 +115,25 @@ LB_BINARY_PORTABLE_TILE(tile_portable, )
 LB_BINARY_PORTABLE_TILE(tile_portable_popcnt, __attribute__((target("popcnt"))))
 #endif
 
+void prep_planes_scalar(const uint64_t* A, int64_t lda, int64_t rows, int64_t KW, uint64_t* lo, uint64_t* hi) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < KW; ++k) {
+            const uint64_t v = A[r * lda + k];
+            lo[r * KW + k] = lo_plane(v);
+            hi[r * KW + k] = hi_plane(v);
+        }
+}
+
 Kernel kernel_portable() {
     Kernel k;
     k.mr = 4;
     k.np = 1;
     k.planes = false;
-    k.tile = tile_portable;
+    k.panel = tile_portable_panel;
 #ifdef LOWBIT_X86
-    if (cpu().popcnt) k.tile = tile_portable_popcnt;
+    if (cpu().popcnt) k.panel = tile_portable_popcnt_panel;
 #endif
+    k.prep = prep_planes_scalar;
     k.name = "portable";
     return k;
 }
@@ -154,12 +173,7 @@ void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const wb::Ep
             const uint64_t *A0 = A, *A1 = A;
             if (kn.planes) {
                 if (lbuf.size() < need) lbuf.resize(need), hbuf.resize(need);
-                for (int64_t r = 0; r < m1 - m0; ++r)
-                    for (int64_t k = 0; k < KW; ++k) {
-                        const uint64_t v = A[r * lda + k];
-                        lbuf[r * KW + k] = lo_plane(v);
-                        hbuf[r * KW + k] = hi_plane(v);
-                    }
+                kn.prep(A, lda, m1 - m0, KW, lbuf.data(), hbuf.data());
                 A0 = lbuf.data();
                 A1 = hbuf.data();
                 lda = KW;
@@ -167,32 +181,39 @@ void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const wb::Ep
             for (int64_t p = p0; p < p1; p += kn.np) {
                 const int np = static_cast<int>(std::min<int64_t>(kn.np, p1 - p));
                 const int cnt = static_cast<int>(std::min<int64_t>(np * NR, Ng - p * NR));
-                for (int64_t m = m0; m < m1; m += kn.mr) {
-                    const int mr = static_cast<int>(std::min<int64_t>(kn.mr, m1 - m));
-                    kn.tile(A0 + (m - m0) * lda, A1 + (m - m0) * lda, lda, mr, P0 + p * ps, P1 + p * ps, ps, np, KW,
-                            Kbits, m, nbase + p * NR, cnt, e, o);
-                }
+                kn.panel(A0, A1, lda, m1 - m0, P0 + p * ps, P1 + p * ps, ps, np, KW, Kbits, m0, nbase + p * NR, cnt, e,
+                         o);
             }
         }
     });
 }
 
 void linear(const uint64_t* x, int64_t M, int64_t ldx, const Packed& w, const wb::Epi& e, const wb::Out& o) {
-    if (w.G != 1) throw std::invalid_argument("binary linear: weights packed with groups != 1");
-    const int64_t KW = w.KW, sw = w.seg_words, sb = w.seg_bits;
-    std::vector<uint64_t> masks(static_cast<size_t>(KW));
-    for (int64_t k = 0; k < KW; ++k) masks[k] = seg_mask(k % sw, sb);
-    AFill fill = [&](int64_t m0, int64_t m1, uint64_t* buf, int64_t* lda) -> const uint64_t* {
-        *lda = KW;
-        for (int64_t m = m0; m < m1; ++m)
-            for (int64_t k = 0; k < KW; ++k) buf[(m - m0) * KW + k] = x[m * ldx + k] & masks[k];
-        return buf;
-    };
+    if (w.G != 1 || w.seg_words != w.KW) throw std::invalid_argument("binary linear: weights packed for a conv");
+    const int64_t KW = w.KW;
+    const uint64_t last = seg_mask(KW - 1, w.seg_bits);
+    AFill fill;
+    if (last == ~uint64_t(0)) {  // K % 64 == 0: no padding bits, read the rows in place
+        fill = [x, ldx](int64_t m0, int64_t, uint64_t*, int64_t* lda) -> const uint64_t* {
+            *lda = ldx;
+            return x + m0 * ldx;
+        };
+    } else {  // copy, clearing the padding bits of the last word
+        fill = [x, ldx, KW, last](int64_t m0, int64_t m1, uint64_t* buf, int64_t* lda) -> const uint64_t* {
+            *lda = KW;
+            for (int64_t m = m0; m < m1; ++m) {
+                uint64_t* d = buf + (m - m0) * KW;
+                std::memcpy(d, x + m * ldx, sizeof(uint64_t) * KW);
+                d[KW - 1] &= last;
+            }
+            return buf;
+        };
+    }
     gemm(w, 0, M, fill, e, o);
 }
 
 void conv2d(const uint64_t* x, const ConvGeom& gm, const Packed& w, const wb::Epi& e, const wb::Out& o) {
-    const int64_t G = gm.groups, Cg = gm.C / G, CgW = (Cg + 63) / 64, H = gm.H, W = gm.W;
+    const int64_t G = gm.groups, Cg = gm.C / G, CgW = (Cg + 63) / 64;
     if (G != w.G || gm.C % G != 0 || w.seg_words != CgW || w.seg_bits != Cg || w.KW != gm.kh * gm.kw * CgW)
         throw std::invalid_argument("binary conv2d: weight does not match the input channels / groups");
     if (gm.pad_value != 1 && gm.pad_value != -1) throw std::invalid_argument("binary conv2d: pad_value must be +1 or -1");
@@ -201,22 +222,54 @@ void conv2d(const uint64_t* x, const ConvGeom& gm, const Packed& w, const wb::Ep
         mask[t] = seg_mask(t, Cg);
         padw[t] = gm.pad_value > 0 ? mask[t] : 0;  // +1 -> all valid bits set; -1 -> all clear
     }
+    const Kernel kn = select_kernel();
+    if (kn.conv && G == 1 && gm.dh == 1 && gm.dw == 1) {
+        // nibble planes of the padded NHWC image (+ slack for the pixels past a row's last tile)
+        const int64_t Hp = gm.H + 2 * gm.ph, Wp = gm.W + 2 * gm.pw;
+        const int64_t nimg = gm.B * Hp * Wp * CgW, slack = (4 * gm.sw + gm.kw + 8) * CgW;
+        std::vector<uint64_t> lo(static_cast<size_t>(nimg + slack), 0), hi(static_cast<size_t>(nimg + slack), 0);
+        parallel_for(gm.B * Hp, 16, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t b = r / Hp, hp = r % Hp, ih = hp - gm.ph;
+                for (int64_t wp = 0; wp < Wp; ++wp) {
+                    const int64_t iw = wp - gm.pw;
+                    const bool in = ih >= 0 && ih < gm.H && iw >= 0 && iw < gm.W;
+                    const uint64_t* s = in ? x + ((b * gm.H + ih) * gm.W + iw) * CgW : nullptr;
+                    uint64_t* dl = lo.data() + (r * Wp + wp) * CgW;
+                    uint64_t* dh = hi.data() + (r * Wp + wp) * CgW;
+                    for (int64_t t = 0; t < CgW; ++t) {
+                        const uint64_t v = in ? (s[t] & mask[t]) : padw[t];
+                        dl[t] = lo_plane(v);
+                        dh[t] = hi_plane(v);
+                    }
+                }
+            }
+        });
+        if (kn.conv(lo.data(), hi.data(), Hp, Wp, gm, w, e, o)) return;
+    }
     const int64_t HWo = gm.Ho * gm.Wo, M = gm.B * HWo, KW = w.KW;
     for (int64_t g = 0; g < G; ++g) {
-        AFill fill = [&](int64_t m0, int64_t m1, uint64_t* buf, int64_t* lda) -> const uint64_t* {
+        const uint64_t* mk = mask.data();
+        const uint64_t* pd = padw.data();
+        const ConvGeom G2 = gm;
+        AFill fill = [x, G2, g, G, CgW, KW, HWo, mk, pd](int64_t m0, int64_t m1, uint64_t* buf,
+                                                        int64_t* lda) -> const uint64_t* {
             *lda = KW;
+            const int64_t H = G2.H, W = G2.W;
             for (int64_t m = m0; m < m1; ++m) {
-                const int64_t b = m / HWo, pix = m % HWo, oh = pix / gm.Wo, ow = pix % gm.Wo;
+                const int64_t b = m / HWo, pix = m % HWo, oh = pix / G2.Wo, ow = pix % G2.Wo;
                 uint64_t* d = buf + (m - m0) * KW;
-                for (int64_t i = 0; i < gm.kh; ++i) {
-                    const int64_t ih = oh * gm.sh - gm.ph + i * gm.dh;
-                    for (int64_t j = 0; j < gm.kw; ++j, d += CgW) {
-                        const int64_t iw = ow * gm.sw - gm.pw + j * gm.dw;
-                        if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
-                            for (int64_t t = 0; t < CgW; ++t) d[t] = padw[t];
+                for (int64_t i = 0; i < G2.kh; ++i) {
+                    const int64_t ih = oh * G2.sh - G2.ph + i * G2.dh;
+                    const bool row_ok = ih >= 0 && ih < H;
+                    const uint64_t* xrow = x + ((b * H + (row_ok ? ih : 0)) * W * G + g) * CgW;
+                    for (int64_t j = 0; j < G2.kw; ++j, d += CgW) {
+                        const int64_t iw = ow * G2.sw - G2.pw + j * G2.dw;
+                        if (!row_ok || iw < 0 || iw >= W) {
+                            for (int64_t t = 0; t < CgW; ++t) d[t] = pd[t];
                         } else {
-                            const uint64_t* s = x + (((b * H + ih) * W + iw) * G + g) * CgW;
-                            for (int64_t t = 0; t < CgW; ++t) d[t] = s[t] & mask[t];
+                            const uint64_t* s = xrow + iw * G * CgW;
+                            for (int64_t t = 0; t < CgW; ++t) d[t] = s[t] & mk[t];
                         }
                     }
                 }

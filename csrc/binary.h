@@ -9,7 +9,10 @@
 //
 // Packed weight layout (every ISA path reads the same object): per group, panels of NR = 8 output
 // channels, [KW words][8 channels] uint64 (one ZMM or two YMM per word index), plus the two nibble
-// planes of the same words (w & 0x0f.., (w >> 4) & 0x0f..) for the pshufb popcount paths.
+// planes of the same words (w & 0x0f.., (w >> 4) & 0x0f..) for the pshufb popcount paths. In the
+// planes the 8 channels of a word index sit in the order 0,2,4,6,1,3,5,7 (kPlaneSlot), so that the
+// AVX2 kernel's two YMM halves give even / odd channels and one vpblendd of their vpsadbw sums
+// yields the 8 counts in channel order.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -22,6 +25,8 @@ namespace binary {
 constexpr int NR = 8;
 constexpr int ACC_LD = 16;  // row stride of the int32 tile accumulator (<= 2 panels per tile)
 constexpr int MAX_MR = 8;
+// slot of channel c within a word index of the nibble planes
+constexpr int kPlaneSlot[NR] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 struct Packed {
     int64_t N = 0, KW = 0, Kbits = 0, G = 1, Ng = 0, PG = 0;
@@ -37,20 +42,33 @@ struct Packed {
 std::shared_ptr<Packed> pack(const uint64_t* w, int64_t N, int64_t KW, int64_t seg_words, int64_t seg_bits,
                              int64_t groups);
 
-// Tile kernel for `mr` rows x `np` panels: dot = Kbits - 2 * popcount(a XOR w), then the epilogue for
-// output rows m.. and channels n0..n0+cnt (global channel indices).
-// Plane kernels get (A0, A1, P0, P1) = (lo, hi, lo, hi) planes; the others (raw, -, raw, -).
-using TileFn = void (*)(const uint64_t* A0, const uint64_t* A1, int64_t lda, int mr, const uint64_t* P0,
-                        const uint64_t* P1, int64_t pstride, int np, int64_t KW, int32_t Kbits, int64_t m, int64_t n0,
-                        int cnt, const wb::Epi& e, const wb::Out& o);
+// Panel kernel: for rows [0, rows) of an activation block and `np` consecutive panels (<= the
+// kernel's np): dot = Kbits - 2 * popcount(a XOR w), then the epilogue for output rows m.. and
+// channels n0..n0+cnt (global channel indices). Plane kernels get (A0, A1, P0, P1) = (lo, hi, lo, hi)
+// nibble planes; the others (raw, -, raw, -).
+using PanelFn = void (*)(const uint64_t* A0, const uint64_t* A1, int64_t lda, int64_t rows, const uint64_t* P0,
+                         const uint64_t* P1, int64_t pstride, int np, int64_t KW, int32_t Kbits, int64_t m, int64_t n0,
+                         int cnt, const wb::Epi& e, const wb::Out& o);
+// Nibble planes of rows [0, rows) of A (row stride lda) -> lo, hi (row stride KW).
+using PrepFn = void (*)(const uint64_t* A, int64_t lda, int64_t rows, int64_t KW, uint64_t* lo, uint64_t* hi);
+struct ConvGeom;
+// Optional direct ("implicit GEMM") convolution for groups == 1, dilation 1: reads the nibble planes
+// of the padded NHWC input image (ximg_lo/hi: [B][Hp][Wp][CgW] words + slack) without im2col.
+// Returns false when it does not handle this geometry (the caller then uses im2col + panel).
+using ConvFn = bool (*)(const uint64_t* ximg_lo, const uint64_t* ximg_hi, int64_t Hp, int64_t Wp, const ConvGeom& gm,
+                        const Packed& w, const wb::Epi& e, const wb::Out& o);
 struct Kernel {
     int mr = 1, np = 1;
     bool planes = false;
-    TileFn tile = nullptr;
+    PanelFn panel = nullptr;
+    PrepFn prep = nullptr;
+    ConvFn conv = nullptr;
     const char* name = "portable";
 };
+void prep_planes_scalar(const uint64_t* A, int64_t lda, int64_t rows, int64_t KW, uint64_t* lo, uint64_t* hi);
 Kernel kernel_portable();
 #ifdef LOWBIT_X86
+void prep_planes_avx2(const uint64_t* A, int64_t lda, int64_t rows, int64_t KW, uint64_t* lo, uint64_t* hi);
 Kernel kernel_avx2();
 Kernel kernel_avx512();  // VPOPCNTDQ where present, else the pshufb popcount at 512 bits
 #endif

@@ -87,7 +87,9 @@ LB_AVX512 static void tile_lut_t(const uint64_t* Alo, const uint64_t* Ahi, int64
 #pragma GCC unroll 2
             for (int j = 0; j < NP; ++j) {
                 __m256i* d = reinterpret_cast<__m256i*>(pc + r * ACC_LD + j * NR);
-                const __m256i s = _mm512_maskz_cvtepi64_epi32(0xff, _mm512_sad_epu8(c[r][j], zero));
+                // the planes hold channels in kPlaneSlot order (0,2,4,6,1,3,5,7): put them back
+                const __m256i s = _mm256_permutevar8x32_epi32(
+                    _mm512_maskz_cvtepi64_epi32(0xff, _mm512_sad_epu8(c[r][j], zero)), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
                 _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d), s));
             }
     }
@@ -165,18 +167,37 @@ LB_AVX2 static void epi_avx2(const int32_t* pc, int64_t m, int64_t n0, int cnt, 
     }
 }
 
+LB_AVX512POP static void panel_pop(const uint64_t* A0, const uint64_t* A1, int64_t lda, int64_t rows,
+                                   const uint64_t* P0, const uint64_t* P1, int64_t ps, int np, int64_t KW, int32_t Kbits,
+                                   int64_t m, int64_t n0, int cnt, const wb::Epi& e, const wb::Out& o) {
+    for (int64_t r = 0; r < rows; r += 8) {
+        const int mr = static_cast<int>(std::min<int64_t>(8, rows - r));
+        tile_pop(A0 + r * lda, A1, lda, mr, P0, P1, ps, np, KW, Kbits, m + r, n0, cnt, e, o);
+    }
+}
+
+LB_AVX512 static void panel_lut(const uint64_t* A0, const uint64_t* A1, int64_t lda, int64_t rows, const uint64_t* P0,
+                                const uint64_t* P1, int64_t ps, int np, int64_t KW, int32_t Kbits, int64_t m, int64_t n0,
+                                int cnt, const wb::Epi& e, const wb::Out& o) {
+    for (int64_t r = 0; r < rows; r += 6) {
+        const int mr = static_cast<int>(std::min<int64_t>(6, rows - r));
+        tile_lut(A0 + r * lda, A1 + r * lda, lda, mr, P0, P1, ps, np, KW, Kbits, m + r, n0, cnt, e, o);
+    }
+}
+
 Kernel kernel_avx512() {
     Kernel k;
     k.np = 2;
+    k.prep = prep_planes_avx2;
     if (cpu().avx512vpopcntdq) {
         k.mr = 8;
         k.planes = false;
-        k.tile = tile_pop;
+        k.panel = panel_pop;
         k.name = "avx512_vpopcntdq";
     } else {
         k.mr = 6;
         k.planes = true;
-        k.tile = tile_lut;
+        k.panel = panel_lut;
         k.name = "avx512bw";
     }
     return k;

@@ -66,13 +66,12 @@ void register_binary(py::module_& m) {
             if (epi == wb::EPI_BITS) {
                 o.ldo = (w.N + 63) / 64;  // [B, Ho, Wo, ceil(N/64)] words
             } else {
-                o.hw = gm.Ho * gm.Wo;  // NCHW
-                o.nch = w.N;
+                o.ldo = w.N;  // [B, Ho, Wo, N]: NCHW semantics, channels_last memory
             }
             binary::conv2d(reinterpret_cast<const uint64_t*>(x), gm, w, wb::make_epi(epi, p0, p1, 0, 0, 0), o);
         },
         py::call_guard<py::gil_scoped_release>(),
-        "x words [B, H, W, groups, ceil(C/groups/64)] -> NCHW int32/float, or bits [B, Ho, Wo, ceil(N/64)].");
+        "x words [B, H, W, groups, ceil(C/groups/64)] -> int32/float [B, Ho, Wo, N], or bits [B, Ho, Wo, ceil(N/64)].");
 
     m.def(
         "pack_bits_u8",

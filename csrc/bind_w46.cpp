@@ -53,23 +53,22 @@ void register_w46(py::module_& m) {
     m.def(
         "w46_conv2d",
         [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, const Packed& w, int64_t kh, int64_t kw, int64_t sh,
-           int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups, uintptr_t bias, int epi,
-           uintptr_t p0, uintptr_t p1, int32_t zp, int32_t qmin, int32_t qmax, uintptr_t out) {
+           int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t groups, bool x_nhwc, uintptr_t bias,
+           int epi, uintptr_t p0, uintptr_t p1, int32_t zp, int32_t qmin, int32_t qmax, uintptr_t out) {
             if (epi < 0 || epi > wb::EPI_REQ_S8) throw std::invalid_argument("w46_conv2d: bad epilogue kind");
             if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 || kh < 1 || kw < 1 || groups < 1)
                 throw std::invalid_argument("w46_conv2d: bad stride / padding / dilation / kernel size");
-            w46::ConvGeom gm{B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0, groups};
+            w46::ConvGeom gm{B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0, groups, x_nhwc};
             gm.Ho = wb::conv_out_size(H, kh, sh, ph, dh);
             gm.Wo = wb::conv_out_size(W, kw, sw, pw, dw);
             if (gm.Ho < 1 || gm.Wo < 1) throw std::invalid_argument("w46_conv2d: empty output");
             wb::Out o;
             o.ptr = reinterpret_cast<void*>(out);
-            o.hw = gm.Ho * gm.Wo;
-            o.nch = w.N;
+            o.ldo = w.N;  // NHWC rows: the NCHW-semantics output is channels_last in memory
             w46::conv2d(reinterpret_cast<const uint8_t*>(x), gm, w, reinterpret_cast<const int32_t*>(bias),
                         wb::make_epi(epi, p0, p1, zp, qmin, qmax), o);
         },
-        py::call_guard<py::gil_scoped_release>(), "x uint8 NCHW -> out NCHW (padding holds K_x).");
+        py::call_guard<py::gil_scoped_release>(), "x uint8 NCHW semantics (memory NCHW, or NHWC if x_nhwc) -> out [B, Ho, Wo, N] (padding holds K_x).");
 }
 
 }  // namespace lowbit

@@ -121,18 +121,23 @@ const char* active_path() { return select_kernel().name; }
 
 // -------------------------------------------------------------------------------------------- driver
 
+std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias) {
+    // int32 arithmetic wrapping like the accumulator (exact whenever the final value fits int32)
+    std::vector<int32_t> corr(static_cast<size_t>(w.PG * NR + ACC_LD), 0);
+    for (int64_t n = 0; n < w.Ng; ++n) {
+        const uint32_t b = bias ? static_cast<uint32_t>(bias[n]) : 0u;
+        corr[n] = static_cast<int32_t>(b - static_cast<uint32_t>(w.K_x) * static_cast<uint32_t>(w.colsum[g * w.Ng + n]));
+    }
+    return corr;
+}
+
 void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const int32_t* bias, const wb::Epi& e,
           const wb::Out& o) {
     if (M <= 0) return;
     const Kernel kn = select_kernel();
     const int64_t Ng = w.Ng, PG = w.PG, Kp = w.Kp, Kq = w.Kq;
     const int64_t nbase = g * Ng;
-    // corr[n] = bias[n] - K_x * colsum[n] (int32, wrapping like the accumulator)
-    std::vector<int32_t> corr(static_cast<size_t>(PG * NR + ACC_LD), 0);
-    for (int64_t n = 0; n < Ng; ++n) {
-        const uint32_t b = bias ? static_cast<uint32_t>(bias[n]) : 0u;
-        corr[n] = static_cast<int32_t>(b - static_cast<uint32_t>(w.K_x) * static_cast<uint32_t>(w.colsum[nbase + n]));
-    }
+    const std::vector<int32_t> corr = make_corr(w, g, bias);
     const wb::Plan pl = wb::make_plan(M, PG, Kp, kn.mr, num_threads());
     parallel_for(pl.tasks(), 1, [&](int64_t tb, int64_t te) {
         thread_local std::vector<uint8_t> buf;
@@ -204,6 +209,9 @@ void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int
 static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t* bias, const wb::Epi& e,
                            const wb::Out& o) {
     const int64_t N = w.N, Ng = w.Ng, HWo = gm.Ho * gm.Wo;
+    // element (b, c, h, w) of the input at b*sB + c*sC + h*sH + w*sW
+    const int64_t sB = gm.C * gm.H * gm.W;
+    const int64_t sC = gm.nhwc ? 1 : gm.H * gm.W, sH = gm.nhwc ? gm.W * gm.C : gm.W, sW = gm.nhwc ? gm.C : 1;
     const int32_t Kx = w.K_x;
     parallel_for(gm.B * N, 1, [&](int64_t b0, int64_t b1) {
         std::vector<int32_t> row(static_cast<size_t>(gm.Wo));
@@ -216,16 +224,17 @@ static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w
                 for (int64_t i = 0; i < gm.kh; ++i) {
                     const int64_t ih = oh * gm.sh - gm.ph + i * gm.dh;
                     if (ih < 0 || ih >= gm.H) continue;  // padding: (K_x - K_x) * w = 0
-                    const uint8_t* xr = x + ((b * gm.C + c) * gm.H + ih) * gm.W;
+                    const uint8_t* xr = x + b * sB + c * sC + ih * sH;
                     for (int64_t j = 0; j < gm.kw; ++j) {
                         const int32_t wv = wn[i * gm.kw + j];
                         if (wv == 0) continue;
                         const int64_t off = j * gm.dw - gm.pw;  // iw = ow*sw + off
-                        int64_t lo = off >= 0 ? 0 : (-off + gm.sw - 1) / gm.sw;
+                        const int64_t lo = off >= 0 ? 0 : (-off + gm.sw - 1) / gm.sw;
                         const int64_t num = gm.W - 1 - off;
                         if (num < 0) continue;
-                        int64_t hi = std::min<int64_t>(gm.Wo - 1, num / gm.sw);
-                        for (int64_t ow = lo; ow <= hi; ++ow) row[ow] += (static_cast<int32_t>(xr[ow * gm.sw + off]) - Kx) * wv;
+                        const int64_t hi = std::min<int64_t>(gm.Wo - 1, num / gm.sw);
+                        for (int64_t ow = lo; ow <= hi; ++ow)
+                            row[ow] += (static_cast<int32_t>(xr[(ow * gm.sw + off) * sW]) - Kx) * wv;
                     }
                 }
                 for (int64_t ow = 0; ow < gm.Wo; ++ow) {
@@ -235,6 +244,26 @@ static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w
             }
         }
     });
+}
+
+// dst[j * dstride + i] = src[i * sstride + j] for a 16 x 16 byte block (SSE2 on x86: four rounds of
+// the perfect shuffle, unpack lo/hi of rows i and i+8).
+static inline void transpose16_u8(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t dstride) {
+#ifdef LOWBIT_X86
+    __m128i r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * sstride));
+    for (int round = 0; round < 4; ++round) {
+        for (int i = 0; i < 8; ++i) {
+            t[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
+            t[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+        }
+        for (int i = 0; i < 16; ++i) r[i] = t[i];
+    }
+    for (int j = 0; j < 16; ++j) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j * dstride), r[j]);
+#else
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) dst[j * dstride + i] = src[i * sstride + j];
+#endif
 }
 
 void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t* bias, const wb::Epi& e,
@@ -247,35 +276,43 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
         conv_depthwise(x, gm, w, bias, e, o);
         return;
     }
-    // NCHW -> NHWC, so that a patch row (K order (i, j, c)) is kh*kw contiguous runs of Cg bytes
-    std::vector<uint8_t> xh(static_cast<size_t>(gm.B * H * W * C));
-    parallel_for(gm.B * H, 1, [&](int64_t r0, int64_t r1) {
+    // NCHW -> padded NHWC (padding = K_x, real zero), so that a patch row (K order (i, j, c)) is
+    // kh*kw runs of Cg bytes and, for dilation 1 and one group, kh runs of kw*Cg bytes.
+    const uint8_t Kx = static_cast<uint8_t>(w.K_x);
+    const int64_t Hp = H + 2 * gm.ph, Wp = W + 2 * gm.pw;
+    const int64_t nimg = gm.B * Hp * Wp * C, slack = (8 * gm.sw + gm.kw + 8) * C + 64;
+    std::vector<uint8_t> xp(static_cast<size_t>(nimg + slack), Kx);
+    parallel_for(gm.B * H, 4, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
             const int64_t b = r / H, h = r % H;
-            uint8_t* d = xh.data() + r * W * C;
-            for (int64_t c = 0; c < C; ++c) {
-                const uint8_t* s = x + ((b * C + c) * H + h) * W;
-                for (int64_t ww = 0; ww < W; ++ww) d[ww * C + c] = s[ww];
+            uint8_t* d = xp.data() + ((b * Hp + h + gm.ph) * Wp + gm.pw) * C;
+            if (gm.nhwc) {
+                std::memcpy(d, x + r * W * C, W * C);
+                continue;
             }
+            const uint8_t* s = x + (b * C * H + h) * W;  // channel c at s + c*H*W
+            const int64_t W16 = W / 16 * 16, C16 = C / 16 * 16;
+            for (int64_t w0 = 0; w0 < W16; w0 += 16)
+                for (int64_t c0 = 0; c0 < C16; c0 += 16) transpose16_u8(s + c0 * H * W + w0, H * W, d + w0 * C + c0, C);
+            for (int64_t ww = 0; ww < W; ++ww)
+                for (int64_t c = (ww < W16 ? C16 : 0); c < C; ++c) d[ww * C + c] = s[c * H * W + ww];
         }
     });
+    const Kernel kn = select_kernel();
+    if (kn.conv && kn.conv(xp.data(), Hp, Wp, gm, w, bias, e, o)) return;
     const int64_t HWo = gm.Ho * gm.Wo, M = gm.B * HWo, K = w.K, Kp = w.Kp;
-    const uint8_t Kx = static_cast<uint8_t>(w.K_x);
+    const uint8_t* xpp = xp.data();
+    const ConvGeom g2 = gm;
     for (int64_t g = 0; g < G; ++g) {
-        AFill fill = [&](int64_t m0, int64_t m1, uint8_t* buf, int64_t* lda) -> const uint8_t* {
+        AFill fill = [xpp, g2, g, Cg, C, Hp, Wp, HWo, K, Kp](int64_t m0, int64_t m1, uint8_t* buf,
+                                                           int64_t* lda) -> const uint8_t* {
             *lda = Kp;
             for (int64_t m = m0; m < m1; ++m) {
-                const int64_t b = m / HWo, pix = m % HWo, oh = pix / gm.Wo, ow = pix % gm.Wo;
+                const int64_t b = m / HWo, pix = m % HWo, oh = pix / g2.Wo, ow = pix % g2.Wo;
                 uint8_t* d = buf + (m - m0) * Kp;
-                for (int64_t i = 0; i < gm.kh; ++i) {
-                    const int64_t ih = oh * gm.sh - gm.ph + i * gm.dh;
-                    for (int64_t j = 0; j < gm.kw; ++j, d += Cg) {
-                        const int64_t iw = ow * gm.sw - gm.pw + j * gm.dw;
-                        if (ih < 0 || ih >= H || iw < 0 || iw >= W)
-                            std::memset(d, Kx, Cg);
-                        else
-                            std::memcpy(d, xh.data() + ((b * H + ih) * W + iw) * C + g * Cg, Cg);
-                    }
+                for (int64_t i = 0; i < g2.kh; ++i) {
+                    const uint8_t* srow = xpp + ((b * Hp + oh * g2.sh + i * g2.dh) * Wp + ow * g2.sw) * C + g * Cg;
+                    for (int64_t j = 0; j < g2.kw; ++j, d += Cg) std::memcpy(d, srow + j * g2.dw * C, Cg);
                 }
                 std::memset(d, 0, Kp - K);
             }

@@ -45,11 +45,19 @@ std::shared_ptr<Packed> pack(const int8_t* w, int64_t N, int64_t K, int K_x, int
 using TileFn = void (*)(const uint8_t* A, int64_t lda, int mr, const int8_t* P, int64_t pstride, int np,
                         int64_t Kq, int flush, const int32_t* corr, int64_t m, int64_t n0, int cnt, const wb::Epi& e,
                         const wb::Out& o);
+struct ConvGeom;
+// Optional direct ("implicit GEMM") convolution on the padded NHWC image xp ([B][Hp][Wp][C] bytes,
+// padding = K_x, plus slack after the end); returns false when it does not handle the geometry.
+using ConvFn = bool (*)(const uint8_t* xp, int64_t Hp, int64_t Wp, const ConvGeom& gm, const Packed& w,
+                        const int32_t* bias, const wb::Epi& e, const wb::Out& o);
 struct Kernel {
     int mr = 1, np = 1;
     TileFn tile = nullptr;
+    ConvFn conv = nullptr;
     const char* name = "portable";
 };
+// corr[n] = bias[n] - K_x * colsum[g*Ng + n] for the group's channels, padded with 0 to PG*NR + ACC_LD.
+std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias);
 Kernel kernel_portable();
 #ifdef LOWBIT_X86
 Kernel kernel_avx2();
@@ -77,9 +85,11 @@ void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int
 
 struct ConvGeom {
     int64_t B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, groups;
+    bool nhwc = false;  // input memory layout: false NCHW, true NHWC (channels_last)
 };
-// x uint8 NCHW; weight packed from [N, kh, kw, C/groups] (K order (i, j, c)); output NCHW.
-// Padded positions hold K_x (real zero). Depthwise layers (C/groups == 1) take a direct path.
+// x uint8 with NCHW semantics (memory NCHW or NHWC, gm.nhwc); weight packed from [N, kh, kw, C/groups]
+// (K order (i, j, c)). Padded positions hold K_x (real zero). Depthwise layers (C/groups == 1) take a
+// direct path. The output goes where `o` says (the binding uses NHWC rows: o.ldo = N).
 void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t* bias, const wb::Epi& e,
             const wb::Out& o);
 

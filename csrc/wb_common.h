@@ -53,6 +53,15 @@ inline int64_t out_index(const Out& o, int64_t m, int64_t n) {
     return m * o.ldo + n;
 }
 
+// Address of row m: element (m, n) is at base + n * cs (one division per row, not per element).
+struct RowAddr {
+    int64_t base, cs;
+};
+inline RowAddr row_addr(const Out& o, int64_t m) {
+    if (o.hw > 0) return {(m / o.hw) * o.nch * o.hw + (m % o.hw), o.hw};
+    return {m * o.ldo, 1};
+}
+
 inline int elem_size(int kind) {
     switch (kind) {
         case EPI_I32:
@@ -96,10 +105,11 @@ inline int32_t requant_one(int32_t acc, int32_t m0, int32_t rshift, int32_t zp, 
 // index into the epilogue parameter arrays; `nout` is the output channel index written).
 inline void epi_row_scalar(const int32_t* acc, int64_t m, int64_t n0, int64_t nout, int cnt, const Epi& e,
                            const Out& o) {
+    const RowAddr ra = row_addr(o, m);
     switch (e.kind) {
         case EPI_I32: {
             int32_t* p = static_cast<int32_t*>(o.ptr);
-            for (int c = 0; c < cnt; ++c) p[out_index(o, m, nout + c)] = acc[c];
+            for (int c = 0; c < cnt; ++c) p[ra.base + (nout + c) * ra.cs] = acc[c];
             break;
         }
         case EPI_F32: {
@@ -107,7 +117,7 @@ inline void epi_row_scalar(const int32_t* acc, int64_t m, int64_t n0, int64_t no
             for (int c = 0; c < cnt; ++c) {
                 float y = static_cast<float>(acc[c]) * e.scale[n0 + c];
                 if (e.fbias) y = y + e.fbias[n0 + c];
-                p[out_index(o, m, nout + c)] = y;
+                p[ra.base + (nout + c) * ra.cs] = y;
             }
             break;
         }
@@ -116,7 +126,7 @@ inline void epi_row_scalar(const int32_t* acc, int64_t m, int64_t n0, int64_t no
             uint8_t* p = static_cast<uint8_t*>(o.ptr);
             for (int c = 0; c < cnt; ++c) {
                 int32_t q = requant_one(acc[c], e.m0[n0 + c], e.rshift[n0 + c], e.zp, e.qmin, e.qmax);
-                p[out_index(o, m, nout + c)] = static_cast<uint8_t>(q & 0xff);
+                p[ra.base + (nout + c) * ra.cs] = static_cast<uint8_t>(q & 0xff);
             }
             break;
         }
@@ -205,6 +215,7 @@ LB_AVX2 static inline void store8_i8_avx2(uint8_t* dst, __m256i q, bool is_signe
 LB_AVX2 static inline void epi_row_avx2(const int32_t* acc, int64_t m, int64_t n0, int64_t nout, int cnt,
                                         const Epi& e, const Out& o) {
     const bool rowmajor = o.hw <= 0;
+    const RowAddr ra = row_addr(o, m);
     int c = 0;
     switch (e.kind) {
         case EPI_I32: {
@@ -215,7 +226,7 @@ LB_AVX2 static inline void epi_row_avx2(const int32_t* acc, int64_t m, int64_t n
                     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c),
                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + c)));
             }
-            for (; c < cnt; ++c) p[out_index(o, m, nout + c)] = acc[c];
+            for (; c < cnt; ++c) p[ra.base + (nout + c) * ra.cs] = acc[c];
             break;
         }
         case EPI_F32: {
@@ -229,13 +240,13 @@ LB_AVX2 static inline void epi_row_avx2(const int32_t* acc, int64_t m, int64_t n
                 } else {
                     alignas(32) float t[8];
                     _mm256_store_ps(t, y);
-                    for (int j = 0; j < 8; ++j) p[out_index(o, m, nout + c + j)] = t[j];
+                    for (int j = 0; j < 8; ++j) p[ra.base + (nout + c + j) * ra.cs] = t[j];
                 }
             }
             for (; c < cnt; ++c) {
                 float y = static_cast<float>(acc[c]) * e.scale[n0 + c];
                 if (e.fbias) y = y + e.fbias[n0 + c];
-                p[out_index(o, m, nout + c)] = y;
+                p[ra.base + (nout + c) * ra.cs] = y;
             }
             break;
         }
@@ -251,12 +262,12 @@ LB_AVX2 static inline void epi_row_avx2(const int32_t* acc, int64_t m, int64_t n
                 } else {
                     alignas(16) uint8_t t[16];
                     store8_i8_avx2(t, q, sgn);
-                    for (int j = 0; j < 8; ++j) p[out_index(o, m, nout + c + j)] = t[j];
+                    for (int j = 0; j < 8; ++j) p[ra.base + (nout + c + j) * ra.cs] = t[j];
                 }
             }
             for (; c < cnt; ++c) {
                 int32_t q = requant_one(acc[c], e.m0[n0 + c], e.rshift[n0 + c], e.zp, e.qmin, e.qmax);
-                p[out_index(o, m, nout + c)] = static_cast<uint8_t>(q & 0xff);
+                p[ra.base + (nout + c) * ra.cs] = static_cast<uint8_t>(q & 0xff);
             }
             break;
         }

@@ -19,9 +19,10 @@ Arithmetic (the specification: :func:`binary_linear_ref`, :func:`binary_conv2d_r
 Layouts
     linear: input ``[..., K]`` signs (any non-int64 dtype) or int64 words ``[..., ceil(K/64)]``;
     output ``[..., N]`` or, for :class:`Threshold`, int64 words ``[..., ceil(N/64)]``.
-    conv2d: NCHW semantics. Input NCHW signs, or int64 words ``[B, H, W, ceil(C/64)]`` (channels
-    packed per pixel, NHWC, which is what a :class:`Threshold` conv writes); output NCHW int32 /
-    float32, or int64 words ``[B, Ho, Wo, ceil(N/64)]`` for :class:`Threshold`.
+    conv2d: NCHW semantics. Input NCHW signs (any memory format), or int64 words ``[B, H, W, ceil(C/64)]``
+    (channels packed per pixel, NHWC, which is what a :class:`Threshold` conv writes); output int32 /
+    float32 ``[B, N, Ho, Wo]`` in ``torch.channels_last`` memory format, or int64 words
+    ``[B, Ho, Wo, ceil(N/64)]`` for :class:`Threshold`.
 
 Padding (conv2d): padded positions hold ``pad_value``, +1 or -1, **default -1**. lowbit's choice:
     -1 is bit 0, i.e. the padded words are all zero (the natural bit-packed padding and the cheapest);
@@ -248,13 +249,22 @@ def _epi_native(epi: BinaryEpilogue | None, n: int) -> tuple[int, int, int, torc
     if isinstance(epi, Threshold):
         if epi.thr.numel() != n:
             raise ValueError(f"Threshold has {epi.thr.numel()} thresholds, expected {n}")
-        keep: list[Any] = [epi.thr]
+        thr = epi.thr
+        if thr.dtype != torch.int32 or not thr.is_contiguous():
+            thr = thr.to(torch.int32).contiguous()
+        keep: list[Any] = [thr]
         p1 = 0
         if epi.flip is not None:
-            f = epi.flip.to(torch.uint8).contiguous()
-            keep.append(f)
-            p1 = f.data_ptr()
-        return 4, epi.thr.data_ptr(), p1, torch.int64, keep
+            sig = (id(epi.flip), epi.flip._version)
+            cached = getattr(epi, "_lb_flip_u8", None)
+            if cached is None or cached[0] != sig:
+                cached = (sig, epi.flip.reshape(-1).ne(0).to(torch.uint8).contiguous())
+                object.__setattr__(epi, "_lb_flip_u8", cached)
+            if cached[1].numel() != n:
+                raise ValueError(f"Threshold.flip has {cached[1].numel()} entries, expected {n}")
+            keep.append(cached[1])
+            p1 = cached[1].data_ptr()
+        return 4, thr.data_ptr(), p1, torch.int64, keep
     raise TypeError(f"binary kernels support FloatOut and Threshold epilogues, got {type(epi).__name__}")
 
 
@@ -306,7 +316,8 @@ def binary_conv2d(
 
     x: NCHW signs [B, C, H, W] (non-int64 dtype) or int64 words [B, H, W, ceil(C/64)]; weights
     [N, C/groups, kh, kw]; padded positions hold ``pad_value`` (+1 or -1, default -1).
-    Returns NCHW int32 / float32, or int64 words [B, Ho, Wo, ceil(N/64)] for a Threshold epilogue.
+    Returns int32 / float32 [B, N, Ho, Wo] (NCHW semantics, ``torch.channels_last`` memory format, as the
+    int8 conv), or int64 words [B, Ho, Wo, ceil(N/64)] for a Threshold epilogue.
     """
     if not isinstance(w, PackedBinary):
         raise TypeError("binary_conv2d takes weights from pack_binary()")
@@ -354,7 +365,7 @@ def binary_conv2d(
     if kind == 4:
         out = torch.zeros(B, Ho, Wo, (N + 63) // 64, dtype=torch.int64)
     else:
-        out = torch.empty(B, N, Ho, Wo, dtype=dt)
+        out = torch.empty((B, N, Ho, Wo), dtype=dt, memory_format=torch.channels_last)
     assert xw.numel() == B * H * W * groups * CgW
     nat.binary_conv2d(xw.data_ptr(), B, C, H, W, w.native(groups), kh, kw, sh, sw, ph, pw, dh, dw, groups,
                       int(pad_value), kind, p0, p1, out.data_ptr())

@@ -21,6 +21,7 @@ Without the native module (or with ``LOWBIT_KERNELS=torch``) the ops run the ref
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,22 +49,24 @@ _Pair = int | tuple[int, int]
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _native() -> Any:
-    """lowbit._native when it is built with the 4.6-bit kernels and not disabled, else None."""
-    try:
-        from lowbit import kernels as _k
+_NAT: list[Any] = []  # [lowbit._native with the 4.6-bit / binary kernels, or None], resolved once
 
-        forced = getattr(_k, "_forced", None)
-    except ImportError:  # pragma: no cover
-        forced = None
+
+def _native() -> Any:
+    """lowbit._native when it is built with these kernels and not disabled (``LOWBIT_KERNELS=torch`` or
+    ``lowbit.kernels.set_backend("torch")``), else None."""
+    pkg = sys.modules.get("lowbit.kernels")
+    forced = getattr(pkg, "_forced", None) if pkg is not None else None
     choice = forced or os.environ.get("LOWBIT_KERNELS", "").strip().lower() or None
     if choice == "torch":
         return None
-    try:
-        from lowbit import _native as nat
-    except ImportError:
-        return None
-    return nat if hasattr(nat, "w46_pack") else None
+    if not _NAT:
+        try:
+            from lowbit import _native as nat
+        except ImportError:
+            nat = None
+        _NAT.append(nat if nat is not None and hasattr(nat, "w46_pack") else None)
+    return _NAT[0]
 
 
 def native_path() -> str | None:
@@ -122,6 +125,8 @@ def _check_weights(w: torch.Tensor, K_w: int) -> None:
 def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
     if bias is None:
         return None
+    if bias.dtype == torch.int32 and bias.shape == (n,) and bias.is_contiguous():
+        return bias
     if bias.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8):
         raise TypeError(f"bias must hold int32 values (accumulator scale), got {bias.dtype}")
     b = bias.reshape(-1).to(torch.int32).contiguous()
@@ -131,9 +136,29 @@ def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 def _epi_args(epi: Epilogue | None, n: int) -> tuple[int, int, int, int, int, int, torch.dtype, list[Any]]:
-    """(kind, p0, p1, zp, qmin, qmax, out dtype, tensors to keep alive) for the native binding."""
+    """(kind, p0, p1, zp, qmin, qmax, out dtype, tensors to keep alive) for the native binding.
+
+    Validated once per epilogue object and cached on it (keyed by its tensors' identity and version),
+    so a layer that reuses its epilogue pays for the checks only on the first call."""
     if epi is None:
         return 0, 0, 0, 0, 0, 0, torch.int32, []
+    if isinstance(epi, FloatOut):
+        sig: tuple[Any, ...] = (n, id(epi.scale), epi.scale._version,
+                                None if epi.bias is None else (id(epi.bias), epi.bias._version))
+    elif isinstance(epi, Requant):
+        sig = (n, id(epi.m0), epi.m0._version, id(epi.rshift), epi.rshift._version, epi.out_zp, epi.qmin,
+               epi.qmax, epi.out_dtype)
+    else:
+        raise TypeError(f"unknown epilogue {type(epi).__name__}")
+    cached = getattr(epi, "_lb_native_args", None)
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    res = _epi_args_uncached(epi, n)
+    object.__setattr__(epi, "_lb_native_args", (sig, res))
+    return res
+
+
+def _epi_args_uncached(epi: Epilogue, n: int) -> tuple[int, int, int, int, int, int, torch.dtype, list[Any]]:
     if isinstance(epi, FloatOut):
         s = epi.scale.to(torch.float32).reshape(-1).contiguous()
         if s.numel() != n:
@@ -147,21 +172,20 @@ def _epi_args(epi: Epilogue | None, n: int) -> tuple[int, int, int, int, int, in
             keep.append(b)
             p1 = b.data_ptr()
         return 1, s.data_ptr(), p1, 0, 0, 0, torch.float32, keep
-    if isinstance(epi, Requant):
-        m0 = epi.m0.to(torch.int32).reshape(-1).contiguous()
-        rs = epi.rshift.to(torch.int32).reshape(-1).contiguous()
-        if m0.numel() == 1 and n > 1:
-            m0 = m0.expand(n).contiguous()
-        if rs.numel() == 1 and n > 1:
-            rs = rs.expand(n).contiguous()
-        if m0.numel() != n or rs.numel() != n:
-            raise ValueError(f"Requant has {m0.numel()} multipliers / {rs.numel()} shifts, expected {n}")
-        if rs.numel() and (int(rs.min()) < 1 or int(rs.max()) > 62):
-            raise ValueError("Requant.rshift must be in [1, 62]")
-        kind = 2 if epi.out_dtype == torch.uint8 else 3
-        lims = (int(epi.out_zp), int(epi.qmin), int(epi.qmax))
-        return kind, m0.data_ptr(), rs.data_ptr(), *lims, epi.out_dtype, [m0, rs]
-    raise TypeError(f"unknown epilogue {type(epi).__name__}")
+    assert isinstance(epi, Requant)
+    m0 = epi.m0.to(torch.int32).reshape(-1).contiguous()
+    rs = epi.rshift.to(torch.int32).reshape(-1).contiguous()
+    if m0.numel() == 1 and n > 1:
+        m0 = m0.expand(n).contiguous()
+    if rs.numel() == 1 and n > 1:
+        rs = rs.expand(n).contiguous()
+    if m0.numel() != n or rs.numel() != n:
+        raise ValueError(f"Requant has {m0.numel()} multipliers / {rs.numel()} shifts, expected {n}")
+    if rs.numel() and (int(rs.min()) < 1 or int(rs.max()) > 62):
+        raise ValueError("Requant.rshift must be in [1, 62]")
+    kind = 2 if epi.out_dtype == torch.uint8 else 3
+    lims = (int(epi.out_zp), int(epi.qmin), int(epi.qmax))
+    return kind, m0.data_ptr(), rs.data_ptr(), *lims, epi.out_dtype, [m0, rs]
 
 
 def _ref_epilogue(epi: Epilogue | None, n: int) -> Epilogue | None:
@@ -309,8 +333,9 @@ def w46_conv2d(
     dilation: _Pair = 1,
     groups: int = 1,
 ) -> torch.Tensor:
-    """4.6-bit 2-D convolution, NCHW semantics: x uint8 [B, C, H, W] codes in [0, 2 K_x], weights
-    [N, C/groups, kh, kw]; padded positions hold K_x (real zero). Returns epi(acc) [B, N, Ho, Wo]."""
+    """4.6-bit 2-D convolution, NCHW semantics: x uint8 [B, C, H, W] codes in [0, 2 K_x] (any memory
+    format; channels_last is read as is), weights [N, C/groups, kh, kw]; padded positions hold K_x (real
+    zero). Returns epi(acc) [B, N, Ho, Wo] in ``torch.channels_last`` memory format (as the int8 conv)."""
     if not isinstance(w, PackedW46):
         raise TypeError("w46_conv2d takes weights from pack_w46()")
     if w.weight.dim() != 4:
@@ -338,10 +363,11 @@ def w46_conv2d(
     if nat is None:
         _check_acts(x, w.K_x)
         return w46_conv2d_ref(x, w.K_x, w.weight, b, epi, (sh, sw), (ph, pw), (dh, dw), groups)
-    xc = x.contiguous()
+    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    xc = x if nhwc else x.contiguous()
     kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
-    out = torch.empty(B, N, Ho, Wo, dtype=dt)
+    out = torch.empty((B, N, Ho, Wo), dtype=dt, memory_format=torch.channels_last)
     nat.w46_conv2d(xc.data_ptr(), B, C, H, W, w.native("conv", groups), kh, kw, sh, sw, ph, pw, dh, dw, groups,
-                   0 if b is None else b.data_ptr(), kind, p0, p1, zp, qmin, qmax, out.data_ptr())
+                   nhwc, 0 if b is None else b.data_ptr(), kind, p0, p1, zp, qmin, qmax, out.data_ptr())
     del keep
     return out

@@ -1,0 +1,1 @@
+"""Benchmarks (``lowbit bench ...``). :mod:`lowbit.bench.kernels`: GEMM / conv kernels against torch and peers."""
