@@ -12,6 +12,12 @@
 namespace lowbit {
 namespace binary {
 
+#ifdef LOWBIT_X86
+#define LB_IS_X86 1
+#else
+#define LB_IS_X86 0
+#endif
+
 static inline uint64_t seg_mask(int64_t word_in_seg, int64_t seg_bits) {
     const int64_t lo = word_in_seg * 64;
     if (seg_bits >= lo + 64) return ~uint64_t(0);
@@ -153,7 +159,10 @@ const char* active_path() { return select_kernel().name; }
 
 void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const wb::Epi& e, const wb::Out& o) {
     if (M <= 0) return;
-    const Kernel kn = select_kernel();
+    Kernel kn = select_kernel();
+    // A few rows (a GEMV): the weights are streamed once, so the nibble planes (twice the bytes) do not
+    // pay; the scalar POPCNT tile on the raw words is faster there.
+    if (kn.planes && M < kn.mr && (cpu().popcnt || !LB_IS_X86)) kn = kernel_portable();
     const int64_t KW = w.KW, PG = w.PG, Ng = w.Ng, nbase = g * Ng;
     const int32_t Kbits = static_cast<int32_t>(w.Kbits);
     const wb::Plan pl = wb::make_plan(M, PG, KW * 8 * (kn.planes ? 3 : 1), kn.mr, num_threads());
@@ -224,10 +233,10 @@ void conv2d(const uint64_t* x, const ConvGeom& gm, const Packed& w, const wb::Ep
     }
     const Kernel kn = select_kernel();
     if (kn.conv && G == 1 && gm.dh == 1 && gm.dw == 1) {
-        // nibble planes of the padded NHWC image (+ slack for the pixels past a row's last tile)
+        // the padded NHWC image, padding bits cleared (+ slack for the pixels past a row's last tile)
         const int64_t Hp = gm.H + 2 * gm.ph, Wp = gm.W + 2 * gm.pw;
         const int64_t nimg = gm.B * Hp * Wp * CgW, slack = (4 * gm.sw + gm.kw + 8) * CgW;
-        std::vector<uint64_t> lo(static_cast<size_t>(nimg + slack), 0), hi(static_cast<size_t>(nimg + slack), 0);
+        std::vector<uint64_t> img(static_cast<size_t>(nimg + slack), 0);
         parallel_for(gm.B * Hp, 16, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
                 const int64_t b = r / Hp, hp = r % Hp, ih = hp - gm.ph;
@@ -235,17 +244,12 @@ void conv2d(const uint64_t* x, const ConvGeom& gm, const Packed& w, const wb::Ep
                     const int64_t iw = wp - gm.pw;
                     const bool in = ih >= 0 && ih < gm.H && iw >= 0 && iw < gm.W;
                     const uint64_t* s = in ? x + ((b * gm.H + ih) * gm.W + iw) * CgW : nullptr;
-                    uint64_t* dl = lo.data() + (r * Wp + wp) * CgW;
-                    uint64_t* dh = hi.data() + (r * Wp + wp) * CgW;
-                    for (int64_t t = 0; t < CgW; ++t) {
-                        const uint64_t v = in ? (s[t] & mask[t]) : padw[t];
-                        dl[t] = lo_plane(v);
-                        dh[t] = hi_plane(v);
-                    }
+                    uint64_t* d = img.data() + (r * Wp + wp) * CgW;
+                    for (int64_t t = 0; t < CgW; ++t) d[t] = in ? (s[t] & mask[t]) : padw[t];
                 }
             }
         });
-        if (kn.conv(lo.data(), hi.data(), Hp, Wp, gm, w, e, o)) return;
+        if (kn.conv(img.data(), nimg + slack, Hp, Wp, gm, w, e, o)) return;
     }
     const int64_t HWo = gm.Ho * gm.Wo, M = gm.B * HWo, KW = w.KW;
     for (int64_t g = 0; g < G; ++g) {

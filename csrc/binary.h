@@ -52,10 +52,10 @@ using PanelFn = void (*)(const uint64_t* A0, const uint64_t* A1, int64_t lda, in
 // Nibble planes of rows [0, rows) of A (row stride lda) -> lo, hi (row stride KW).
 using PrepFn = void (*)(const uint64_t* A, int64_t lda, int64_t rows, int64_t KW, uint64_t* lo, uint64_t* hi);
 struct ConvGeom;
-// Optional direct ("implicit GEMM") convolution for groups == 1, dilation 1: reads the nibble planes
-// of the padded NHWC input image (ximg_lo/hi: [B][Hp][Wp][CgW] words + slack) without im2col.
-// Returns false when it does not handle this geometry (the caller then uses im2col + panel).
-using ConvFn = bool (*)(const uint64_t* ximg_lo, const uint64_t* ximg_hi, int64_t Hp, int64_t Wp, const ConvGeom& gm,
+// Optional direct ("implicit GEMM") convolution for groups == 1, dilation 1, on the padded NHWC
+// input image (img: [B][Hp][Wp][CgW] words, padding bits cleared, then slack up to nimg words)
+// without im2col. Returns false when it does not handle this geometry (im2col + gemm then runs).
+using ConvFn = bool (*)(const uint64_t* img, int64_t nimg, int64_t Hp, int64_t Wp, const ConvGeom& gm,
                         const Packed& w, const wb::Epi& e, const wb::Out& o);
 struct Kernel {
     int mr = 1, np = 1;

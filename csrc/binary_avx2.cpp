@@ -286,7 +286,7 @@ LB_AVX2 static void panel_avx2(const uint64_t* A0, const uint64_t* A1, int64_t l
     }
 }
 
-// Direct convolution (groups == 1, dilation 1, kh*kw*CgW <= 31 words): tiles of 4 neighbouring
+// Direct convolution (groups == 1, dilation 1, kw*CgW <= 31 words): tiles of 4 neighbouring
 // output pixels of one output row; the padded image has slack after its end for the extra pixels
 // of a row's last tile (computed, not stored).
 struct ConvTask {
@@ -309,8 +309,13 @@ LB_AVX2 static void conv_rows_avx2(const ConvTask& ct, const ConvGeom& gm, const
                 const int64_t a = base + ow * gm.sw * ct.CgW;
                 __m256i pc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                                  _mm256_setzero_si256()};
-                block4_asm(ct.xlo + a, ct.xhi + a, ct.lda, ct.Plo + p * ct.ps, ct.Phi + p * ct.ps, ct.seglen, gm.kh,
-                           ct.segjump, pc);
+                // kernel rows in calls of at most 31 words (the byte counters' flush interval)
+                const int64_t rpc = std::max<int64_t>(1, FLUSH / ct.seglen);
+                for (int64_t i0 = 0; i0 < gm.kh; i0 += rpc) {
+                    const int64_t ai = a + i0 * ct.Wp * ct.CgW, pi = p * ct.ps + i0 * ct.seglen * NR;
+                    block4_asm(ct.xlo + ai, ct.xhi + ai, ct.lda, ct.Plo + pi, ct.Phi + pi, ct.seglen,
+                               std::min<int64_t>(rpc, gm.kh - i0), ct.segjump, pc);
+                }
                 const int nv = static_cast<int>(std::min<int64_t>(4, gm.Wo - ow));
                 const int64_t m = row * gm.Wo + ow;
                 for (int i = 0; i < nv; ++i) row_epilogue(pc[i], pe, m + i, n0, cnt, e, o);
@@ -319,10 +324,14 @@ LB_AVX2 static void conv_rows_avx2(const ConvTask& ct, const ConvGeom& gm, const
     }
 }
 
-static bool conv_avx2(const uint64_t* xlo, const uint64_t* xhi, int64_t Hp, int64_t Wp, const ConvGeom& gm,
+static bool conv_avx2(const uint64_t* img, int64_t nimg, int64_t Hp, int64_t Wp, const ConvGeom& gm,
                       const Packed& w, const wb::Epi& e, const wb::Out& o) {
     const int64_t CgW = w.seg_words;
-    if (gm.groups != 1 || gm.dh != 1 || gm.dw != 1 || w.KW > FLUSH) return false;
+    if (gm.groups != 1 || gm.dh != 1 || gm.dw != 1 || gm.kw * CgW > FLUSH) return false;
+    std::vector<uint64_t> lo(static_cast<size_t>(nimg)), hi(static_cast<size_t>(nimg));
+    prep_planes_avx2(img, nimg, 1, nimg, lo.data(), hi.data());
+    const uint64_t* xlo = lo.data();
+    const uint64_t* xhi = hi.data();
     const int64_t PG = w.PG, rows = gm.B * gm.Ho;
     const int nt = num_threads();
     // tasks: (block of output rows) x (panel group)

@@ -13,8 +13,12 @@
 namespace lowbit {
 namespace binary {
 
+#ifndef LB_AVX512  // (predefined by the emulation checks, *_emu_check.cc)
 #define LB_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#endif
+#ifndef LB_AVX512POP
 #define LB_AVX512POP __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vpopcntdq")))
+#endif
 
 constexpr int64_t FLUSH512 = 31;
 // (_mm512_maskz_cvtepi64_epi32 with a full mask = vpmovqd; the unmasked intrinsic trips a GCC 12

@@ -75,34 +75,33 @@ std::shared_ptr<Packed> pack(const int8_t* w, int64_t N, int64_t K, int K_x, int
 }
 
 // ------------------------------------------------------------------------------------------ portable
+// Plain C++ on the row-major codes (w.raw): one int32 dot product per output, a loop the compiler
+// vectorizes with the baseline instruction set (SSE2 / NEON). tile == nullptr selects it in gemm().
 
-static void tile_portable(const uint8_t* A, int64_t lda, int mr, const int8_t* P, int64_t pstride, int np,
-                          int64_t Kq, int /*flush*/, const int32_t* corr, int64_t m, int64_t n0, int cnt,
-                          const wb::Epi& e, const wb::Out& o) {
-    int32_t acc[MAX_MR * ACC_LD];
-    for (int r = 0; r < mr; ++r) std::memcpy(acc + r * ACC_LD, corr, sizeof(int32_t) * np * NR);
-    for (int j = 0; j < np; ++j) {
-        const int8_t* Pj = P + j * pstride;
-        for (int r = 0; r < mr; ++r) {
-            const uint8_t* a = A + r * lda;
-            int32_t s[NR] = {0};
-            for (int64_t q = 0; q < Kq; ++q) {
-                const int8_t* pq = Pj + q * 64;
-                const int32_t a0 = a[4 * q], a1 = a[4 * q + 1], a2 = a[4 * q + 2], a3 = a[4 * q + 3];
-                for (int c = 0; c < NR; ++c)
-                    s[c] += a0 * pq[4 * c] + a1 * pq[4 * c + 1] + a2 * pq[4 * c + 2] + a3 * pq[4 * c + 3];
-            }
-            for (int c = 0; c < NR; ++c) acc[r * ACC_LD + j * NR + c] += s[c];
-        }
+static int32_t dot_u8s8(const uint8_t* a, const int8_t* w, int64_t K) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+    return s;
+}
+
+static void rows_portable(const Packed& w, int64_t g, const uint8_t* A, int64_t lda, int64_t m0, int64_t m1, int64_t p0,
+                          int64_t p1, const int32_t* corr, const wb::Epi& e, const wb::Out& o) {
+    const int64_t n0 = p0 * NR, n1 = std::min(w.Ng, p1 * NR);
+    std::vector<int32_t> acc(static_cast<size_t>(n1 - n0));
+    for (int64_t m = m0; m < m1; ++m) {
+        const uint8_t* a = A + (m - m0) * lda;
+        for (int64_t n = n0; n < n1; ++n)
+            acc[n - n0] = static_cast<int32_t>(static_cast<uint32_t>(corr[n]) +
+                                               static_cast<uint32_t>(dot_u8s8(a, w.raw.data() + (g * w.Ng + n) * w.K, w.K)));
+        wb::epi_row_scalar(acc.data(), m, g * w.Ng + n0, g * w.Ng + n0, static_cast<int>(n1 - n0), e, o);
     }
-    for (int r = 0; r < mr; ++r) wb::epi_row_scalar(acc + r * ACC_LD, m + r, n0, n0, cnt, e, o);
 }
 
 Kernel kernel_portable() {
     Kernel k;
     k.mr = 4;
     k.np = 1;
-    k.tile = tile_portable;
+    k.tile = nullptr;  // rows_portable
     k.name = "portable";
     return k;
 }
@@ -148,6 +147,10 @@ void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const int32_
             if (buf.size() < static_cast<size_t>((m1 - m0) * Kp + 64)) buf.resize((m1 - m0) * Kp + 64);
             int64_t lda = Kp;
             const uint8_t* A = fill(m0, m1, buf.data(), &lda);
+            if (!kn.tile) {
+                rows_portable(w, g, A, lda, m0, m1, p0, p1, corr.data(), e, o);
+                continue;
+            }
             for (int64_t p = p0; p < p1; p += kn.np) {
                 const int np = static_cast<int>(std::min<int64_t>(kn.np, p1 - p));
                 const int cnt = static_cast<int>(std::min<int64_t>(np * NR, Ng - p * NR));

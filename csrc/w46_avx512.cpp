@@ -13,8 +13,12 @@
 namespace lowbit {
 namespace w46 {
 
+#ifndef LB_AVX512  // (predefined by the emulation checks, *_emu_check.cc)
 #define LB_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#endif
+#ifndef LB_VNNI
 #define LB_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
 
 template <int MR, int NP>
 LB_AVX512 static void tile_avx512_t(const uint8_t* A, int64_t lda, const int8_t* P, int64_t pstride, int64_t Kq,

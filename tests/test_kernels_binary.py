@@ -194,7 +194,7 @@ CONVS = [
     (1, 8, 7, 7, 16, (3, 3), 2, 1, 1, 8),  # depthwise, multiplier 2
     (1, 64, 14, 14, 64, (3, 3), 1, 1, 1, 1),
     (1, 130, 6, 6, 20, (3, 3), 1, 1, 1, 1),  # 3 words per pixel
-    (1, 256, 5, 5, 9, (3, 3), 1, 1, 1, 1),  # 36 words > one byte-counter flush (im2col path)
+    (1, 256, 5, 5, 9, (3, 3), 1, 1, 1, 1),  # 36 words: kernel rows split across byte-counter flushes
     (1, 128, 5, 5, 12, (3, 3), 1, 1, 1, 2),  # groups, 64 channels per group
     (1, 40, 6, 6, 12, (3, 3), 1, 1, 1, 2),  # groups, 20 channels per group
     (2, 4, 6, 6, 6, (2, 3), (1, 2), (0, 1), (2, 1), 2),

@@ -1,10 +1,12 @@
 """``lowbit bench kernels``: lowbit's native kernels against torch and ONNX Runtime on GEMM and conv shapes.
 
 Everything runs in one process. For each case every implementation is warmed up, then timed
-round-robin (one call of each implementation per round, so slow drifts of the machine hit all of them
-alike); the figure is the median wall time of the rounds. Each call includes the library's own Python-side
-overhead, as a model would pay it. Threads: ``torch.set_num_threads(threads)``, lowbit's pool and ONNX
-Runtime's ``intra_op_num_threads`` are all set to ``threads``.
+round-robin (one call of each implementation per round, in a freshly shuffled order, so slow drifts of
+the machine and the after-effects of one kernel on the next hit all of them alike); the figure is the
+median wall time of the rounds. Every implementation has its own copies of the operands. Each call
+includes the library's own Python-side overhead, as a model would pay it. Threads:
+``torch.set_num_threads(threads)``, lowbit's pool and ONNX Runtime's ``intra_op_num_threads`` are all
+set to ``threads``.
 
 Cases: GEMM ``(M, N, K)`` = (1, 1024, 1024), (64, 1024, 1024), (1024, 1024, 1024), (3136, 64, 576) and the
 3x3 convolutions (padding 1, batch 1) of a ResNet-18-style net at 56x56 (64 -> 64 channels) and 28x28
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 import time
 import warnings
@@ -275,34 +278,43 @@ def _lowbit_impls(case: Case, paths: list[str], g: torch.Generator) -> list[Impl
     N = case.N
     m0 = torch.randint(2**30, 2**31 - 1, (N,), generator=g, dtype=torch.int32)
     rshift = torch.randint(36, 44, (N,), generator=g, dtype=torch.int32)
-    req = Requant(m0, rshift, 3, 0, 255)
     K_x, K_w = 14, 9  # (N_x, N_w) = (29, 19)
-    thr = Threshold(torch.randint(-8, 8, (N,), generator=g, dtype=torch.int32))
+    thr = torch.randint(-8, 8, (N,), generator=g, dtype=torch.int32)
     if case.kind == "gemm":
         xq = torch.randint(0, 256, (case.M, case.K), generator=g, dtype=torch.uint8)
-        w8 = PackedInt8(torch.randint(-127, 128, (N, case.K), generator=g, dtype=torch.int8))
+        w8 = torch.randint(-127, 128, (N, case.K), generator=g, dtype=torch.int8)
         x46 = torch.randint(0, 2 * K_x + 1, (case.M, case.K), generator=g, dtype=torch.uint8)
-        w46 = pack_w46(torch.randint(-K_w, K_w + 1, (N, case.K), generator=g, dtype=torch.int8), K_x, K_w)
-        xb = pack_bits(torch.rand(case.M, case.K, generator=g) > 0.5)
-        wb = pack_binary(torch.rand(N, case.K, generator=g) > 0.5)
-        fns = {
-            "int8": lambda: int8_linear(xq, 128, w8, None, req),
-            "w46": lambda: w46_linear(x46, w46, None, req),
-            "binary": lambda: binary_linear(xb, wb, thr),
-        }
+        w46 = torch.randint(-K_w, K_w + 1, (N, case.K), generator=g, dtype=torch.int8)
+        xs = torch.rand(case.M, case.K, generator=g) > 0.5
+        ws = torch.rand(N, case.K, generator=g) > 0.5
     else:
         C, H = case.C, case.H
         xq = torch.randint(0, 256, (1, C, H, H), generator=g, dtype=torch.uint8)
-        w8 = PackedInt8(torch.randint(-127, 128, (C, C, 3, 3), generator=g, dtype=torch.int8))
+        w8 = torch.randint(-127, 128, (C, C, 3, 3), generator=g, dtype=torch.int8)
         x46 = torch.randint(0, 2 * K_x + 1, (1, C, H, H), generator=g, dtype=torch.uint8)
-        w46 = pack_w46(torch.randint(-K_w, K_w + 1, (C, C, 3, 3), generator=g, dtype=torch.int8), K_x, K_w)
-        xb = pack_bits(torch.rand(1, H, H, C, generator=g) > 0.5)  # channel-packed NHWC words
-        wb = pack_binary(torch.rand(C, C, 3, 3, generator=g) > 0.5)
-        fns = {
-            "int8": lambda: int8_conv2d(xq, 128, w8, None, req, (1, 1), (1, 1)),
-            "w46": lambda: w46_conv2d(x46, w46, None, req, 1, 1),
-            "binary": lambda: binary_conv2d(xb, wb, thr, 1, 1),
-        }
+        w46 = torch.randint(-K_w, K_w + 1, (C, C, 3, 3), generator=g, dtype=torch.int8)
+        xs = torch.rand(1, H, H, C, generator=g) > 0.5  # channel-packed NHWC words once packed
+        ws = torch.rand(C, C, 3, 3, generator=g) > 0.5
+
+    # Every (family, path) gets its own copies of the operands, so that no row of the round-robin runs
+    # on caches warmed by the row before it.
+    def make(family: str) -> Callable[[], Any]:
+        req = Requant(m0.clone(), rshift.clone(), 3, 0, 255)
+        if family == "int8":
+            x, w = xq.clone(), PackedInt8(w8.clone())
+            if case.kind == "gemm":
+                return lambda: int8_linear(x, 128, w, None, req)
+            return lambda: int8_conv2d(x, 128, w, None, req, (1, 1), (1, 1))
+        if family == "w46":
+            x, w = x46.clone(), pack_w46(w46.clone(), K_x, K_w)
+            if case.kind == "gemm":
+                return lambda: w46_linear(x, w, None, req)
+            return lambda: w46_conv2d(x, w, None, req, 1, 1)
+        x, w, t = pack_bits(xs), pack_binary(ws), Threshold(thr.clone())
+        if case.kind == "gemm":
+            return lambda: binary_linear(x, w, t)
+        return lambda: binary_conv2d(x, w, t, 1, 1)
+
     out: list[Impl] = []
     for family in ("int8", "w46", "binary"):
         seen: set[str] = set()
@@ -311,7 +323,7 @@ def _lowbit_impls(case: Case, paths: list[str], g: torch.Generator) -> list[Impl
             if kname in seen:
                 continue
             seen.add(kname)
-            out.append(Impl(f"lowbit_{family}", path, fns[family], setup=lambda p=path: _set_isa(p), kernel=kname))
+            out.append(Impl(f"lowbit_{family}", path, make(family), setup=lambda p=path: _set_isa(p), kernel=kname))
     return out
 
 
@@ -332,8 +344,11 @@ def _measure(impls: list[Impl], repeats: int, warmup: int, budget_s: float) -> N
             if spent > budget_s / 2:
                 break
         im.max_repeats = max(3, min(repeats, int(budget_s / max(t_last, 1e-9))))
+    rng = random.Random(0)
+    order = list(impls)
     for _ in range(max(im.max_repeats for im in impls)):
-        for im in impls:
+        rng.shuffle(order)  # a fresh order each round: no implementation always follows the same one
+        for im in order:
             if len(im.times) >= im.max_repeats:
                 continue
             im.setup()
