@@ -15,6 +15,12 @@ import torch
 
 EXIT_ERROR = 2
 
+#: Modules that add their own subcommands: each defines ``add_commands(subparsers)``. A feature with a
+#: command of its own is its module plus one line here (this file stays out of every feature's diff).
+COMMAND_MODULES: tuple[str, ...] = (
+    "lowbit.bench.cli",
+)
+
 
 # ---------------------------------------------------------------- shared helpers
 
@@ -165,13 +171,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lowbit.bench.kernels import run
-
-    run(threads=args.threads, json_path=args.json, repeats=args.repeats, quick=args.quick)
-    return 0
-
-
 def cmd_methods(args: argparse.Namespace) -> int:
     from lowbit.methods import METHODS
 
@@ -259,16 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=1)
     sp.set_defaults(fn=cmd_eval)
 
-    if importlib.util.find_spec("lowbit.bench") is not None:  # the kernel benchmark ships with the kernels
-        sp = sub.add_parser("bench", help="benchmarks")
-        bsub = sp.add_subparsers(dest="what", required=True)
-        bp = bsub.add_parser("kernels", help="GEMM/conv kernels against torch fp32, torch int8 and peers")
-        bp.add_argument("--threads", type=int, default=1)
-        bp.add_argument("--json", default=None, help="write the records to this JSON file")
-        bp.add_argument("--repeats", type=int, default=20)
-        bp.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
-        bp.set_defaults(fn=cmd_bench)
-
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
     sp = sub.add_parser("info", help="CPU features and kernel backend")
@@ -284,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report-dir", default="report")
     sp.add_argument("--out", default="report/chosen.lowbit")
     sp.set_defaults(fn=cmd_demo)
+
+    for modname in COMMAND_MODULES:
+        if importlib.util.find_spec(modname) is not None:
+            importlib.import_module(modname).add_commands(sub)
     return p
 
 
