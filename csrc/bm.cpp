@@ -175,7 +175,7 @@ static void run_int(const Packed& w, int64_t g, int64_t M, bool sgn, const AFill
     const int nsg = sgn ? 2 : 1;
     const int32_t minv = w.min_code();
     const int64_t lda = KG * 4;
-    const wb::Plan pl = wb::make_plan(M, PG, lda * nsg + 2 * NR * 4 * nsg, 8, num_threads());
+    const wb::Plan pl = wb::make_plan(M, PG, lda * nsg, 8, num_threads());
     parallel_for(pl.tasks(), 1, [&](int64_t tb, int64_t te) {
         thread_local std::vector<uint8_t> abuf;
         thread_local std::vector<int32_t> rbuf;
@@ -183,36 +183,38 @@ static void run_int(const Packed& w, int64_t g, int64_t M, bool sgn, const AFill
             const int64_t m0 = (t / pl.ngroups) * pl.mb, m1 = std::min(M, m0 + pl.mb);
             const int64_t p0 = (t % pl.ngroups) * pl.pg, p1 = std::min(PG, p0 + pl.pg);
             if (m0 >= m1 || p0 >= p1) continue;
-            const int64_t mr = m1 - m0, rows = mr * nsg, nc = (p1 - p0) * NR;
+            const int64_t mr = m1 - m0, rows = mr * nsg;
             if (abuf.size() < static_cast<size_t>(rows * lda + 64)) abuf.resize(static_cast<size_t>(rows * lda + 64));
-            if (rbuf.size() < static_cast<size_t>(2 * rows * nc)) rbuf.resize(static_cast<size_t>(2 * rows * nc));
+            if (rbuf.size() < static_cast<size_t>(2 * rows * NR)) rbuf.resize(static_cast<size_t>(2 * rows * NR));
             fill(m0, m1, abuf.data(), lda);
-            int32_t* R = rbuf.data();
-            for (int64_t p = p0; p < p1; ++p)
-                panel(abuf.data(), lda, rows, w.panel(0, g, p), w.panel(1, g, p), KG, R + (p - p0) * NR,
-                      R + rows * nc + (p - p0) * NR, nc);
-            const int64_t cnt = std::min(nc, Ng - p0 * NR);
-            for (int64_t r = 0; r < mr; ++r) {
-                const int32_t* pp = R + r * nc;
-                const int32_t* pm = R + rows * nc + r * nc;
-                const int32_t* mp = sgn ? R + (mr + r) * nc : nullptr;
-                const int32_t* mm = sgn ? R + rows * nc + (mr + r) * nc : nullptr;
-                const int64_t m = m0 + r;
-                const int64_t nb = nbase + p0 * NR;
-                if (e.raw) {
-                    int32_t* o = static_cast<int32_t*>(out) + m * 4 * N + nb;
-                    for (int64_t c = 0; c < cnt; ++c) {
-                        o[c] = pp[c];
-                        o[N + c] = pm[c];
-                        o[2 * N + c] = sgn ? mp[c] : minv;
-                        o[3 * N + c] = sgn ? mm[c] : minv;
-                    }
-                } else {
-                    uint8_t* o = static_cast<uint8_t*>(out) + m * ldo + nb;
-                    for (int64_t c = 0; c < cnt; ++c) {
-                        const int32_t b = e.bias ? e.bias[nb + c] : 0;
-                        o[c] = static_cast<uint8_t>(
-                            combine(pp[c], pm[c], sgn ? mp[c] : minv, sgn ? mm[c] : minv, b, minv, e));
+            // one panel at a time: both weight signs for every row (a+ rows, then a- rows), then the
+            // epilogue of its NR channels, so the maxima stay in a small (L1) buffer
+            int32_t* R0 = rbuf.data();
+            int32_t* R1 = R0 + rows * NR;
+            for (int64_t p = p0; p < p1; ++p) {
+                panel(abuf.data(), lda, rows, w.panel(0, g, p), w.panel(1, g, p), KG, R0, R1, NR);
+                const int64_t cnt = std::min<int64_t>(NR, Ng - p * NR), nb = nbase + p * NR;
+                for (int64_t r = 0; r < mr; ++r) {
+                    const int32_t* pp = R0 + r * NR;
+                    const int32_t* pm = R1 + r * NR;
+                    const int32_t* mp = sgn ? R0 + (mr + r) * NR : nullptr;
+                    const int32_t* mm = sgn ? R1 + (mr + r) * NR : nullptr;
+                    const int64_t m = m0 + r;
+                    if (e.raw) {
+                        int32_t* o = static_cast<int32_t*>(out) + m * 4 * N + nb;
+                        for (int64_t c = 0; c < cnt; ++c) {
+                            o[c] = pp[c];
+                            o[N + c] = pm[c];
+                            o[2 * N + c] = sgn ? mp[c] : minv;
+                            o[3 * N + c] = sgn ? mm[c] : minv;
+                        }
+                    } else {
+                        uint8_t* o = static_cast<uint8_t*>(out) + m * ldo + nb;
+                        for (int64_t c = 0; c < cnt; ++c) {
+                            const int32_t b = e.bias ? e.bias[nb + c] : 0;
+                            o[c] = static_cast<uint8_t>(
+                                combine(pp[c], pm[c], sgn ? mp[c] : minv, sgn ? mm[c] : minv, b, minv, e));
+                        }
                     }
                 }
             }

@@ -137,6 +137,12 @@ def build_integer_graph(
                 g.output(as_f(out))
                 meta["output"] = {"dtype": "float32"}
 
+        elif hasattr(mod, "to_integer") and not config.layer(node.target).keep_float:  # e.g. a BM layer
+            x, q_in = as_q(node.args[0])
+            q_out = qp(node.name)
+            imod = mod.to_integer(q_in, q_out, node.target)  # type: ignore[union-attr, operator]
+            env[node.name] = (g.call_module(add_module(node.target, imod), (x,)), q_out)
+
         elif is_layer(mod) and not config.layer(node.target).keep_float:
             layer, act = layer_of(mod)
             settings = config.layer(node.target)

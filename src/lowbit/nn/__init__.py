@@ -1,6 +1,7 @@
 """Inference modules holding packed integer (or float16) weights; they call lowbit.kernels."""
 
 from .base import MODULES, LowbitModule
+from .bm import QBMConv2d, QBMLinear
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, Quantize
 
@@ -15,8 +16,13 @@ __all__ = [
     "LowbitModule",
     "QAdd",
     "QAvgPool2d",
+    "QBMConv2d",
+    "QBMLinear",
     "QClamp",
     "QConv",
     "QLinear",
     "Quantize",
 ]
+
+# The float BM layers are LowbitModules too (saved and loaded by lowbit.io): register them.
+from lowbit.bm import layers as _bm_layers  # noqa: E402, F401
