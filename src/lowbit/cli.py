@@ -128,6 +128,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.compare import compare
+    from lowbit.io import load as lowbit_load
 
     splits = _load_data(args)
     model = _resolve_model(args, splits)
@@ -136,10 +137,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.methods import available_methods
 
     configs = {m: _method_config(opts, m, args.keep_float) for m in (methods or available_methods())}
+    extra = {}
+    for item in getattr(args, "add", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--add takes NAME=FILE, got {item!r}")
+        extra[name] = lowbit_load(path)
     res = compare(
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
-        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name},
+        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name}, extra=extra,
     )
     print()
     print(res.table())
@@ -195,6 +202,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"native kernels: not available ({e})")
     print(f"int8 backend: {kernels.backend_name()}")
+    if getattr(args, "file", None):
+        from lowbit.opcount import cli_info_file
+
+        return cli_info_file(args)
     return 0
 
 
@@ -243,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="threads for every candidate (default 1: batch-1 latency, robust on shared machines)")
     sp.add_argument("--report-dir", default="report", help="where results and plots go (default report/)")
     sp.add_argument("--out", default="report/chosen.lowbit", help="file for the chosen model")
+    sp.add_argument("--add", action="append", metavar="NAME=FILE",
+                    help="also measure a saved lowbit model (e.g. bm=bm.lowbit from `lowbit bm`) as row NAME")
     sp.set_defaults(fn=cmd_compare)
 
     from lowbit.select import add_select_arguments
@@ -261,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
-    sp = sub.add_parser("info", help="CPU features and kernel backend")
+    sp = sub.add_parser("info", help="CPU features and kernel backend; with FILE, the model's operation count")
+    sp.add_argument("file", nargs="?", default=None, help="a saved lowbit model: count its operations per sample")
+    sp.add_argument("--input-shape", default=None, help="C,H,W of one input sample if the file does not record it")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")

@@ -50,6 +50,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _op_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``."""
+    from lowbit.opcount import count_ops
+
+    return count_ops(model, model_input(model, x[:1]))["total"]
+
+
 def compare(
     model: nn.Module,
     calib: Any,
@@ -66,12 +73,15 @@ def compare(
     save_chosen: str | os.PathLike[str] | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    extra: dict[str, nn.Module] | None = None,
 ) -> CompareResult:
     """Quantize ``model`` by each method, measure file size, latency and accuracy, choose by L.
 
     eval_fn(model) -> accuracy in percent; it receives float-in/float-out models (full-integer ones
     are wrapped to quantize their input), so one function serves every method. The float model
-    (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``.
+    (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``. ``extra``: models made
+    elsewhere (e.g. a BM model from ``lowbit bm``, or any saved lowbit model), by row name, measured and
+    scored like the others.
     """
     lam = Lambdas.parse(lambdas) if isinstance(lambdas, str) else lambdas
     methods = list(methods) if methods else available_methods()
@@ -96,11 +106,16 @@ def compare(
     float_gm: fx.GraphModule = prepare(model, example_input).gm
     float_gm.lowbit_meta = {"method": BASELINE, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
     candidates[BASELINE] = float_gm
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & ({BASELINE} | set(methods)))
+    if clash:
+        raise ValueError(f"extra candidate name(s) {clash} clash with the baseline or a method")
     bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         candidates[name] = quantize(model, name, calib=calib, config=configs.get(name),
                                     example_input=example_input)
+    candidates.update(extra)
 
     rows: list[dict[str, Any]] = []
     tmpdir = Path(tempfile.mkdtemp(prefix="lowbit-compare-"))
@@ -125,6 +140,7 @@ def compare(
                 "batch_size": batch_size,
                 "threads": lat[name].threads,
                 "float_layers": len(mm.get("float_layers", [])) + len(mm.get("float_ops", [])),
+                **_op_counts(m, bench_input),
             })
         rows = score(rows, BASELINE, lam)
         chosen = choose(rows)["method"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["KINDS", "count_ops", "format_ops", "format_count"]
+__all__ = ["KINDS", "count_ops", "format_ops", "format_count", "cli_info_file"]
 
 KINDS = ("mul", "add", "max", "lookup", "shift")
 Counts = dict[str, int]
@@ -175,3 +175,30 @@ def format_ops(ops: dict[str, Any], per_layer: bool = True) -> str:
     if ops["uncounted"]:
         out.append("not counted: " + ", ".join(ops["uncounted"]))
     return "\n".join(out)
+
+
+def _input_shape(meta: dict[str, Any], text: str | None) -> tuple[int, ...]:
+    if text:
+        try:
+            shape = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--input-shape takes comma-separated integers (C,H,W), got {text!r}") from None
+    else:
+        shape = tuple(meta.get("input_shape") or ())
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError("the model file does not record its input shape: pass --input-shape C,H,W")
+    return shape
+
+
+def cli_info_file(args: Any) -> int:
+    """``lowbit info FILE``: the model's method and its operations per sample, per layer."""
+    import lowbit
+    from lowbit.evaluate import model_input
+
+    model = lowbit.load(args.file)
+    meta = getattr(model, "lowbit_meta", {})
+    shape = _input_shape(meta, getattr(args, "input_shape", None))
+    ops = count_ops(model, model_input(model, torch.zeros(1, *shape)))
+    print(f"\n{args.file}: method {meta.get('method', '?')}, input {list(shape)}; operations per sample:")
+    print(format_ops(ops))
+    return 0

@@ -52,6 +52,7 @@ def _checkpoint(args: argparse.Namespace, seed: int) -> Path:
 def _one_seed(args: argparse.Namespace, seed: int, progress: bool) -> dict[str, Any]:
     import lowbit
     from lowbit.evaluate import accuracy
+    from lowbit.io import file_size
     from lowbit.opcount import count_ops
     from lowbit.train import train_or_load
 
@@ -72,7 +73,7 @@ def _one_seed(args: argparse.Namespace, seed: int, progress: bool) -> dict[str, 
     for bits in args.bits_list:
         q = quantize_bm(bm_model, calib, example_input=calib[:1], code_bits=bits, log_step_bits=args.log_step_bits)
         ops = count_ops(q, calib[:1])["total"]
-        entry = {"acc": accuracy(q, splits.test), "size_bytes": lowbit.io.file_size(q), "ops": ops}
+        entry = {"acc": accuracy(q, splits.test), "size_bytes": file_size(q), "ops": ops}
         rec["integer"][bits] = entry
         if args.out and seed == args.seed_list[0] and bits == args.bits_list[0]:
             path = lowbit.save(q, args.out)

@@ -43,7 +43,8 @@ def quantize(
     prepared = prepare(model, example_input)
     gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
-    meta.update(method=method, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
+    meta.update(method=method, config=m.config.to_dict(), unsupported=list(prepared.unsupported),
+                input_shape=list(example_input.shape[1:]))
     gm.lowbit_meta = meta
     gm.eval()
     return gm
