@@ -105,6 +105,17 @@ void register_bm(py::module_& m) {
         },
         py::call_guard<py::gil_scoped_release>(),
         "Y[m, n] = max_k X[m, k] + V[n, k] (float32), I[m, n] = first argmax (int32; skipped when I_ptr is 0).");
+
+    m.def(
+        "bm_f32_maxplus_backward",
+        [](uintptr_t I, uintptr_t G, int64_t M, int64_t N, int64_t K, uintptr_t gX, uintptr_t gV) {
+            need(M >= 0 && N >= 1 && K >= 1, "bm_f32_maxplus_backward: bad shape");
+            need((I != 0 && G != 0) || M == 0, "bm_f32_maxplus_backward: null buffer");
+            bm::f32_maxplus_backward(reinterpret_cast<const int32_t*>(I), reinterpret_cast<const float*>(G), M, N, K,
+                                     reinterpret_cast<float*>(gX), reinterpret_cast<float*>(gV));
+        },
+        py::call_guard<py::gil_scoped_release>(),
+        "gX[m, I[m, n]] += G[m, n] and gV[n, I[m, n]] += G[m, n] (zero-filled float32 outputs; 0 = skip).");
 }
 
 }  // namespace lowbit

@@ -359,5 +359,18 @@ void f32_maxplus(const float* X, int64_t M, int64_t K, int64_t ldx, const float*
     });
 }
 
+void f32_maxplus_backward(const int32_t* I, const float* G, int64_t M, int64_t N, int64_t K, float* gX, float* gV) {
+    for (int64_t i = 0; i < M * N; ++i)
+        if (I[i] < 0 || I[i] >= K) throw std::invalid_argument("bm f32_maxplus_backward: index out of range");
+    if (gX)
+        parallel_for(M, 64, [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; ++m)
+                for (int64_t n = 0; n < N; ++n) gX[m * K + I[m * N + n]] += G[m * N + n];
+        });
+    if (gV)  // serial: the sum order over m is fixed, so results do not depend on the thread count
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) gV[n * K + I[m * N + n]] += G[m * N + n];
+}
+
 }  // namespace bm
 }  // namespace lowbit

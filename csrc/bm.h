@@ -102,5 +102,9 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const Epi& e,
 // Float max-plus: X [M, K] (row stride ldx), V [N, K] -> Y [M, N], I [M, N] (may be null).
 void f32_maxplus(const float* X, int64_t M, int64_t K, int64_t ldx, const float* V, int64_t N, float* Y, int32_t* I);
 
+// Hard-max backward: gX[m, I[m, n]] += G[m, n], gV[n, I[m, n]] += G[m, n] (either may be null; both
+// zero-filled by the caller). gX is split by rows across threads, gV accumulated in a fixed order.
+void f32_maxplus_backward(const int32_t* I, const float* G, int64_t M, int64_t N, int64_t K, float* gX, float* gV);
+
 }  // namespace bm
 }  // namespace lowbit

@@ -18,6 +18,7 @@ from lowbit.kernels.bm import (
     bm_linear,
     bm_linear_ref,
     f32_maxplus,
+    f32_maxplus_backward,
     log_table,
     min_code,
     pack_bm,
@@ -241,9 +242,15 @@ def test_f32_maxplus(isa: str, shape):
     ref = (X[:, None, :] + V[None]).max(-1)
     Y, arg = f32_maxplus(X, V)
     assert torch.equal(Y, ref.values)
-    assert torch.equal(arg, ref.indices)
+    assert torch.equal(arg.long(), ref.indices)
     Y2, none = f32_maxplus(X, V, with_index=False)
     assert none is None and torch.equal(Y2, ref.values)
+    # the backward pass: the output gradient lands on the arg-max terms (as torch.max's backward)
+    G = torch.randn(M, N, generator=g)
+    Xr, Vr = X.clone().requires_grad_(), V.clone().requires_grad_()
+    ((Xr[:, None, :] + Vr[None]).max(-1).values * G).sum().backward()
+    gX, gV = f32_maxplus_backward(arg, G, K)
+    assert torch.allclose(gX, Xr.grad, rtol=1e-6, atol=1e-6) and torch.allclose(gV, Vr.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_torch_fallback(monkeypatch: pytest.MonkeyPatch):
@@ -257,4 +264,4 @@ def test_torch_fallback(monkeypatch: pytest.MonkeyPatch):
     X, V = torch.randn(4, 6, generator=g), torch.randn(3, 6, generator=g)
     Y, arg = f32_maxplus(X, V)
     ref = (X[:, None, :] + V[None]).max(-1)
-    assert torch.equal(Y, ref.values) and torch.equal(arg, ref.indices)
+    assert torch.equal(Y, ref.values) and torch.equal(arg.long(), ref.indices)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.bm import f32_maxplus
+from lowbit.kernels.bm import f32_maxplus, f32_maxplus_backward
 
 __all__ = ["safe_log", "maxplus", "bm_linear", "bm_conv2d", "DEFAULT_FLOOR"]
 
@@ -50,13 +50,7 @@ class _HardMaxPlus(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         (idx,) = ctx.saved_tensors
-        g = g.contiguous()
-        gX = gV = None
-        if ctx.needs_input_grad[0]:
-            gX = torch.zeros(g.shape[0], ctx.kdim, dtype=g.dtype).scatter_add_(1, idx, g)
-        if ctx.needs_input_grad[1]:
-            gV = torch.zeros(g.shape[1], ctx.kdim, dtype=g.dtype).scatter_add_(1, idx.t(), g.t())
-        return gX, gV
+        return f32_maxplus_backward(idx, g, ctx.kdim, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
 class _SoftMaxPlus(torch.autograd.Function):
@@ -94,49 +88,11 @@ class _SoftMaxPlus(torch.autograd.Function):
         return gX, gV, None
 
 
-class _HardSoftGrad(torch.autograd.Function):
-    """Hard max forward; backward with softmax weights at temperature t (the soft max's gradient)."""
-
-    @staticmethod
-    def forward(ctx: Any, X: torch.Tensor, V: torch.Tensor, t: float) -> torch.Tensor:
-        Y, _ = f32_maxplus(X, V, with_index=False)
-        ctx.save_for_backward(X, V, Y)
-        ctx.t = t
-        return Y
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        X, V, Y = ctx.saved_tensors
-        t = ctx.t
-        M, K = X.shape
-        N = V.shape[0]
-        gX = torch.zeros_like(X) if ctx.needs_input_grad[0] else None
-        gV = torch.zeros_like(V) if ctx.needs_input_grad[1] else None
-        step = max(1, _CHUNK // max(1, N * K))
-        for i in range(0, M, step):
-            y = Y[i : i + step]
-            fin = torch.isfinite(y)
-            y = torch.where(fin, y, 0.0)
-            p = torch.exp((X[i : i + step, None, :] + V[None] - y[..., None]) / t)
-            p = p / p.sum(-1, keepdim=True).clamp(min=1e-30) * fin[..., None]
-            gp = g[i : i + step, :, None] * p
-            if gX is not None:
-                gX[i : i + step] = gp.sum(1)
-            if gV is not None:
-                gV += gp.sum(0)
-        return gX, gV, None
-
-
-GRAD_TEMPERATURE = [0.0]
-
-
 def maxplus(X: torch.Tensor, V: torch.Tensor, temperature: float = 0.0) -> torch.Tensor:
     """``Y[m, n] = max_k X[m, k] + V[n, k]`` (hard, ``temperature == 0``) or ``t * logsumexp`` (soft)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
-        if GRAD_TEMPERATURE[0] > 0 and torch.is_grad_enabled():
-            return _HardSoftGrad.apply(X, V, GRAD_TEMPERATURE[0])
         return _HardMaxPlus.apply(X, V)
     return _SoftMaxPlus.apply(X, V, float(temperature))
 

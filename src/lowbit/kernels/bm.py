@@ -49,6 +49,7 @@ __all__ = [
     "bm_linear_ref",
     "bm_conv2d_ref",
     "f32_maxplus",
+    "f32_maxplus_backward",
     "native_path",
 ]
 
@@ -358,7 +359,7 @@ def bm_conv2d(x: torch.Tensor, zin: int, w: PackedBM, L: torch.Tensor, epi: BMEp
 
 
 def f32_maxplus(X: torch.Tensor, V: torch.Tensor, with_index: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``Y[m, n] = max_k X[m, k] + V[n, k]`` (float32 [M, N]) and the first argmax (int64, or None).
+    """``Y[m, n] = max_k X[m, k] + V[n, k]`` (float32 [M, N]) and the first argmax (int32, or None).
 
     -inf entries stand for log 0. Native when built, else torch in row chunks (bounded memory)."""
     if X.dim() != 2 or V.dim() != 2 or X.shape[1] != V.shape[1]:
@@ -372,9 +373,9 @@ def f32_maxplus(X: torch.Tensor, V: torch.Tensor, with_index: bool = True) -> tu
         Y = torch.empty(M, N)
         idx = torch.empty(M, N, dtype=torch.int32) if with_index else None
         nat.bm_f32_maxplus(X.data_ptr(), M, K, K, V.data_ptr(), N, Y.data_ptr(), 0 if idx is None else idx.data_ptr())
-        return Y, (None if idx is None else idx.to(torch.int64))
+        return Y, idx
     Y = torch.empty(M, N)
-    arg = torch.empty(M, N, dtype=torch.int64) if with_index else None
+    arg = torch.empty(M, N, dtype=torch.int32) if with_index else None
     step = max(1, (1 << 22) // max(1, N * K))
     for i in range(0, M, step):
         z = (X[i : i + step, None, :] + V[None]).max(-1)
@@ -382,3 +383,25 @@ def f32_maxplus(X: torch.Tensor, V: torch.Tensor, with_index: bool = True) -> tu
         if arg is not None:
             arg[i : i + step] = z.indices
     return Y, arg
+
+
+def f32_maxplus_backward(idx: torch.Tensor, g: torch.Tensor, K: int, need_x: bool = True,
+                         need_v: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradient of the hard max-plus: ``gX[m, idx[m, n]] += g[m, n]``, ``gV[n, idx[m, n]] += g[m, n]``."""
+    M, N = g.shape
+    g = g.detach().to(torch.float32).contiguous()
+    idx = idx.to(torch.int32).contiguous()
+    gX = torch.zeros(M, K) if need_x else None
+    gV = torch.zeros(N, K) if need_v else None
+    nat = _nat()
+    if nat is not None and hasattr(nat, "bm_f32_maxplus_backward"):
+        nat.bm_f32_maxplus_backward(idx.data_ptr(), g.data_ptr(), M, N, K, 0 if gX is None else gX.data_ptr(),
+                                    0 if gV is None else gV.data_ptr())
+        return gX, gV
+    i64 = idx.to(torch.int64)
+    if gX is not None:
+        gX.scatter_add_(1, i64, g)
+    if gV is not None:
+        flat = (i64 + torch.arange(N, dtype=torch.int64)[None, :] * K).reshape(-1)
+        gV.view(-1).index_add_(0, flat, g.reshape(-1))
+    return gX, gV
