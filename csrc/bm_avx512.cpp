@@ -16,7 +16,9 @@
 namespace lowbit {
 namespace bm {
 
+#ifndef LB_AVX512
 #define LB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#endif
 
 template <int MR, bool W16>
 LB_AVX512 static inline void tile_int(const uint8_t* A, int64_t lda, const int32_t* P0, const int32_t* P1,

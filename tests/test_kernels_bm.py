@@ -265,3 +265,31 @@ def test_torch_fallback(monkeypatch: pytest.MonkeyPatch):
     Y, arg = f32_maxplus(X, V)
     ref = (X[:, None, :] + V[None]).max(-1)
     assert torch.equal(Y, ref.values) and torch.equal(arg.long(), ref.indices)
+
+
+@pytest.mark.slow
+def test_avx512_path_under_emulation(tmp_path):
+    """The AVX-512 BM kernels cannot run on CPUs without AVX-512: csrc/bm_avx512_emu_check.cc compiles them
+    with scalar emulations of their intrinsics and compares them with the portable panels (~10 s)."""
+    import os
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86-only check")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    csrc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc")
+    if not os.path.exists(os.path.join(csrc, "bm_avx512_emu_check.cc")):
+        pytest.skip("sources not available")
+    srcs = ["bm_avx512_emu_check.cc", "bm.cpp", "bm_avx2.cpp", "parallel.cpp", "cpu_features.cpp"]
+    exe = str(tmp_path / "bm_emu")
+    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", f"-I{csrc}", *[os.path.join(csrc, s) for s in srcs],
+           "-pthread", "-o", exe]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    res = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert " 0 mismatches" in res.stdout
