@@ -222,6 +222,9 @@ def test_bad_inputs():
                           torch.empty(2, 4, 4, dtype=torch.int32).data_ptr())
         with pytest.raises(ValueError, match="width"):
             nat.bm_pack(cp.data_ptr(), cp.data_ptr(), 4, 6, 1, 4)
+        idx, gr = torch.full((2, 3), 5, dtype=torch.int32), torch.ones(2, 3)
+        with pytest.raises(ValueError, match="index out of range"):
+            nat.bm_f32_maxplus_backward(idx.data_ptr(), gr.data_ptr(), 2, 3, 5, torch.zeros(2, 5).data_ptr(), 0)
         with pytest.raises(ValueError, match="stride"):
             nat.bm_conv2d(x.data_ptr(), 1, 3, 5, 5, wc.native(1), 3, 3, 0, 1, 1, 1, 1, 1, 1, L.data_ptr(), 0, 0,
                           4, 9, 8, 0, 0, 0, 255, True, x.data_ptr())
