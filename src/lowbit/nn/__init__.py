@@ -2,7 +2,7 @@
 
 from .base import MODULES, LowbitModule
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
-from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, Quantize
+from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, Quantize
 
 __all__ = [
     "MODULES",
@@ -18,5 +18,6 @@ __all__ = [
     "QClamp",
     "QConv",
     "QLinear",
+    "QLookup",
     "Quantize",
 ]
