@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from lowbit.graph import prepare
+from lowbit.graph.attrs import set_preserved
 
 from .base import METHODS, QuantConfig, TrainingData, calibration_batches, check_calibration, get_method
 
@@ -59,6 +60,6 @@ def quantize(
         gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
     meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
-    gm.lowbit_meta = meta
+    set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
     return gm

@@ -229,9 +229,14 @@ def build_integer_graph(
                 g.output(as_f(out))
                 meta["output"] = {"dtype": "float32"}
 
-        elif mod is not None and getattr(mod, "lowbit_fake_quant", False) and env[node.args[0].name][1] is not None:
-            # a quantizer on codes of its own spec: the codes pass through
-            env[node.name] = env[node.args[0].name]
+        elif mod is not None and getattr(mod, "lowbit_fake_quant", False) and (
+                env[node.args[0].name][1] is not None or node.name in specs):
+            # a quantizer of a training-aware model: codes of its own spec pass through; a float input
+            # enters the integer region here (Quantize gives exactly the quantizer's codes)
+            val, dom = env[node.args[0].name]
+            if dom is None:
+                val, dom = g.call_module(add_module(node.name, Quantize(qp(node.name))), (val,)), qp(node.name)
+            env[node.name] = (val, dom)
 
         elif src.is_layer(mod) and src.integer(node.target):
             lq = src.weights(node.target, mod)
@@ -254,11 +259,11 @@ def build_integer_graph(
             hi = top if isinstance(mod, nn.ReLU) else min(top, z + round(6.0 / s))
             env[node.name] = (g.call_module(add_module(node.target, QClamp(max(spec.format.qmin, z), hi)), (x,)), spec)
 
-        elif isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
+        elif isinstance(mod, nn.MaxPool2d) and not mod.return_indices and env[node.args[0].name][1] is not None:
             x, dom = as_q(node.args[0])
             env[node.name] = (g.call_module(add_module(node.target, mod), (x,)), dom)
 
-        elif mod is not None and _pool_ok(mod):
+        elif mod is not None and _pool_ok(mod) and env[node.args[0].name][1] is not None:
             x, spec = as_q(node.args[0])
             z = spec.per_tensor_params[1]
             if isinstance(mod, nn.AdaptiveAvgPool2d):
@@ -269,7 +274,7 @@ def build_integer_graph(
             env[node.name] = (snapped(y, spec, node.target), spec)
 
         elif (op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2
-              and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs):
+              and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs and node.name in specs):
             a, qa = as_q(node.args[0])
             b, qb = as_q(node.args[1])
             out_spec = qp(node.name)
