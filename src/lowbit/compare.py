@@ -16,7 +16,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 import lowbit
-from lowbit import io, kernels
+from lowbit import files, io, kernels
 from lowbit.evaluate import FloatIO, measure_latency, model_input
 from lowbit.graph import prepare
 from lowbit.methods import available_methods, get_method, quantize
@@ -37,6 +37,16 @@ class CompareResult:
 
     def table(self) -> str:
         return format_table(self.rows, self.chosen)
+
+
+def check_counts(**counts: int | None) -> None:
+    """Each count (batch size, repeats, threads ...) is None or an int >= 1 (0 for ``warmup``)."""
+    for name, v in counts.items():
+        least = 0 if name == "warmup" else 1
+        if v is None and name == "threads":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
 
 
 def _cpu_name() -> str:
@@ -79,6 +89,11 @@ def compare(
         get_method(name)  # unknown names fail before any work
     if len(set(methods)) != len(methods):
         raise ValueError("a method is listed twice")
+    check_counts(batch_size=batch_size, repeats=repeats, threads=threads, warmup=warmup)
+    if save_chosen is not None:  # outputs are checked before anything is measured
+        files.check_output(save_chosen)
+    if report_dir is not None:
+        files.check_output(report_dir, folder=True)
     configs = configs or {}
     batches = calibration_batches(calib, 10**9, 100)
     if example_input is None:
@@ -105,7 +120,7 @@ def compare(
     rows: list[dict[str, Any]] = []
     tmpdir = Path(tempfile.mkdtemp(prefix="lowbit-compare-"))
     try:
-        files = {name: io.save(m, tmpdir / f"{name}.lowbit") for name, m in candidates.items()}
+        paths = {name: io.save(m, tmpdir / f"{name}.lowbit") for name, m in candidates.items()}
         inputs = {name: model_input(m, bench_input) for name, m in candidates.items()}
         runs = {name: (lambda m=m, x=inputs[name]: m(x)) for name, m in candidates.items()}
         if progress:
@@ -117,7 +132,7 @@ def compare(
             mm = getattr(m, "lowbit_meta", {})
             rows.append({
                 "method": name,
-                "size_bytes": files[name].stat().st_size,
+                "size_bytes": paths[name].stat().st_size,
                 "latency_ms": lat[name].median_ms,
                 "accuracy": acc,
                 "latency_p10_ms": lat[name].p10_ms,
@@ -130,12 +145,7 @@ def compare(
         chosen = choose(rows)["method"]
         saved = None
         if save_chosen is not None:
-            dst = Path(save_chosen)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(files[chosen], tmp)
-            os.replace(tmp, dst)
-            saved = dst
+            saved = files.write_bytes(save_chosen, paths[chosen].read_bytes())
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 

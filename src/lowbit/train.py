@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from . import models
+from . import files, models
 from .data import KNOWN_DATASETS, DatasetSplits, load_dataset, make_loader
 
 __all__ = [
@@ -209,7 +208,7 @@ def _full_meta(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Atomically write ``model``'s state_dict and ``meta`` to ``path`` (temp file + ``os.replace``).
+    """Atomically write ``model``'s state_dict and ``meta`` to ``path`` (:mod:`lowbit.files`).
 
     ``meta`` must be JSON-serializable; the architecture recorded by :func:`models.build`
     (``model.lowbit_arch``) fills in missing model/in_channels/num_classes/input_size keys, and
@@ -228,21 +227,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[s
         "state_dict": state,
         "meta": full,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return files.write_stream(path, lambda f: torch.save(payload, f))
 
 
 _REQUIRED_META = ("model", "in_channels", "num_classes", "input_size")

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from . import torch_backend
+from . import pooling, torch_backend
 from .epilogue import Epilogue, FloatOut, Requant
+from .pooling import PoolGeometry
 
 __all__ = [
     "Epilogue",
@@ -26,6 +27,8 @@ __all__ = [
     "pack_int8",
     "int8_linear",
     "int8_conv2d",
+    "max_pool2d_codes",
+    "PoolGeometry",
     "backend_name",
     "set_backend",
 ]
@@ -153,3 +156,16 @@ def int8_conv2d(
     return torch_backend.int8_conv2d(
         x, int(x_zp), w.weight, w.w_t, w.colsum, bias, epi, stride, padding, dilation, groups
     )
+
+
+def max_pool2d_codes(x: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:
+    """2-D max pooling of integer codes (uint8 or int8) [N, C, H, W] or [C, H, W], NCHW semantics.
+
+    Exact for any map size and memory format; padding never wins a window (it holds the lowest code),
+    as torch ignores padding. ``geometry``: :meth:`PoolGeometry.make` (kernel, stride, padding,
+    dilation, ceil_mode, checked as torch checks them). Runs the plain-PyTorch implementation
+    (:mod:`lowbit.kernels.pooling`), the same on every backend.
+    """
+    if not isinstance(geometry, PoolGeometry):
+        raise TypeError(f"geometry must be a lowbit.kernels.PoolGeometry, got {type(geometry).__name__}")
+    return pooling.max_pool2d_codes(x, geometry)

@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from lowbit.formats.affine import quantize_bias
-from lowbit.nn import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QConv, QLinear, Quantize
+from lowbit.nn import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QConv, QLinear, QMaxPool2d, Quantize
 
 from .base import QuantConfig, is_layer, layer_of
 from .common import quantize_weight
@@ -158,7 +158,11 @@ def build_integer_graph(
 
         elif isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
             x, dom = as_q(node.args[0])
-            env[node.name] = (g.call_module(add_module(node.target, mod), (x,)), dom)
+            try:
+                qmax = QMaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
+            except ValueError as e:
+                raise ValueError(f"max-pool '{node.target}': {e}") from None
+            env[node.name] = (g.call_module(add_module(node.target, qmax), (x,)), dom)
 
         elif mod is not None and _pool_ok(mod):
             x, (s, z) = as_q(node.args[0])

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lowbit import kernels
 from lowbit.formats.affine import UINT8_ACT, dequantize, quantize, quantize_multiplier
 
 from .base import LowbitModule, pair
@@ -196,3 +197,33 @@ class QAvgPool2d(LowbitModule):
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAvgPool2d:
         return cls(attrs["zero_point"], attrs["kernel_size"], attrs["stride"], attrs["padding"],
                    attrs["output_size"])
+
+
+class QMaxPool2d(LowbitModule):
+    """2-D max pooling of codes (scale and zero point unchanged: max commutes with requantization).
+
+    NCHW semantics, any map size; padding never wins a window (torch's behaviour), dilation and
+    ``ceil_mode`` as in ``nn.MaxPool2d``. The geometry is checked when the module is built.
+    """
+
+    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                 ceil_mode: bool = False) -> None:
+        super().__init__()
+        self.geometry = kernels.PoolGeometry.make(kernel_size, stride, padding, dilation, ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.max_pool2d_codes(x, self.geometry)
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        g = self.geometry
+        return {"kernel_size": list(g.kernel), "stride": list(g.stride), "padding": list(g.padding),
+                "dilation": list(g.dilation), "ceil_mode": g.ceil_mode}, {}
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QMaxPool2d:
+        return cls(attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"], attrs["ceil_mode"])
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"kernel_size={g.kernel}, stride={g.stride}, padding={g.padding}, dilation={g.dilation}, " \
+               f"ceil_mode={g.ceil_mode}"
