@@ -20,7 +20,7 @@ from lowbit import files, io, kernels
 from lowbit.evaluate import FloatIO, measure_latency, model_input
 from lowbit.graph import prepare
 from lowbit.methods import available_methods, get_method, quantize
-from lowbit.methods.base import calibration_batches
+from lowbit.methods.base import as_inputs, calibration_batches
 from lowbit.report import format_table, write_report
 from lowbit.select import Lambdas, choose, score
 
@@ -66,7 +66,7 @@ def compare(
     eval_fn: Callable[[nn.Module], float],
     methods: Sequence[str] | None = None,
     lambdas: Lambdas | str = "1,1,1",
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     configs: dict[str, dict[str, Any]] | None = None,
     batch_size: int = 1,
     repeats: int = 20,
@@ -95,17 +95,21 @@ def compare(
     if report_dir is not None:
         files.check_output(report_dir, folder=True)
     configs = configs or {}
-    batches = calibration_batches(calib, 10**9, 100)
+    n_inputs = len(example_input) if isinstance(example_input, (tuple, list)) else 1
+    batches = calibration_batches(calib, 10**9, 100, n_inputs)
     if example_input is None:
         if not batches:
             raise ValueError("the calibration set is empty")
-        example_input = batches[0][:1]
+        example_input = tuple(t[:1] for t in as_inputs(batches[0]))
+    examples = as_inputs(tuple(example_input) if isinstance(example_input, list) else example_input)
     if batches:
-        bench_input = torch.cat(batches)[:batch_size]
+        bench = tuple(torch.cat([as_inputs(b)[i] for b in batches])[:batch_size] for i in range(len(examples)))
     else:
-        bench_input = example_input.expand(batch_size, *example_input.shape[1:])
-    if len(bench_input) < batch_size:
+        bench = tuple(e.expand(batch_size, *e.shape[1:]) for e in examples)
+    if len(bench[0]) < batch_size:
         raise ValueError(f"need at least {batch_size} calibration samples for latency batches")
+    example_input = examples[0] if len(examples) == 1 else examples
+    bench_input = bench[0] if len(bench) == 1 else bench
 
     candidates: dict[str, nn.Module] = {}
     float_gm: fx.GraphModule = prepare(model, example_input).gm
@@ -122,7 +126,7 @@ def compare(
     try:
         paths = {name: io.save(m, tmpdir / f"{name}.lowbit") for name, m in candidates.items()}
         inputs = {name: model_input(m, bench_input) for name, m in candidates.items()}
-        runs = {name: (lambda m=m, x=inputs[name]: m(x)) for name, m in candidates.items()}
+        runs = {name: (lambda m=m, x=inputs[name]: m(*as_inputs(x))) for name, m in candidates.items()}
         if progress:
             print(f"timing {len(runs)} models: batch {batch_size}, {repeats} repeats, interleaved", flush=True)
         lat = measure_latency(runs, batch_size, warmup, repeats, threads)

@@ -374,14 +374,16 @@ def train_or_load(
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``lowbit train``."""
+    from .cliargs import non_negative_int, positive_float, positive_int
+
     p.add_argument("model", choices=models.available_models(), help="reference model to train")
     p.add_argument("--data", default="digits", help=f"dataset ({', '.join(KNOWN_DATASETS)}); default digits")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (else $LOWBIT_DATA, ...)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
+    p.add_argument("--epochs", type=non_negative_int, default=None, help="training epochs (default: per dataset)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split, init and shuffling")
     p.add_argument("--out", default=None, help="checkpoint path (default runs/{model}-{dataset}.pt)")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_DEFAULT_LR})")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per dataset)")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"learning rate (default {_DEFAULT_LR})")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: per dataset)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing (needs torchvision)")
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "max_pool2d_codes",
     "PoolGeometry",
     "backend_name",
+    "check_environment",
     "set_backend",
 ]
 
@@ -54,7 +55,25 @@ def _native_module() -> Any:
     return native if native.available() else None
 
 
+_ISA_NAMES = ("portable", "neon", "avx2", "avx512bw", "vnni", "avx512vnni")
+_env_checked = False
+
+
+def check_environment() -> None:
+    """``LOWBIT_KERNELS`` and ``LOWBIT_ISA``, when set, hold known values (a typo is an error, not ignored)."""
+    global _env_checked
+    kern = os.environ.get("LOWBIT_KERNELS", "").strip().lower()
+    if kern not in ("", "torch", "native"):
+        raise ValueError(f"LOWBIT_KERNELS={os.environ['LOWBIT_KERNELS']!r}: use 'torch' or 'native' (or unset it)")
+    isa = os.environ.get("LOWBIT_ISA", "")
+    if isa and isa not in _ISA_NAMES:
+        raise ValueError(f"LOWBIT_ISA={isa!r}: use one of {', '.join(_ISA_NAMES[:-1])} (or unset it)")
+    _env_checked = True
+
+
 def _use_native() -> bool:
+    if not _env_checked:
+        check_environment()
     choice = _forced or os.environ.get("LOWBIT_KERNELS", "").strip().lower() or None
     if choice == "torch":
         return False

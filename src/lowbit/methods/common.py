@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from lowbit.formats.affine import INT8_WEIGHT, UINT8_ACT, quantize
 from lowbit.observers import Observer, make_observer
 
-from .base import LayerSettings, is_layer, layer_of
+from .base import Batch, LayerSettings, as_inputs, is_layer, layer_of
 
 
 def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,14 +85,14 @@ class _Recorder(fx.Interpreter):
 
 
 def calibrate_activations(
-    gm: fx.GraphModule, batches: list[torch.Tensor], observer: str, progress: bool = True
+    gm: fx.GraphModule, batches: list[Batch], observer: str, progress: bool = True
 ) -> dict[str, tuple[float, int]]:
     """Run the float graph over the calibration batches; per node: uint8 (scale, zero point)."""
     observers = {n.name: make_observer(observer) for n in gm.graph.nodes if n.op not in ("output", "get_attr")}
     rec = _Recorder(gm, observers)
     with torch.no_grad():
         for b in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
-            rec.run(b)
+            rec.run(*as_inputs(b))
     out: dict[str, tuple[float, int]] = {}
     for name, obs in observers.items():
         if obs.observed:

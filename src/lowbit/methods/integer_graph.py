@@ -46,6 +46,7 @@ def build_integer_graph(
     env: dict[str, tuple[fx.Node, QParams | None]] = {}
     casts: dict[tuple[str, str], fx.Node] = {}
     meta: dict[str, Any] = {"float_layers": [], "float_ops": []}
+    inputs: list[dict[str, Any]] = []
     counter = [0]
 
     def add_module(base: str, mod: nn.Module) -> str:
@@ -113,10 +114,10 @@ def build_integer_graph(
                 if io_dtype == "int8":
                     x = g.call_module(add_module("input_to_uint8", IOConvert("uint8")), (x,))
                 s, z = qp(node.name)
-                meta["input"] = {"dtype": io_dtype, "scale": s, "zero_point": z - (128 if io_dtype == "int8" else 0)}
+                inputs.append({"dtype": io_dtype, "scale": s, "zero_point": z - (128 if io_dtype == "int8" else 0)})
                 env[node.name] = (x, (s, z))
             else:
-                meta["input"] = {"dtype": "float32"}
+                inputs.append({"dtype": "float32"})
                 env[node.name] = (ph, None)
 
         elif op == "output":
@@ -195,6 +196,8 @@ def build_integer_graph(
                 meta["float_ops"].append(f"{node.name}: {type(mod).__name__ if mod is not None else why}")
             env[node.name] = (float_node(node), None)
 
+    float_io = all(i["dtype"] == "float32" for i in inputs)
+    meta["input"] = inputs[0] if len(inputs) == 1 or float_io else inputs
     new = fx.GraphModule(root, g)
     new.graph.eliminate_dead_code()
     new.recompile()

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lowbit import kernels
 from lowbit.formats.affine import UINT8_ACT, quantize, quantize_multiplier
 
-from .base import LowbitModule, act_clamp, float_act, pair
+from .base import Act, Geometry, LowbitModule, QParams, act_clamp, float_act, pair
 
 
 def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any]:
@@ -74,7 +74,14 @@ class _StaticInt8(_IntWeights):
         return attrs, {"weight_q": self.weight_q, "weight_scale": self.weight_scale, "bias_q": self.bias_q}
 
 
+_STATIC_TENSORS = {"weight_q": torch.int8, "weight_scale": torch.float32, "bias_q": torch.int32}
+_DYNAMIC_TENSORS = {"weight_q": torch.int8, "weight_scale": torch.float32, "bias?": torch.float32}
+
+
 class QLinear(_StaticInt8):
+    spec_attrs = {"in_qparams": QParams, "out_qparams": QParams, "act": Act}
+    spec_tensors = _STATIC_TENSORS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.int8_linear(x, self.in_zp, self.packed, self.bias_q, self.epilogue)
 
@@ -93,6 +100,9 @@ class QLinear(_StaticInt8):
 
 class QConv(_StaticInt8):
     """Static int8 Conv1d/Conv2d (NCHW semantics; padding holds the input zero point)."""
+
+    spec_attrs = {"in_qparams": QParams, "out_qparams": QParams, "act": Act, "conv1d": bool, **Geometry}
+    spec_tensors = _STATIC_TENSORS
 
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias_q: torch.Tensor | None,
                  in_qparams: tuple[float, int], out_qparams: tuple[float, int], act: str | None = None,
@@ -157,6 +167,9 @@ class _DynamicInt8(_IntWeights):
 
 
 class DynamicQLinear(_DynamicInt8):
+    spec_attrs = {"act": Act}
+    spec_tensors = _DYNAMIC_TENSORS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, z, epi = self._epilogue(x)
         return float_act(kernels.int8_linear(xq, z, self.packed, None, epi), self.act)
@@ -170,6 +183,9 @@ class DynamicQLinear(_DynamicInt8):
 
 
 class DynamicQConv(_DynamicInt8):
+    spec_attrs = {"act": Act, **Geometry}
+    spec_tensors = _DYNAMIC_TENSORS
+
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  act: str | None = None, **geometry: Any) -> None:
         self.conv1d = weight_q.dim() == 3
@@ -200,6 +216,10 @@ class DynamicQConv(_DynamicInt8):
 
 class F16Layer(LowbitModule):
     """float16-stored Linear/Conv1d/Conv2d; computes in float32 (CPUs lack fast fp16 arithmetic)."""
+
+    spec_attrs = {"kind": Literal["linear", "conv1d", "conv2d"], "act": Act,
+                  **{k: v | None for k, v in Geometry.items()}}
+    spec_tensors = {"weight": torch.float16, "bias?": torch.float16}
 
     def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
                  **geometry: Any) -> None:

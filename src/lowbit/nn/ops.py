@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
 from lowbit.formats.affine import UINT8_ACT, dequantize, quantize, quantize_multiplier
+from lowbit.typed import Range
 
-from .base import LowbitModule, pair
+from .base import Code, LowbitModule, Pair, QParams, Scale, pair
 
 
 class Quantize(LowbitModule):
     """float -> uint8 codes (the entry of an integer region)."""
+
+    spec_attrs = {"scale": Scale, "zero_point": Code}
 
     def __init__(self, scale: float, zero_point: int) -> None:
         super().__init__()
@@ -44,6 +47,8 @@ class Dequantize(Quantize):
 class IOConvert(LowbitModule):
     """Full-integer model boundary: uint8 codes <-> int8 codes (``int8 = uint8 - 128``, zero point - 128)."""
 
+    spec_attrs = {"to": Literal["int8", "uint8"]}
+
     def __init__(self, to: str) -> None:
         super().__init__()
         if to not in ("int8", "uint8"):
@@ -70,6 +75,8 @@ class IOConvert(LowbitModule):
 class CheckInput(LowbitModule):
     """Full-integer model entry: reject input of the wrong dtype instead of silently misreading it."""
 
+    spec_attrs = {"dtype": Literal["int8", "uint8"]}
+
     def __init__(self, dtype: str) -> None:
         super().__init__()
         self.dtype = dtype
@@ -89,6 +96,8 @@ class CheckInput(LowbitModule):
 
 class QClamp(LowbitModule):
     """ReLU / ReLU6 on codes: a clamp, the scale and zero point are unchanged."""
+
+    spec_attrs = {"lo": Code, "hi": Code}
 
     def __init__(self, lo: int, hi: int) -> None:
         super().__init__()
@@ -114,6 +123,8 @@ class QAdd(LowbitModule):
     Each input is rescaled by its own Q31 multiplier to units of ``s_out / 2^16`` (64-bit
     integers), the two are summed and rounded once more: integer-only, as in TFLite's ADD.
     """
+
+    spec_attrs = {"a": QParams, "b": QParams, "out": QParams}
 
     def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int]) -> None:
         super().__init__()
@@ -160,6 +171,9 @@ class QAvgPool2d(LowbitModule):
     Padded positions count as the zero point (real zero), like a float average with zero padding.
     """
 
+    spec_attrs = {"zero_point": Code, "kernel_size": Pair | None, "stride": Pair | None,
+                  "padding": tuple[Annotated[int, Range(0)], Annotated[int, Range(0)]], "output_size": Pair | None}
+
     def __init__(self, zero_point: int, kernel_size: Any = None, stride: Any = None, padding: Any = 0,
                  output_size: Any = None) -> None:
         super().__init__()
@@ -205,6 +219,9 @@ class QMaxPool2d(LowbitModule):
     NCHW semantics, any map size; padding never wins a window (torch's behaviour), dilation and
     ``ceil_mode`` as in ``nn.MaxPool2d``. The geometry is checked when the module is built.
     """
+
+    spec_attrs = {"kernel_size": Pair, "stride": Pair, "padding": tuple[int, int], "dilation": Pair,
+                  "ceil_mode": bool}
 
     def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
                  ceil_mode: bool = False) -> None:
