@@ -328,45 +328,62 @@ def train_or_load(
     threads: int | None = None,
     download: bool = False,
 ) -> tuple[nn.Module, DatasetSplits, dict[str, Any]]:
-    """The trained float model for (model, dataset, seed): from its checkpoint if one with matching
-    meta exists (default ``runs/{model}-{dataset}.pt``), otherwise trained now and saved there.
+    """The trained float model for (model, dataset, seed) and its splits and meta.
 
-    Returns ``(model in eval mode, splits, meta)``. A corrupt or mismatching checkpoint is
-    retrained and overwritten (with a warning for a corrupt one).
+    ``checkpoint`` given: the caller's file. If it exists it is used as is and never overwritten; it
+    must be a checkpoint of this model for this dataset and seed (the seed fixes the test split), and
+    of the ``epochs``/``lr``/``batch_size`` asked for explicitly, else ValueError naming the mismatch.
+    If it does not exist, the model is trained and written there.
+
+    ``checkpoint`` None: lowbit's cache ``runs/{model}-{dataset}.pt``, used when its meta matches the
+    request (defaults included), else retrained and replaced (with a warning when it is unreadable).
+
+    Returns ``(model in eval mode, splits, meta)``.
     """
     model_key = model_name.strip().lower().replace("-", "_")
     if model_key not in models.MODELS:
         models.build(model_name, 1, 1, 1)  # raises the ValueError listing the models
     splits = load_dataset(dataset_name, data_dir=data_dir, seed=seed, download=download)
     hp = default_hparams(model_key, splits.name)
-    if epochs is not None:
-        hp["epochs"] = epochs
-    if lr is not None:
-        hp["lr"] = lr
-    if batch_size is not None:
-        hp["batch_size"] = batch_size
+    asked = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
+    hp.update(asked)
     if threads is not None:
         hp["threads"] = threads
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path(model_key, splits.name)
-    want = {
+    fits = {
         "model": model_key,
         "dataset": splits.name,
         "in_channels": splits.in_channels,
         "num_classes": splits.num_classes,
         "input_size": splits.input_size,
         "seed": seed,
-        **{k: hp[k] for k in ("epochs", "lr", "batch_size")},  # threads: execution detail, not matched
     }
-    if path.is_file():
-        try:
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.exists():
             model, meta = load_checkpoint(path)
-        except ValueError as e:
-            warnings.warn(f"ignoring unusable checkpoint, retraining: {e}", stacklevel=2)
-        else:
-            if _meta_matches(meta, want):
-                return model, splits, meta
+            _check_fits(path, meta, {**fits, **asked})
+            return model, splits, meta
+    else:
+        path = default_checkpoint_path(model_key, splits.name)
+        want = {**fits, **{k: hp[k] for k in ("epochs", "lr", "batch_size")}}  # threads: not matched
+        if path.is_file():
+            try:
+                model, meta = load_checkpoint(path)
+            except ValueError as e:
+                warnings.warn(f"ignoring unusable cached checkpoint, retraining: {e}", stacklevel=2)
+            else:
+                if _meta_matches(meta, want):
+                    return model, splits, meta
     model, meta = _train_and_save(model_key, splits, hp, seed, path, progress)
     return model, splits, meta
+
+
+def _check_fits(path: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
+    bad = [f"{k} {meta.get(k)!r} (asked {v!r})" for k, v in want.items() if k in meta and meta[k] != v]
+    if bad:
+        raise ValueError(f"{path}: the checkpoint does not fit this run: {', '.join(bad)}. A checkpoint you name is "
+                         "used as is and never overwritten: pass matching options, or a new checkpoint path to "
+                         "train one")
 
 
 # ---------------------------------------------------------------------------------------- CLI

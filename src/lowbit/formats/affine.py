@@ -96,8 +96,9 @@ def choose_qparams(
     """Scale and zero point that map the real range [min_val, max_val] onto ``fmt``.
 
     Works element-wise, so per-channel ranges give per-channel parameters. The range is first
-    widened to include 0, so that real zero is exactly representable (zero padding, ReLU).
-    Returns (scale float32, zero_point int32).
+    widened to include 0, so that real zero is exactly representable (zero padding, ReLU). An empty
+    range (all zeros: a pruned channel, a dead activation) gets scale 1, so every value is the code of
+    real zero. Returns (scale float32, zero_point int32).
     """
     lo = torch.minimum(_as_tensor(min_val), torch.zeros(()))
     hi = torch.maximum(_as_tensor(max_val), torch.zeros(()))
@@ -114,9 +115,8 @@ def choose_qparams(
             zp = torch.full_like(scale, float((qmin + qmax + 1) // 2))
     else:
         scale = (hi - lo) / float(qmax - qmin)
-        scale = torch.clamp(scale, min=eps)
-        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-    scale = torch.clamp(scale, min=eps)
+        zp = torch.clamp(torch.round(qmin - lo / torch.clamp(scale, min=eps)), qmin, qmax)
+    scale = torch.where(hi - lo > 0, torch.clamp(scale, min=eps), torch.ones_like(scale))
     return scale.to(torch.float32), zp.to(torch.int32)
 
 

@@ -61,7 +61,12 @@ def swap_layers(
             kept.append(node.target)
             continue
         layer, act = layer_of(mod)
-        _set_submodule(gm, node.target, make(layer, act, settings, node.target))
+        try:
+            new = make(layer, act, settings, node.target)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(msg if f"'{node.target}'" in msg else f"layer '{node.target}': {msg}") from None
+        _set_submodule(gm, node.target, new)
     gm.recompile()
     return gm, kept
 

@@ -17,7 +17,7 @@ from torch import fx, nn
 from lowbit.formats.affine import quantize_bias
 from lowbit.nn import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QConv, QLinear, QMaxPool2d, Quantize
 
-from .base import QuantConfig, is_layer, layer_of
+from .base import LayerSettings, QuantConfig, is_layer, layer_of
 from .common import quantize_weight
 
 QParams = tuple[float, int]
@@ -31,6 +31,16 @@ def _pool_ok(m: nn.Module) -> bool:
     if isinstance(m, nn.AvgPool2d):
         return not m.ceil_mode and m.count_include_pad and m.divisor_override is None
     return isinstance(m, nn.AdaptiveAvgPool2d)
+
+
+def _int8_layer(mod: nn.Module, settings: LayerSettings, q_in: QParams, q_out: QParams) -> nn.Module:
+    layer, act = layer_of(mod)
+    wq, ws = quantize_weight(layer.weight.detach(), settings)
+    bq = None if layer.bias is None else quantize_bias(layer.bias.detach(), q_in[0], ws)
+    if isinstance(layer, nn.Linear):
+        return QLinear(wq, ws, bq, q_in, q_out, act)
+    return QConv(wq, ws, bq, q_in, q_out, act, stride=layer.stride, padding=layer.padding,
+                 dilation=layer.dilation, groups=layer.groups)
 
 
 def build_integer_graph(
@@ -139,18 +149,13 @@ def build_integer_graph(
                 meta["output"] = {"dtype": "float32"}
 
         elif is_layer(mod) and not config.layer(node.target).keep_float:
-            layer, act = layer_of(mod)
-            settings = config.layer(node.target)
-            x, (s_in, z_in) = as_q(node.args[0])
-            s_out, z_out = qp(node.name)
-            wq, ws = quantize_weight(layer.weight.detach(), settings)
-            bq = None if layer.bias is None else quantize_bias(layer.bias.detach(), s_in, ws)
-            if isinstance(layer, nn.Linear):
-                qmod: nn.Module = QLinear(wq, ws, bq, (s_in, z_in), (s_out, z_out), act)
-            else:
-                qmod = QConv(wq, ws, bq, (s_in, z_in), (s_out, z_out), act, stride=layer.stride,
-                             padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-            env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), (s_out, z_out))
+            x, q_in = as_q(node.args[0])
+            q_out = qp(node.name)
+            try:
+                qmod = _int8_layer(mod, config.layer(node.target), q_in, q_out)
+            except ValueError as e:
+                raise ValueError(f"layer '{node.target}': {e}") from None
+            env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), q_out)
 
         elif isinstance(mod, (nn.ReLU, nn.ReLU6)) and env[node.args[0].name][1] is not None:
             x, (s, z) = as_q(node.args[0])

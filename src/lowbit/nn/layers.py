@@ -29,6 +29,11 @@ def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any
     return {**g, "groups": int(attrs.get("groups", 1))}
 
 
+def _check_bias(bias: torch.Tensor, n: int) -> None:
+    if bias.numel() != n:
+        raise ValueError(f"bias has {bias.numel()} values for {n} output channels")
+
+
 class _IntWeights(LowbitModule):
     """int8 weights [N, ...] with per-channel (or per-tensor) float scales; packed once for the kernels."""
 
@@ -41,6 +46,8 @@ class _IntWeights(LowbitModule):
             ws = ws.expand(weight_q.shape[0]).contiguous()
         if ws.numel() != weight_q.shape[0]:
             raise ValueError(f"{ws.numel()} weight scales for {weight_q.shape[0]} output channels")
+        if not (torch.isfinite(ws).all() and (ws > 0).all()):
+            raise ValueError("weight scales must be finite and positive")
         self.register_buffer("weight_q", weight_q.contiguous())
         self.register_buffer("weight_scale", ws)
         self.packed = kernels.pack_int8(self.weight_q)
@@ -63,6 +70,7 @@ class _StaticInt8(_IntWeights):
         n = weight_q.shape[0]
         if bias_q is None:
             bias_q = torch.zeros(n, dtype=torch.int32)
+        _check_bias(bias_q, n)
         self.register_buffer("bias_q", bias_q.to(torch.int32).reshape(-1).contiguous())
         m0, rshift = quantize_multiplier(self.weight_scale.to(torch.float64) * self.in_scale / self.out_scale)
         lo, hi = act_clamp(self.act, self.out_zp, self.out_scale, 0, 255)
@@ -152,6 +160,8 @@ class _DynamicInt8(_IntWeights):
                  act: str | None = None) -> None:
         super().__init__(weight_q, weight_scale)
         self.act = act or None
+        if bias is not None:
+            _check_bias(bias, weight_q.shape[0])
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32).reshape(-1).contiguous())
 
     def _epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, int, kernels.FloatOut]:
@@ -227,6 +237,11 @@ class F16Layer(LowbitModule):
         if kind not in ("linear", "conv1d", "conv2d"):
             raise ValueError(f"unknown float16 layer kind {kind!r}")
         self.kind, self.act = kind, act or None
+        if weight.dim() != {"linear": 2, "conv1d": 3, "conv2d": 4}[kind]:
+            raise ValueError(f"{kind} weights must be {2 if kind == 'linear' else 3 + (kind == 'conv2d')}-D, "
+                             f"got shape {tuple(weight.shape)}")
+        if bias is not None:
+            _check_bias(bias, weight.shape[0])
         self.register_buffer("weight", weight.to(torch.float16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(torch.float16).contiguous())
         self.geometry = _conv_geometry(geometry) if kind != "linear" else {}
