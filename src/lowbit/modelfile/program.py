@@ -113,8 +113,6 @@ def parse_nodes(raw: Any, modules: Mapping[str, Any], constants: Mapping[str, An
         if name in refs:
             raise ModelFileError(f"node {i}: name {name!r} is used twice")
         node = _parse_node(name, spec, refs, modules, constants, i)
-        if node.op == "placeholder" and nodes and nodes[-1].op != "placeholder":
-            raise ModelFileError(f"node '{name}': inputs (placeholders) must come first")
         if node.op == "output" and i != len(raw) - 1:
             raise ModelFileError(f"node '{name}': the output must be the last node")
         refs[name] = i
@@ -205,7 +203,8 @@ class LoadedModel(nn.Module):
             self._const[target] = f"c{k}"
         self.lowbit_nodes = list(nodes)
         self._free = _last_uses(self.lowbit_nodes)
-        self._n_inputs = sum(n.op == "placeholder" for n in nodes)
+        self._input_index = {i: k for k, i in enumerate(i for i, n in enumerate(nodes) if n.op == "placeholder")}
+        self._n_inputs = len(self._input_index)
         self.lowbit_meta = meta
 
     def constants(self) -> dict[str, torch.Tensor]:
@@ -230,8 +229,9 @@ class LoadedModel(nn.Module):
     def _run(self, i: int, node: Node, inputs: tuple[Any, ...], env: list[Any]) -> Any:
         op = node.op
         if op == "placeholder":
-            if i < len(inputs):
-                return inputs[i]
+            k = self._input_index[i]
+            if k < len(inputs):
+                return inputs[k]
             if node.args:
                 return node.args[0]
             raise TypeError(f"this model takes {self._n_inputs} input(s), got {len(inputs)}")
