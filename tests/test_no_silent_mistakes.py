@@ -34,15 +34,14 @@ def ckpt(digits_cnn, tmp_path, monkeypatch):
 @pytest.fixture()
 def no_work(monkeypatch):
     """Training, quantizing and measuring all fail the test if they start."""
-    import lowbit.compare
-    import lowbit.methods.api
-    import lowbit.train
+    import importlib
 
     def started(*a, **k):
         raise AssertionError("work started before the arguments were checked")
 
-    for mod, name in ((lowbit.train, "train"), (lowbit.train, "train_or_load"), (lowbit.methods.api, "quantize"),
-                      (lowbit.compare, "compare"), (lowbit, "quantize")):
+    train, api, compare = (importlib.import_module(f"lowbit.{m}") for m in ("train", "methods.api", "compare"))
+    for mod, name in ((train, "train"), (train, "train_or_load"), (api, "quantize"), (compare, "compare"),
+                      (lowbit, "quantize")):
         monkeypatch.setattr(mod, name, started, raising=False)
 
 

@@ -8,26 +8,24 @@ import argparse
 from typing import Any
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (``--threads``, ``--batch-size``, ``--repeats``)."""
+def _int_at_least(least: int, text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        v = least - 1
+    if v < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--threads``, ``--batch-size``, ``--repeats``)."""
+    return _int_at_least(1, text)
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (``--epochs``)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+    return _int_at_least(0, text)
 
 
 def positive_float(text: str) -> float:

@@ -86,8 +86,6 @@ def _check_not_input(dst: Path, inputs: Iterable[PathLike]) -> None:
         src = Path(p)
         if _same(dst, src):
             raise OutputError(f"refusing to write {dst}: it is an input ({src}); choose another output path")
-        if dst.is_dir() and src.resolve().is_relative_to(dst.resolve()):
-            raise OutputError(f"refusing to replace folder {dst}: it holds an input ({src})")
 
 
 def check_output(path: PathLike, *, inputs: Iterable[PathLike] = (), folder: bool = False) -> Path:

@@ -183,7 +183,11 @@ def build_integer_graph(
             a, qa = as_q(node.args[0])
             b, qb = as_q(node.args[1])
             out_qp = qp(node.name)
-            env[node.name] = (g.call_module(add_module(node.name, QAdd(qa, qb, out_qp)), (a, b)), out_qp)
+            try:
+                qadd = QAdd(qa, qb, out_qp)
+            except ValueError as e:
+                raise ValueError(f"residual add '{node.name}': {e}") from None
+            env[node.name] = (g.call_module(add_module(node.name, qadd), (a, b)), out_qp)
 
         elif op == "call_function" and node.target is torch.flatten:
             src, dom = env[node.args[0].name]

@@ -203,6 +203,7 @@ class LoadedModel(nn.Module):
             self._const[target] = f"c{k}"
         self.lowbit_nodes = list(nodes)
         self._free = _last_uses(self.lowbit_nodes)
+        self._dynamic = [(has_refs(n.args), has_refs(n.kwargs)) for n in self.lowbit_nodes]
         self._input_index = {i: k for k, i in enumerate(i for i, n in enumerate(nodes) if n.op == "placeholder")}
         self._n_inputs = len(self._input_index)
         self.lowbit_meta = meta
@@ -237,10 +238,12 @@ class LoadedModel(nn.Module):
             raise TypeError(f"this model takes {self._n_inputs} input(s), got {len(inputs)}")
         if op == "get_attr":
             return getattr(self.lowbit_constants, self._const[node.target])
-        args = resolve(node.args, env)
+        dyn_args, dyn_kwargs = self._dynamic[i]
+        args = tuple(env[a.index] if type(a) is Ref else resolve(a, env) for a in node.args) if dyn_args \
+            else node.args
         if op == "output":
             return args[0]
-        kwargs = resolve(node.kwargs, env)
+        kwargs = resolve(node.kwargs, env) if dyn_kwargs else node.kwargs
         if op == "call_module":
             return self.get_submodule(node.target)(*args, **kwargs)
         if op == "call_function":
