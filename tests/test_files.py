@@ -102,3 +102,18 @@ def test_report_folder_must_be_its_own(tmp_path, monkeypatch):
     f.write_text("x")
     with pytest.raises(files.OutputError, match="not a folder"):
         write_report(_rows(), f, "static", Lambdas(), {})
+
+
+def test_model_files_and_checkpoints_get_the_umask_mode(tmp_path, umask_027):
+    import torch
+    from torch import nn
+
+    import lowbit
+    from lowbit.graph import prepare
+    from lowbit.train import save_checkpoint
+
+    m = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    p = lowbit.save(prepare(m, torch.zeros(1, 4)).gm, tmp_path / "m.lowbit")
+    c = save_checkpoint(tmp_path / "c.pt", m, {"model": "x", "in_channels": 1, "num_classes": 2, "input_size": 2})
+    assert _mode(p) == 0o640 and _mode(c) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["c.pt", "m.lowbit"]

@@ -24,7 +24,9 @@ from .vocab import ATTRIBUTE_AS_METHOD, FUNCTIONS, METHODS, function_name
 MAX_NODES = 200_000
 OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
 #: Attribute names of a LoadedModel (and of any nn.Module): no module path atom may take one.
-RESERVED = frozenset(dir(nn.Module())) | {"lowbit_meta", "lowbit_nodes", "lowbit_constants"}
+RESERVED = frozenset(dir(nn.Module())) | {"lowbit_meta", "lowbit_nodes", "lowbit_constants", "constants",
+                                          "called_modules", "_const", "_free", "_dynamic", "_input_index",
+                                          "_n_inputs", "_run"}
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,8 @@ def build_torch_module(cls_name: Any, args: Any, tensors: dict[str, torch.Tensor
         if tensors[k].shape != t.shape or tensors[k].dtype != t.dtype:
             raise ModelFileError(f"module '{where}' tensor {k}: {tensors[k].dtype} {tuple(tensors[k].shape)} in the "
                                  f"file, the module needs {t.dtype} {tuple(t.shape)}")
+        if t.is_floating_point() and not torch.isfinite(tensors[k]).all():
+            raise ModelFileError(f"module '{where}' tensor {k} holds NaN or Inf")
     m = m.to_empty(device="cpu")
     m.load_state_dict(tensors, strict=True)
     return m.eval()

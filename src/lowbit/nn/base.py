@@ -28,8 +28,10 @@ class LowbitModule(nn.Module):
     """A module that can describe itself as (JSON attributes, named tensors) and be rebuilt from them.
 
     ``spec_attrs`` declares the attributes of :meth:`to_spec` with their type hints (a key whose type
-    admits None may be absent) and ``spec_tensors`` its tensors with their dtypes (a name ending in
-    ``?`` is optional): lowbit.io checks a file against both before calling :meth:`from_spec`.
+    admits None may be absent; an empty dict leaves them unchecked) and ``spec_tensors`` its tensors
+    with their dtypes (a name ending in ``?`` is optional; a module that saves tensors must declare
+    them, none are accepted otherwise): lowbit.io checks a file against both before calling
+    :meth:`from_spec`, and a constructor should check what types cannot say (shapes, ranges).
     """
 
     kind: ClassVar[str] = "lowbit"
