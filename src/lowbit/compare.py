@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import sys
 import tempfile
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,3 +170,14 @@ def compare(
         }
         report = write_report(rows, report_dir, chosen, lam, info)
     return CompareResult(rows, chosen, candidates, report, saved)
+
+
+class _CallableModule(types.ModuleType):
+    """``lowbit.compare`` is both this module and the function: once the module has been imported (it
+    then shadows the lazily loaded function on the package), ``lowbit.compare(...)`` still calls it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> CompareResult:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
