@@ -74,7 +74,7 @@ def test_apot_codebook_gradient_and_exact_codes():
     q = FakeQuantizer(fmt, role="act", init="minmax", lsq_grad_scale=False).double()
     x = torch.tensor([[0.0, 0.11, 0.27, 0.6, 0.95, 1.7]], dtype=torch.float64)
     q.initialize(torch.tensor([[0.0, 0.96]]))  # clip 0.96 -> s = 0.02
-    s = float(q.step.step)
+    s = float(q.step.step.detach())
     assert s == pytest.approx(0.02)
     out = q(x)
     codes = fmt.project(torch.clamp(torch.round(x / s), 0, 48))

@@ -121,8 +121,9 @@ def choose_qparams(
     """Scale and zero point that map the real range [min_val, max_val] onto ``fmt``.
 
     Works element-wise, so per-channel ranges give per-channel parameters. The range is first
-    widened to include 0, so that real zero is exactly representable (zero padding, ReLU). ``fmt`` may
-    be any level set: its extreme levels ``qmin`` and ``qmax`` map onto the range.
+    widened to include 0, so that real zero is exactly representable (zero padding, ReLU). An empty
+    range (all zeros: a pruned channel, a dead activation) gets scale 1, so every value is the code of
+    real zero. ``fmt`` may be any level set: its extreme levels ``qmin`` and ``qmax`` map onto the range.
     Returns (scale float32, zero_point int32).
     """
     lo = torch.minimum(_as_tensor(min_val), torch.zeros(()))
@@ -143,9 +144,8 @@ def choose_qparams(
             zp = torch.full_like(scale, float((qmin + qmax + 1) // 2))
     else:
         scale = (hi - lo) / float(qmax - qmin)
-        scale = torch.clamp(scale, min=eps)
-        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-    scale = torch.clamp(scale, min=eps)
+        zp = torch.clamp(torch.round(qmin - lo / torch.clamp(scale, min=eps)), qmin, qmax)
+    scale = torch.where(hi - lo > 0, torch.clamp(scale, min=eps), torch.ones_like(scale))
     return scale.to(torch.float32), zp.to(torch.int32)
 
 

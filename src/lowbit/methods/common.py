@@ -14,7 +14,7 @@ from lowbit.formats.affine import INT8_WEIGHT, UINT8_ACT, quantize
 from lowbit.formats.granularity import PerAxis, PerTensor
 from lowbit.observers import Observer, make_observer
 
-from .base import LayerSettings, is_layer, layer_of
+from .base import Batch, LayerSettings, as_inputs, is_layer, layer_of
 
 
 def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,12 @@ def swap_layers(
             kept.append(node.target)
             continue
         layer, act = layer_of(mod)
-        _set_submodule(gm, node.target, make(layer, act, settings, node.target))
+        try:
+            new = make(layer, act, settings, node.target)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(msg if f"'{node.target}'" in msg else f"layer '{node.target}': {msg}") from None
+        _set_submodule(gm, node.target, new)
     gm.recompile()
     return gm, kept
 
@@ -89,14 +94,14 @@ class _Recorder(fx.Interpreter):
 
 
 def calibrate_activations(
-    gm: fx.GraphModule, batches: list[torch.Tensor], observer: str, progress: bool = True
+    gm: fx.GraphModule, batches: list[Batch], observer: str, progress: bool = True
 ) -> dict[str, tuple[float, int]]:
     """Run the float graph over the calibration batches; per node: uint8 (scale, zero point)."""
     observers = {n.name: make_observer(observer) for n in gm.graph.nodes if n.op not in ("output", "get_attr")}
     rec = _Recorder(gm, observers)
     with torch.no_grad():
         for b in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
-            rec.run(b)
+            rec.run(*as_inputs(b))
     out: dict[str, tuple[float, int]] = {}
     for name, obs in observers.items():
         if obs.observed:

@@ -37,6 +37,7 @@ from lowbit.nn import (
     QConv,
     QLinear,
     QLookup,
+    QMaxPool2d,
     Quantize,
 )
 from lowbit.nn.layers import snap_table
@@ -109,6 +110,16 @@ def _kernel_specs(act_qparams: Mapping[str, QSpec | QParams]) -> dict[str, QSpec
     return out
 
 
+def _integer_layer(lq: LayerQuant, in_spec: QSpec, out_spec: QSpec | None) -> nn.Module:
+    layer = lq.layer
+    ws = lq.weight_scale.to(torch.float32).reshape(-1)
+    bq = None if lq.bias is None else quantize_bias(lq.bias, in_spec.per_tensor_params[0], ws)
+    if isinstance(layer, nn.Linear):
+        return QLinear(lq.weight, ws, bq, in_spec, out_spec, lq.act, lq.weight_format)
+    return QConv(lq.weight, ws, bq, in_spec, out_spec, lq.act, lq.weight_format, stride=layer.stride,
+                 padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+
+
 def build_integer_graph(
     gm: fx.GraphModule,
     act_qparams: Mapping[str, QSpec | QParams],
@@ -131,6 +142,7 @@ def build_integer_graph(
     env: dict[str, tuple[fx.Node, QSpec | None]] = {}
     casts: dict[tuple[str, str], fx.Node] = {}
     meta: dict[str, Any] = {"float_layers": [], "float_ops": []}
+    inputs: list[dict[str, Any]] = []
     counter = [0]
 
     def add_module(base: str, mod: nn.Module) -> str:
@@ -204,10 +216,10 @@ def build_integer_graph(
                     x = g.call_module(add_module("input_to_uint8", IOConvert("uint8")), (x,))
                 spec = qp(node.name)
                 s, z = spec.per_tensor_params
-                meta["input"] = {"dtype": io_dtype, "scale": s, "zero_point": z - (128 if io_dtype == "int8" else 0)}
+                inputs.append({"dtype": io_dtype, "scale": s, "zero_point": z - (128 if io_dtype == "int8" else 0)})
                 env[node.name] = (x, spec)
             else:
-                meta["input"] = {"dtype": "float32"}
+                inputs.append({"dtype": "float32"})
                 env[node.name] = (ph, None)
 
         elif op == "output":
@@ -239,19 +251,12 @@ def build_integer_graph(
             env[node.name] = (val, dom)
 
         elif src.is_layer(mod) and src.integer(node.target):
-            lq = src.weights(node.target, mod)
-            layer = lq.layer
             x, in_spec = as_q(node.args[0])
-            s_in = in_spec.per_tensor_params[0]
-            out_spec = specs.get(node.name)
-            ws = lq.weight_scale.to(torch.float32).reshape(-1)
-            bq = None if lq.bias is None else quantize_bias(lq.bias, s_in, ws)
-            if isinstance(layer, nn.Linear):
-                qmod: nn.Module = QLinear(lq.weight, ws, bq, in_spec, out_spec, lq.act, lq.weight_format)
-            else:
-                qmod = QConv(lq.weight, ws, bq, in_spec, out_spec, lq.act, lq.weight_format, stride=layer.stride,
-                             padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-            env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), out_spec)
+            try:
+                qmod = _integer_layer(src.weights(node.target, mod), in_spec, specs.get(node.name))
+            except ValueError as e:
+                raise ValueError(f"layer '{node.target}': {e}") from None
+            env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), specs.get(node.name))
 
         elif isinstance(mod, (nn.ReLU, nn.ReLU6)) and env[node.args[0].name][1] is not None:
             x, spec = as_q(node.args[0])
@@ -261,7 +266,11 @@ def build_integer_graph(
 
         elif isinstance(mod, nn.MaxPool2d) and not mod.return_indices and env[node.args[0].name][1] is not None:
             x, dom = as_q(node.args[0])
-            env[node.name] = (g.call_module(add_module(node.target, mod), (x,)), dom)
+            try:
+                qmax = QMaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
+            except ValueError as e:
+                raise ValueError(f"max-pool '{node.target}': {e}") from None
+            env[node.name] = (g.call_module(add_module(node.target, qmax), (x,)), dom)
 
         elif mod is not None and _pool_ok(mod) and env[node.args[0].name][1] is not None:
             x, spec = as_q(node.args[0])
@@ -278,8 +287,11 @@ def build_integer_graph(
             a, qa = as_q(node.args[0])
             b, qb = as_q(node.args[1])
             out_spec = qp(node.name)
-            qadd = QAdd(qa.per_tensor_params, qb.per_tensor_params, out_spec.per_tensor_params,
-                        out_spec.format.qmin, out_spec.format.qmax)
+            try:
+                qadd = QAdd(qa.per_tensor_params, qb.per_tensor_params, out_spec.per_tensor_params,
+                            out_spec.format.qmin, out_spec.format.qmax)
+            except ValueError as e:
+                raise ValueError(f"residual add '{node.name}': {e}") from None
             y = g.call_module(add_module(node.name, qadd), (a, b))
             env[node.name] = (snapped(y, out_spec, node.name), out_spec)
 
@@ -299,6 +311,8 @@ def build_integer_graph(
                 meta["float_ops"].append(f"{node.name}: {type(mod).__name__ if mod is not None else why}")
             env[node.name] = (float_node(node), None)
 
+    float_io = all(i["dtype"] == "float32" for i in inputs)
+    meta["input"] = inputs[0] if len(inputs) == 1 or float_io else inputs
     new = fx.GraphModule(root, g)
     new.graph.eliminate_dead_code()
     new.recompile()

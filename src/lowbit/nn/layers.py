@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from lowbit.formats.levels import Format
 from lowbit.formats.qspec import QSpec, as_spec
 from lowbit.kernels.packed import codes_storage, decode_storage, family
 
-from .base import LowbitModule, act_clamp, float_act, pair
+from .base import Act, Geometry, LowbitModule, QParams, act_clamp, float_act, pair
 
 
 def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any]:
@@ -32,6 +32,11 @@ def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any
     if conv1d:
         g = {"stride": (1, g["stride"][0]), "padding": (0, g["padding"][0]), "dilation": (1, g["dilation"][0])}
     return {**g, "groups": int(attrs.get("groups", 1))}
+
+
+def _check_bias(bias: torch.Tensor, n: int) -> None:
+    if bias.numel() != n:
+        raise ValueError(f"bias has {bias.numel()} values for {n} output channels")
 
 
 class _IntWeights(LowbitModule):
@@ -54,6 +59,8 @@ class _IntWeights(LowbitModule):
             ws = ws.expand(codes.shape[0]).contiguous()
         if ws.numel() != codes.shape[0]:
             raise ValueError(f"{ws.numel()} weight scales for {codes.shape[0]} output channels")
+        if not (torch.isfinite(ws).all() and (ws > 0).all()):
+            raise ValueError("weight scales must be finite and positive")
         self.register_buffer("weight_q", codes)
         self.register_buffer("weight_scale", ws)
         self.packed = packed
@@ -76,7 +83,9 @@ class _IntWeights(LowbitModule):
 def _stored_weights(attrs: dict[str, Any], tensors: dict[str, torch.Tensor], conv1d: bool = False
                     ) -> torch.Tensor | kernels.PackedWeights:
     """The weights of :meth:`_IntWeights._weight_spec` (or of a file written before weight formats)."""
-    if "weight" not in attrs:
+    if attrs.get("weight") is None:
+        if "weight_q" not in tensors:
+            raise ValueError("the layer stores no weights")
         return tensors["weight_q"]
     sub = {k[len("weight_"):]: v for k, v in tensors.items() if k in ("weight_q", "weight_packed")}
     kernel, codes, fmt, extra = decode_storage(attrs["weight"], sub)
@@ -126,6 +135,7 @@ class _StaticInt8(_IntWeights):
         n = self.weight_q.shape[0]
         if bias_q is None:
             bias_q = torch.zeros(n, dtype=torch.int32)
+        _check_bias(bias_q, n)
         self.register_buffer("bias_q", bias_q.to(torch.int32).reshape(-1).contiguous())
         if self.out_spec is None:
             self.out_scale, self.out_zp = None, None
@@ -156,8 +166,11 @@ class _StaticInt8(_IntWeights):
 
     @staticmethod
     def _io_specs(attrs: dict[str, Any]) -> tuple[Any, Any]:
-        if "in" in attrs:
-            return QSpec.from_dict(attrs["in"]), None if attrs["out"] is None else QSpec.from_dict(attrs["out"])
+        if attrs.get("in") is not None:
+            out = attrs.get("out")
+            return QSpec.from_dict(attrs["in"]), None if out is None else QSpec.from_dict(out)
+        if attrs.get("in_qparams") is None or attrs.get("out_qparams") is None:
+            raise ValueError("the layer has neither an input spec nor legacy quantization parameters")
         return tuple(attrs["in_qparams"]), tuple(attrs["out_qparams"])  # files written before QSpec
 
     def extra_repr(self) -> str:
@@ -165,7 +178,19 @@ class _StaticInt8(_IntWeights):
         return f"weights {self.packed.format}, in={self.in_spec.format}, out={out}, act={self.act}"
 
 
+_STATIC_TENSORS = {"weight_q?": torch.int8, "weight_packed?": torch.uint8, "weight_scale": torch.float32,
+                   "bias_q": torch.int32}
+# "in" / "out": QSpec dicts, "weight": packed-weight storage (both checked by their own from_dict);
+# "in_qparams" / "out_qparams": the uint8 (scale, zero point) of files written before QSpecs
+_STATIC_ATTRS = {"in": dict[str, Any] | None, "out": dict[str, Any] | None, "weight": dict[str, Any] | None,
+                 "in_qparams": QParams | None, "out_qparams": QParams | None, "act": Act}
+_DYNAMIC_TENSORS = {"weight_q": torch.int8, "weight_scale": torch.float32, "bias?": torch.float32}
+
+
 class QLinear(_StaticInt8):
+    spec_attrs = _STATIC_ATTRS
+    spec_tensors = _STATIC_TENSORS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._finish(self.packed.linear(x, self.in_zp, self.bias_q, self.epilogue))
 
@@ -180,6 +205,9 @@ class QLinear(_StaticInt8):
 
 class QConv(_StaticInt8):
     """Static integer Conv1d/Conv2d (NCHW semantics; padding holds the input zero point)."""
+
+    spec_attrs = _STATIC_ATTRS | {"conv1d": bool, **Geometry}
+    spec_tensors = _STATIC_TENSORS
 
     def __init__(self, weight_q: torch.Tensor | kernels.PackedWeights, weight_scale: torch.Tensor,
                  bias_q: torch.Tensor | None, in_qparams: QSpec | tuple[float, int],
@@ -237,6 +265,8 @@ class _DynamicInt8(_IntWeights):
                  act: str | None = None) -> None:
         super().__init__(weight_q, weight_scale)
         self.act = act or None
+        if bias is not None:
+            _check_bias(bias, weight_q.shape[0])
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32).reshape(-1).contiguous())
 
     def _epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, int, kernels.FloatOut]:
@@ -252,6 +282,9 @@ class _DynamicInt8(_IntWeights):
 
 
 class DynamicQLinear(_DynamicInt8):
+    spec_attrs = {"act": Act}
+    spec_tensors = _DYNAMIC_TENSORS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, z, epi = self._epilogue(x)
         return float_act(kernels.int8_linear(xq, z, self.packed, None, epi), self.act)
@@ -265,6 +298,9 @@ class DynamicQLinear(_DynamicInt8):
 
 
 class DynamicQConv(_DynamicInt8):
+    spec_attrs = {"act": Act, **Geometry}
+    spec_tensors = _DYNAMIC_TENSORS
+
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  act: str | None = None, **geometry: Any) -> None:
         self.conv1d = weight_q.dim() == 3
@@ -296,12 +332,21 @@ class DynamicQConv(_DynamicInt8):
 class F16Layer(LowbitModule):
     """float16-stored Linear/Conv1d/Conv2d; computes in float32 (CPUs lack fast fp16 arithmetic)."""
 
+    spec_attrs = {"kind": Literal["linear", "conv1d", "conv2d"], "act": Act,
+                  **{k: v | None for k, v in Geometry.items()}}
+    spec_tensors = {"weight": torch.float16, "bias?": torch.float16}
+
     def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
                  **geometry: Any) -> None:
         super().__init__()
         if kind not in ("linear", "conv1d", "conv2d"):
             raise ValueError(f"unknown float16 layer kind {kind!r}")
         self.kind, self.act = kind, act or None
+        if weight.dim() != {"linear": 2, "conv1d": 3, "conv2d": 4}[kind]:
+            raise ValueError(f"{kind} weights must be {2 if kind == 'linear' else 3 + (kind == 'conv2d')}-D, "
+                             f"got shape {tuple(weight.shape)}")
+        if bias is not None:
+            _check_bias(bias, weight.shape[0])
         self.register_buffer("weight", weight.to(torch.float16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(torch.float16).contiguous())
         self.geometry = _conv_geometry(geometry) if kind != "linear" else {}

@@ -3,21 +3,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from lowbit import kernels
 from lowbit.formats.affine import UINT8_ACT, quantize_multiplier
 from lowbit.formats.qspec import QSpec
+from lowbit.typed import Range
 
-from .base import LowbitModule, pair
+from .base import Code, LowbitModule, Pair, QParams, Scale, pair
 
 
 class Quantize(LowbitModule):
     """float -> codes of a per-tensor spec, shifted to unsigned 8-bit (the entry of an integer region).
 
     ``Quantize(spec)`` or, as before, ``Quantize(scale, zero_point)`` for uint8 codes."""
+
+    spec_attrs = {"spec": dict[str, Any] | None, "scale": Scale | None, "zero_point": Code | None}
 
     def __init__(self, scale: float | QSpec, zero_point: int | None = None) -> None:
         super().__init__()
@@ -38,8 +42,10 @@ class Quantize(LowbitModule):
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Quantize:
-        if "spec" in attrs:
+        if attrs.get("spec") is not None:
             return cls(QSpec.from_dict(attrs["spec"]))
+        if attrs.get("scale") is None or attrs.get("zero_point") is None:
+            raise ValueError("Quantize needs a spec or a scale and zero point")
         return cls(attrs["scale"], attrs["zero_point"])
 
     def extra_repr(self) -> str:
@@ -56,6 +62,8 @@ class Dequantize(Quantize):
 class QLookup(LowbitModule):
     """Codes -> ``table[code]`` (uint8 table of 256 entries): snaps requantized integers onto a
     non-uniform level set (APoT codebooks) after a kernel's epilogue."""
+
+    spec_tensors = {"table": torch.uint8}
 
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
@@ -76,6 +84,8 @@ class QLookup(LowbitModule):
 
 class IOConvert(LowbitModule):
     """Full-integer model boundary: uint8 codes <-> int8 codes (``int8 = uint8 - 128``, zero point - 128)."""
+
+    spec_attrs = {"to": Literal["int8", "uint8"]}
 
     def __init__(self, to: str) -> None:
         super().__init__()
@@ -103,6 +113,8 @@ class IOConvert(LowbitModule):
 class CheckInput(LowbitModule):
     """Full-integer model entry: reject input of the wrong dtype instead of silently misreading it."""
 
+    spec_attrs = {"dtype": Literal["int8", "uint8"]}
+
     def __init__(self, dtype: str) -> None:
         super().__init__()
         self.dtype = dtype
@@ -122,6 +134,8 @@ class CheckInput(LowbitModule):
 
 class QClamp(LowbitModule):
     """ReLU / ReLU6 on codes: a clamp, the scale and zero point are unchanged."""
+
+    spec_attrs = {"lo": Code, "hi": Code}
 
     def __init__(self, lo: int, hi: int) -> None:
         super().__init__()
@@ -147,6 +161,8 @@ class QAdd(LowbitModule):
     Each input is rescaled by its own Q31 multiplier to units of ``s_out / 2^16`` (64-bit
     integers), the two are summed and rounded once more: integer-only, as in TFLite's ADD.
     """
+
+    spec_attrs = {"a": QParams, "b": QParams, "out": QParams, "qmin": Code | None, "qmax": Code | None}
 
     def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int], qmin: int = 0,
                  qmax: int = 255) -> None:
@@ -177,8 +193,9 @@ class QAdd(LowbitModule):
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAdd:
-        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]), attrs.get("qmin", 0),
-                   attrs.get("qmax", 255))
+        lo, hi = attrs.get("qmin"), attrs.get("qmax")
+        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]), 0 if lo is None else lo,
+                   255 if hi is None else hi)
 
 
 def _round_div(s: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
@@ -197,6 +214,9 @@ class QAvgPool2d(LowbitModule):
     ``output_size`` set: adaptive pooling (global pooling when it is 1); else kernel/stride/padding.
     Padded positions count as the zero point (real zero), like a float average with zero padding.
     """
+
+    spec_attrs = {"zero_point": Code, "kernel_size": Pair | None, "stride": Pair | None,
+                  "padding": tuple[Annotated[int, Range(0)], Annotated[int, Range(0)]], "output_size": Pair | None}
 
     def __init__(self, zero_point: int, kernel_size: Any = None, stride: Any = None, padding: Any = 0,
                  output_size: Any = None) -> None:
@@ -235,3 +255,36 @@ class QAvgPool2d(LowbitModule):
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAvgPool2d:
         return cls(attrs["zero_point"], attrs["kernel_size"], attrs["stride"], attrs["padding"],
                    attrs["output_size"])
+
+
+class QMaxPool2d(LowbitModule):
+    """2-D max pooling of codes (scale and zero point unchanged: max commutes with requantization).
+
+    NCHW semantics, any map size; padding never wins a window (torch's behaviour), dilation and
+    ``ceil_mode`` as in ``nn.MaxPool2d``. The geometry is checked when the module is built.
+    """
+
+    spec_attrs = {"kernel_size": Pair, "stride": Pair, "padding": tuple[int, int], "dilation": Pair,
+                  "ceil_mode": bool}
+
+    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                 ceil_mode: bool = False) -> None:
+        super().__init__()
+        self.geometry = kernels.PoolGeometry.make(kernel_size, stride, padding, dilation, ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.max_pool2d_codes(x, self.geometry)
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        g = self.geometry
+        return {"kernel_size": list(g.kernel), "stride": list(g.stride), "padding": list(g.padding),
+                "dilation": list(g.dilation), "ceil_mode": g.ceil_mode}, {}
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QMaxPool2d:
+        return cls(attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"], attrs["ceil_mode"])
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"kernel_size={g.kernel}, stride={g.stride}, padding={g.padding}, dilation={g.dilation}, " \
+               f"ceil_mode={g.ceil_mode}"

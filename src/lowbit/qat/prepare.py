@@ -24,7 +24,7 @@ from lowbit.graph import Prepared
 from lowbit.graph import prepare as prepare_float
 from lowbit.graph._names import fresh_path, set_submodule
 from lowbit.graph.attrs import get_preserved, set_preserved
-from lowbit.methods.base import QuantConfig, calibration_batches, check_calibration, get_method, is_layer, layer_of
+from lowbit.methods.base import QuantConfig, calibration_batches, check_calibration, is_layer, layer_of, resolve_method
 from lowbit.methods.qat import QATMethod
 from lowbit.quantizers import FakeQuantizer
 
@@ -228,12 +228,7 @@ def prepare(
     The result is an ``nn.Module`` in training mode; :func:`lowbit.qat.convert` turns it into an integer
     model. ``model`` itself is not modified.
     """
-    if isinstance(method, QuantConfig):
-        if config is not None:
-            raise ValueError("pass the configuration either as the method (a config object) or as config=, not both")
-        cls, config = get_method(method), method
-    else:
-        cls = get_method(method)
+    cls, config = resolve_method(method, config)
     if not issubclass(cls, QATMethod):
         raise ValueError(f"method {cls.name!r} is not a training-aware method; use lowbit.quantize for it "
                          f"(training-aware: {', '.join(_qat_methods())})")
