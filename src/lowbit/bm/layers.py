@@ -15,12 +15,13 @@ when ``s < 0``), its shift goes into the bias.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from lowbit.nn.base import LowbitModule, float_act, pair
+from lowbit.nn.base import Act, Count, Geometry, LowbitModule, Pair, float_act, pair
+from lowbit.typed import Range
 
 from . import functional as BF
 
@@ -35,8 +36,15 @@ def _log_weights(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     return torch.log(torch.clamp(w, min=eps)), torch.log(torch.clamp(-w, min=eps))
 
 
+_OPTIONS = {"floor": Annotated[float, Range(0.0, gt=True)], "temperature": Annotated[float, Range(0.0)],
+            "act": Act, "code_bits": Literal[8, 16], "log_step_bits": Annotated[int, Range(0, 14)] | None}
+_TENSORS = {"v_pos": torch.float32, "v_neg": torch.float32, "bias?": torch.float32}
+
+
 class BMLayer(LowbitModule):
     """Common part of the BM layers (parameters, options, BatchNorm folding, activation fusion)."""
+
+    spec_tensors: ClassVar[dict[str, torch.dtype]] = _TENSORS
 
     lowbit_layer: ClassVar[bool] = True  # lowbit.graph.prepare: a layer (leaf, BN folding, act fusion)
     batchnorm_type: ClassVar[type[nn.Module]] = nn.BatchNorm1d
@@ -133,6 +141,8 @@ class BMLayer(LowbitModule):
 class BMLinear(BMLayer):
     """BM version of ``nn.Linear(in_features, out_features, bias)``."""
 
+    spec_attrs = {"in_features": Count, "out_features": Count, "bias": bool, **_OPTIONS}
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, floor: float = BF.DEFAULT_FLOOR,
                  temperature: float = 0.0, act: str | None = None, code_bits: int = 16,
                  log_step_bits: int | None = None, eps: float = 1e-6) -> None:
@@ -175,6 +185,8 @@ class BMConv2d(BMLayer):
     """BM version of ``nn.Conv2d`` (stride, padding, dilation, groups; zero padding)."""
 
     batchnorm_type = nn.BatchNorm2d
+    spec_attrs = {"in_channels": Count, "out_channels": Count, "kernel_size": Pair, "bias": bool, **Geometry,
+                  **_OPTIONS}
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True, *,

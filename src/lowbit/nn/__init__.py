@@ -3,7 +3,7 @@
 from .base import MODULES, LowbitModule
 from .bm import QBMConv2d, QBMLinear
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
-from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, Quantize
+from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
 
 __all__ = [
     "MODULES",
@@ -19,8 +19,10 @@ __all__ = [
     "QBMConv2d",
     "QBMLinear",
     "QClamp",
+    "QMaxPool2d",
     "QConv",
     "QLinear",
+    "QLookup",
     "Quantize",
 ]
 
