@@ -304,3 +304,21 @@ def test_bm_layers_save_and_load(digits_cnn, tmp_path):
     assert conv.cpos.dtype == torch.int8
     back = lowbit.load(lowbit.save(q8, tmp_path / "q.lowbit"))
     assert torch.equal(back(x), q8(x))
+
+
+def test_bm_method_through_quantize(digits_cnn):
+    """The registered 'bm' method: layer-by-layer training on the prepared graph, then the integer model."""
+    from lowbit.evaluate import accuracy
+
+    model, splits, _ = digits_cnn
+    with pytest.raises(ValueError, match="training data"):
+        lowbit.quantize(model, "bm", calib=splits.calib)
+    with pytest.raises(ValueError, match="code_bits"):
+        lowbit.quantize(model, "bm", calib=splits.calib, train=splits.train, config={"code_bits": 12})
+    q = lowbit.quantize(model, "bm", calib=splits.calib, train=splits.train, test=splits.test,
+                        config={"layers": "fc1", "epochs_per_layer": 1, "finetune_epochs": 0, "batch_size": 32,
+                                "progress": False, "threads": 1})
+    meta = q.lowbit_meta
+    assert meta["method"] == "bm" and meta["bm"]["layers"] == ["fc1"]
+    assert any(isinstance(m, QBMLinear) for m in q.modules())
+    assert abs(accuracy(q, splits.test) - meta["bm"]["float_bm_acc"]) <= 1.5

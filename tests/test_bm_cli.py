@@ -31,13 +31,13 @@ def test_lowbit_bm_quick_and_info(tmp_path, capsys):
     rec = json.loads(js.read_text())["records"][0]
     assert rec["layers"] == ["fc1"] and rec["integer"]["16"]["ops"]["lookup"] > 0
     md = report.read_text()
-    assert "### small_cnn on digits" in md and "lowbit bm small_cnn" in md and "CPU:" in md
+    assert "### small_cnn on digits, layers: fc1" in md and "lowbit bm small_cnn" in md and "CPU:" in md
     # a second run of the same model replaces its section instead of appending another
     from lowbit.bm.cli import write_report
 
-    write_report(report, "<!-- lowbit-bm:small_cnn:digits -->\nNEW\n<!-- /lowbit-bm:small_cnn:digits -->",
-                 "small_cnn:digits")
-    assert report.read_text().count("<!-- lowbit-bm:small_cnn:digits -->") == 1 and "NEW" in report.read_text()
+    key = "small_cnn:digits:fc1"
+    write_report(report, f"<!-- lowbit-bm:{key} -->\nNEW\n<!-- /lowbit-bm:{key} -->", key)
+    assert report.read_text().count(f"<!-- lowbit-bm:{key} -->") == 1 and "NEW" in report.read_text()
     q = lowbit.load(out)
     assert q.lowbit_meta["method"] == "bm" and q.lowbit_meta["input_shape"] == [1, 8, 8]
     assert main(["info", str(out)]) == 0

@@ -109,14 +109,14 @@ def _report_section(args: argparse.Namespace, recs: list[dict[str, Any]], wall: 
 
     import lowbit
 
-    key = f"{args.model}:{args.data}"
+    key = _key(args)
     r0 = recs[0]
     ints = r0["integer"][args.bits_list[0]]
     ops = ints["ops"]
     stages = ", ".join(f"{s['stage']} {s['test_acc']:.2f}" for s in r0["stages"])
     return "\n".join([
         _BEGIN.format(key=key),
-        f"### {args.model} on {args.data}",
+        f"### {args.model} on {args.data}, layers: {args.layers or 'all'}",
         "",
         f"Command: `{args.command_line}`",
         "",
@@ -133,6 +133,10 @@ def _report_section(args: argparse.Namespace, recs: list[dict[str, Any]], wall: 
         f"{ops['add']:,} additions, {ops['max']:,} maxima, {ops['lookup']:,} table look-ups, {ops['shift']:,} shifts.",
         _END.format(key=key),
     ])
+
+
+def _key(args: argparse.Namespace) -> str:
+    return f"{args.model}:{args.data}:{args.layers or 'all'}"
 
 
 def write_report(path: str | os.PathLike[str], section: str, key: str) -> Path:
@@ -169,7 +173,7 @@ def run_bm(args: argparse.Namespace) -> int:
     if recs[0].get("saved"):
         print(f"\ninteger BM model (seed {recs[0]['seed']}, int{args.bits_list[0]} codes) saved to {recs[0]['saved']}")
     if args.report:
-        path = write_report(args.report, _report_section(args, recs, wall), f"{args.model}:{args.data}")
+        path = write_report(args.report, _report_section(args, recs, wall), _key(args))
         print(f"report: {path}")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": args.command_line, "cpu": _cpu(), "wall_s": wall,
