@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -22,6 +21,12 @@ from typing import Any
 
 __all__ = ["add_commands", "run_bm"]
 
+
+def _cpu_name() -> str:
+    from lowbit.compare import _cpu_name as name
+
+    return name()
+
 _QUICK = {"data": "digits", "epochs_per_layer": 1, "finetune_epochs": 1, "batch_size": 32, "epochs": 4}
 _FLAGS = {"data": "--data", "seed": "--seed", "seeds": "--seeds", "epochs": "--epochs", "layers": "--layers",
           "epochs_per_layer": "--epochs-per-layer", "finetune_epochs": "--finetune-epochs",
@@ -30,17 +35,6 @@ _FLAGS = {"data": "--data", "seed": "--seed", "seeds": "--seeds", "epochs": "--e
           "log_step_bits": "--log-step-bits", "threads": "--threads", "quick": "--quick"}
 _DEFAULTS = {"seed": 0, "train_fraction": 1.0, "lr": 1e-3, "temperature": 0.0, "code_bits": "16,8"}
 _BEGIN, _END = "<!-- lowbit-bm:{key} -->", "<!-- /lowbit-bm:{key} -->"
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _checkpoint(args: argparse.Namespace, seed: int) -> Path:
@@ -120,7 +114,7 @@ def _report_section(args: argparse.Namespace, recs: list[dict[str, Any]], wall: 
         "",
         f"Command: `{args.command_line}`",
         "",
-        f"CPU: {_cpu()}; torch threads: {args.threads or torch.get_num_threads()}; machine load: shared "
+        f"CPU: {_cpu_name()}; torch threads: {args.threads or torch.get_num_threads()}; machine load: shared "
         f"(other jobs running); wall time {wall / 60:.1f} min for {len(recs)} seed(s); lowbit {lowbit.__version__}.",
         "",
         f"Data: {r0['dataset']}. Converted layers, in order: {', '.join(r0['layers'])}.",
@@ -176,7 +170,7 @@ def run_bm(args: argparse.Namespace) -> int:
         path = write_report(args.report, _report_section(args, recs, wall), _key(args))
         print(f"report: {path}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": args.command_line, "cpu": _cpu(), "wall_s": wall,
+        Path(args.json).write_text(json.dumps({"command": args.command_line, "cpu": _cpu_name(), "wall_s": wall,
                                                "records": recs}, indent=1, default=str))
     return 0
 

@@ -148,33 +148,14 @@ def set_options(model: nn.Module, **options: Any) -> None:
                 setattr(m, k, v)
 
 
-def execution_order(model: nn.Module, example_input: torch.Tensor, names: Iterable[str]) -> list[str]:
-    """``names`` sorted by when their module first runs on ``example_input`` (modules never run last)."""
-    names = list(names)
-    seen: list[str] = []
-    hooks = []
-    for n in names:
-        def hook(_m: nn.Module, _i: Any, _o: Any, n: str = n) -> None:
-            if n not in seen:
-                seen.append(n)
-        hooks.append(model.get_submodule(n).register_forward_hook(hook))
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-    return seen + [n for n in names if n not in seen]
-
-
-def layer_outputs(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Outputs of the named submodules on input ``x`` (eval mode, no grad): for layer-by-layer checks."""
+def _observe(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """One eval-mode, no-grad run on ``x``; the first output of each named submodule, in call order."""
     out: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda _m, _i, o, n=n: out.__setitem__(n, o.detach())) for n in names]
+
+    def hook(n: str) -> Any:
+        return lambda _m, _i, o: out.setdefault(n, o.detach())
+
+    hooks = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     was = model.training
     try:
         model.eval()
@@ -185,3 +166,15 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> di
         for h in hooks:
             h.remove()
     return out
+
+
+def execution_order(model: nn.Module, example_input: torch.Tensor, names: Iterable[str]) -> list[str]:
+    """``names`` sorted by when their module first runs on ``example_input`` (modules never run last)."""
+    names = list(names)
+    seen = list(_observe(model, example_input, names))
+    return seen + [n for n in names if n not in seen]
+
+
+def layer_outputs(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Outputs of the named submodules on input ``x`` (eval mode, no grad): for layer-by-layer checks."""
+    return _observe(model, x, list(names))

@@ -59,10 +59,8 @@ class BMConfig(QuantConfig):
     def train_config(self) -> Any:
         from .training import BMTrainConfig
 
-        return BMTrainConfig(layers=self.layers, epochs_per_layer=self.epochs_per_layer,
-                             finetune_epochs=self.finetune_epochs, train_fraction=self.train_fraction, lr=self.lr,
-                             finetune_lr=self.finetune_lr, batch_size=self.batch_size,
-                             temperature=self.temperature, seed=self.seed, threads=self.threads)
+        return BMTrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BMTrainConfig)
+                                if f.name != "eps"})
 
 
 def _dataset(d: Any, what: str) -> TensorDataset:
