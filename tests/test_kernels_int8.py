@@ -379,34 +379,6 @@ def test_public_interface_uses_native():
     _assert_same(yl, int8_gemm_ref(xl.reshape(-1, 20), 4, wl).reshape(3, 5, 12), "public linear")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("LOWBIT_SLOW_TESTS"), reason="compiles C++ (~20 s): set LOWBIT_SLOW_TESTS=1")
-def test_vnni_path_under_emulation(tmp_path):
-    """The VNNI kernels cannot run on CPUs without AVX-512; this builds them with emulated intrinsics
-    (csrc/int8_vnni_emu_check.cc) and compares them with the portable path bit for bit."""
-    import platform
-    import shutil
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("x86-only check")
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    csrc = os.path.join(root, "csrc")
-    if not os.path.exists(os.path.join(csrc, "int8_vnni_emu_check.cc")):
-        pytest.skip("sources not available")
-    srcs = ["int8_vnni_emu_check.cc", "int8_driver.cpp", "int8_portable.cpp", "int8_avx2.cpp", "parallel.cpp",
-            "cpu_features.cpp"]
-    exe = str(tmp_path / "vnni_emu")
-    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", f"-I{csrc}", *[os.path.join(csrc, s) for s in srcs],
-           "-pthread", "-o", exe]
-    subprocess.run(cmd, check=True, capture_output=True)
-    res = subprocess.run([exe], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "0 mismatches" in res.stdout
-
-
 @pytest.mark.parametrize("shape,groups", [((8, 4, 3, 3), 1), ((8, 4, 1, 1), 1), ((8, 2, 1, 1), 2), ((4, 1, 3, 3), 4)])
 def test_conv_weights_packed_lazily(shape, groups):
     g = _gen(sum(shape) + groups)

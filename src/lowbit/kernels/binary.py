@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .epilogue import FloatOut
+from .epilogue import EPI_KIND, FloatOut
 from .reference import apply_epilogue
 from .w46 import _epi_args, _native, _pair
 
@@ -264,7 +264,7 @@ def _epi_native(epi: BinaryEpilogue | None, n: int) -> tuple[int, int, int, torc
                 raise ValueError(f"Threshold.flip has {cached[1].numel()} entries, expected {n}")
             keep.append(cached[1])
             p1 = cached[1].data_ptr()
-        return 4, thr.data_ptr(), p1, torch.int64, keep
+        return EPI_KIND["bits"], thr.data_ptr(), p1, torch.int64, keep
     raise TypeError(f"binary kernels support FloatOut and Threshold epilogues, got {type(epi).__name__}")
 
 
@@ -295,8 +295,9 @@ def binary_linear(x: torch.Tensor, w: PackedBinary, epi: BinaryEpilogue | None =
     if nat is None:
         return binary_linear_ref(unpack_bits(w2, K), w.weight, epi).reshape(*lead, -1)
     kind, p0, p1, dt, keep = _epi_native(epi, N)
-    ncol = (N + 63) // 64 if kind == 4 else N
-    out = (torch.zeros if kind == 4 else torch.empty)(w2.shape[0], ncol, dtype=dt)
+    bits = kind == EPI_KIND["bits"]
+    ncol = (N + 63) // 64 if bits else N
+    out = (torch.zeros if bits else torch.empty)(w2.shape[0], ncol, dtype=dt)
     nat.binary_linear(w2.data_ptr(), w2.shape[0], KW, w.native(1), kind, p0, p1, out.data_ptr())
     del keep
     return out.reshape(*lead, ncol)
@@ -362,7 +363,7 @@ def binary_conv2d(
         signs = unpack_bits(x, C) if packed else _bits(x).permute(0, 2, 3, 1)  # [B, H, W, C]
         xw = pack_bits(signs.reshape(B, H, W, groups, Cg)).contiguous()
     kind, p0, p1, dt, keep = _epi_native(epi, N)
-    if kind == 4:
+    if kind == EPI_KIND["bits"]:
         out = torch.zeros(B, Ho, Wo, (N + 63) // 64, dtype=torch.int64)
     else:
         out = torch.empty((B, N, Ho, Wo), dtype=dt, memory_format=torch.channels_last)
