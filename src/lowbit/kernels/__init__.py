@@ -17,8 +17,10 @@ import torch
 
 from . import torch_backend
 from .epilogue import Epilogue, FloatOut, Requant
+from .reference import INT32_MAX, AccumulatorOverflowError, add_ref
 
 __all__ = [
+    "AccumulatorOverflowError",
     "Epilogue",
     "FloatOut",
     "Requant",
@@ -26,6 +28,7 @@ __all__ = [
     "pack_int8",
     "int8_linear",
     "int8_conv2d",
+    "qadd",
     "backend_name",
     "set_backend",
 ]
@@ -83,6 +86,14 @@ class PackedInt8:
         if w.dtype != torch.int8:
             raise TypeError(f"int8 weights expected, got {w.dtype}")
         w2 = w.reshape(w.shape[0], -1).contiguous()
+        # accumulator bound: |acc - bias[n]| <= 255 * sum_k |w[n, k]| for any uint8 input and zero point
+        self.acc_bound = 255 * w2.to(torch.int64).abs().sum(1)
+        if self.acc_bound.numel() and int(self.acc_bound.max()) > INT32_MAX:
+            n = int(self.acc_bound.argmax())
+            raise AccumulatorOverflowError(
+                f"int8 weights of shape {tuple(w.shape)}: output channel {n} can overflow the int32 accumulator "
+                f"(255 * sum|w| = {int(self.acc_bound[n])} > 2^31 - 1 for K = {w2.shape[1]}); split the layer along K"
+            )
         self.w_t = w2.t().contiguous()
         self.colsum = w2.to(torch.int32).sum(1, dtype=torch.int32)
         nat = _native_module()
@@ -96,6 +107,23 @@ class PackedInt8:
     @property
     def in_features(self) -> int:
         return int(self.weight[0].numel())
+
+    def check_bias(self, bias: torch.Tensor | None) -> None:
+        """Raise :class:`AccumulatorOverflowError` unless ``255 * sum_k |w[n, k]| + |bias[n]|`` fits int32 for
+        every channel (then no input can overflow the accumulator). Cached per bias tensor and version."""
+        if bias is None:
+            return
+        key = (id(bias), bias._version)
+        if getattr(self, "_bias_checked", None) == key:
+            return
+        worst = self.acc_bound + bias.to(torch.int64).reshape(-1).abs()
+        if worst.numel() and int(worst.max()) > INT32_MAX:
+            n = int(worst.argmax())
+            raise AccumulatorOverflowError(
+                f"output channel {n}: 255 * sum|w| + |bias| = {int(worst[n])} > 2^31 - 1 can overflow the int32 "
+                "accumulator; split the layer along K or lower the bias scale"
+            )
+        self._bias_checked = key
 
 
 def pack_int8(weight: torch.Tensor) -> PackedInt8:
@@ -121,6 +149,7 @@ def int8_linear(
     x2 = x.reshape(-1, K).contiguous()
     if bias is not None:
         bias = bias.to(torch.int32).contiguous()
+        w.check_bias(bias)
     if w.native is not None and _use_native():
         y = _native_module().int8_gemm(x2, int(x_zp), w.native, bias, epi)
     else:
@@ -148,8 +177,22 @@ def int8_conv2d(
         raise ValueError(f"input has {x.shape[1]} channels, the layer expects {Cg * groups}")
     if bias is not None:
         bias = bias.to(torch.int32).contiguous()
+        w.check_bias(bias)
     if w.native is not None and _use_native():
         return _native_module().int8_conv2d(x, int(x_zp), w, bias, epi, stride, padding, dilation, groups)
     return torch_backend.int8_conv2d(
         x, int(x_zp), w.weight, w.w_t, w.colsum, bias, epi, stride, padding, dilation, groups
     )
+
+
+def qadd(
+    a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, m_a: int, m_b: int, rshift: int, out_zp: int,
+    lo: int = 0, hi: int = 255,
+) -> torch.Tensor:
+    """Integer residual add of uint8 codes, rounded once (the specification: :func:`reference.add_ref`):
+    ``clamp(((m_a (a - a_zp) + m_b (b - b_zp) + 2^(rshift-1)) >> rshift) + out_zp, lo, hi)`` as uint8;
+    ``lowbit.formats.affine.add_multipliers`` derives ``m_a, m_b, rshift`` from the scales."""
+    nat = _native_module() if _use_native() else None
+    if nat is not None and hasattr(nat, "qadd"):
+        return nat.qadd(a, a_zp, b, b_zp, m_a, m_b, rshift, out_zp, lo, hi)
+    return add_ref(a, a_zp, b, b_zp, m_a, m_b, rshift, out_zp, lo, hi)

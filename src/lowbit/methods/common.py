@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from lowbit.formats.affine import INT8_WEIGHT, UINT8_ACT, quantize
+from lowbit.kernels import AccumulatorOverflowError
 from lowbit.observers import Observer, make_observer
 
 from .base import LayerSettings, is_layer, layer_of
@@ -30,6 +32,16 @@ def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Ten
     else:
         q = quantize(w, scale, 0, INT8_WEIGHT, axis=0)
     return q, scale
+
+
+@contextmanager
+def layer_named(name: str) -> Iterator[None]:
+    """Re-raise an :class:`~lowbit.kernels.AccumulatorOverflowError` met while building layer ``name``
+    with the layer's name in the message."""
+    try:
+        yield
+    except AccumulatorOverflowError as e:
+        raise AccumulatorOverflowError(f"layer '{name}': {e}") from None
 
 
 def conv_geometry(layer: nn.Module) -> dict[str, Any]:
@@ -61,7 +73,8 @@ def swap_layers(
             kept.append(node.target)
             continue
         layer, act = layer_of(mod)
-        _set_submodule(gm, node.target, make(layer, act, settings, node.target))
+        with layer_named(node.target):
+            _set_submodule(gm, node.target, make(layer, act, settings, node.target))
     gm.recompile()
     return gm, kept
 

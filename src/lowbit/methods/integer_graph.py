@@ -18,7 +18,7 @@ from lowbit.formats.affine import quantize_bias
 from lowbit.nn import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QConv, QLinear, Quantize
 
 from .base import QuantConfig, is_layer, layer_of
-from .common import quantize_weight
+from .common import layer_named, quantize_weight
 
 QParams = tuple[float, int]
 
@@ -144,11 +144,12 @@ def build_integer_graph(
             s_out, z_out = qp(node.name)
             wq, ws = quantize_weight(layer.weight.detach(), settings)
             bq = None if layer.bias is None else quantize_bias(layer.bias.detach(), s_in, ws)
-            if isinstance(layer, nn.Linear):
-                qmod: nn.Module = QLinear(wq, ws, bq, (s_in, z_in), (s_out, z_out), act)
-            else:
-                qmod = QConv(wq, ws, bq, (s_in, z_in), (s_out, z_out), act, stride=layer.stride,
-                             padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            with layer_named(node.target):
+                if isinstance(layer, nn.Linear):
+                    qmod: nn.Module = QLinear(wq, ws, bq, (s_in, z_in), (s_out, z_out), act)
+                else:
+                    qmod = QConv(wq, ws, bq, (s_in, z_in), (s_out, z_out), act, stride=layer.stride,
+                                 padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
             env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), (s_out, z_out))
 
         elif isinstance(mod, (nn.ReLU, nn.ReLU6)) and env[node.args[0].name][1] is not None:
