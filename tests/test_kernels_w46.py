@@ -7,20 +7,22 @@ flush interval), epilogue, convolution geometry and thread count.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+import _spec as S
 from lowbit.kernels.epilogue import FloatOut, Requant
 from lowbit.kernels.w46 import (
     PackedW46,
     check_w46_levels,
     pack_w46,
     w46_conv2d,
-    w46_conv2d_ref,
     w46_levels,
     w46_linear,
-    w46_linear_ref,
 )
+from lowbit.kernels.w46 import w46_conv2d_ref as lib_conv2d_ref
+from lowbit.kernels.w46 import w46_linear_ref as lib_linear_ref
 
 try:
     from lowbit import _native as nat
@@ -31,6 +33,30 @@ except ImportError:  # pragma: no cover - depends on the build
     HAVE_NATIVE = False
 
 ISAS = ["portable", "avx2", "avx512bw", "vnni"]
+
+
+def _spec_epilogue(acc: np.ndarray, epi, axis: int) -> torch.Tensor:
+    if epi is None:
+        return torch.from_numpy(S.epilogue(acc, "none", axis).astype(np.int32))
+    if isinstance(epi, FloatOut):
+        return torch.from_numpy(S.epilogue(acc, "float", axis, scale=epi.scale.numpy(),
+                                           bias=None if epi.bias is None else epi.bias.numpy()))
+    y = S.epilogue(acc, "requant", axis, m0=epi.m0.numpy(), rshift=epi.rshift.numpy(), zp=epi.out_zp, lo=epi.qmin,
+                   hi=epi.qmax)
+    return torch.from_numpy(y.astype(np.uint8 if epi.out_dtype == torch.uint8 else np.int8))
+
+
+def w46_linear_ref(x, K_x, w, bias=None, epi=None) -> torch.Tensor:
+    """The specification: epi(sum_k (x - K_x) * w + bias), NumPy (tests/_spec.py)."""
+    acc = S.linear_acc(x.numpy().astype(np.int64) - K_x, w.numpy(), None if bias is None else bias.numpy())
+    return _spec_epilogue(acc, epi, -1)
+
+
+def w46_conv2d_ref(x, K_x, w, bias=None, epi=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    acc = S.conv_acc(x.contiguous().numpy().astype(np.int64) - K_x, w.numpy(), None if bias is None else bias.numpy(),
+                     stride, padding, dilation, groups)
+    return _spec_epilogue(acc, epi, 1)
+
 _ORDER = {"portable": 0, "neon": 1, "avx2": 2, "avx512bw": 3, "vnni": 4}
 # (N_x, N_w) pairs of the paper plus the extreme K_x = 127, K_w = 1 (N_x = 255)
 LEVELS = [(14, 9), (12, 10), (11, 11), (127, 1)]
@@ -44,18 +70,24 @@ def _torch_single_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest):
+@pytest.fixture(params=[*ISAS, "torch"])
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Every native path this CPU runs, and the plain-PyTorch fallback ("torch")."""
+    if request.param == "torch":
+        monkeypatch.setenv("LOWBIT_KERNELS", "torch")
+        yield "torch"
+        return
     if not HAVE_NATIVE:
         pytest.skip("lowbit._native is not built")
     best = nat.best_isa()
     if request.param != "portable" and (best == "neon" or _ORDER[request.param] > _ORDER[best]):
         pytest.skip(f"this CPU cannot run the {request.param} path (best ISA here: {best})")
-    prev = nat.active_isa()
-    nat.set_isa_cap(request.param)
-    assert nat.w46_path() == request.param
-    yield request.param
-    nat.set_isa_cap(prev)
+    prev = nat.set_thread_isa_cap(request.param)
+    try:
+        assert nat.w46_path() == request.param
+        yield request.param
+    finally:
+        nat.set_thread_isa_cap(prev)
 
 
 @pytest.fixture
@@ -306,3 +338,18 @@ def test_torch_fallback(monkeypatch: pytest.MonkeyPatch):
                        w46_conv2d_ref(xc, 14, wc, padding=1, groups=2))
     with pytest.raises(ValueError):
         w46_linear(torch.full((1, 70), 100, dtype=torch.uint8), p)
+
+
+def test_reference_matches_spec():
+    """lowbit's own plain-PyTorch reference (the fallback and the documentation) is the specification too."""
+    g = torch.Generator().manual_seed(8)
+    x = _codes((6, 77), 14, g)
+    w = _weights((19, 77), 9, g)
+    b = torch.randint(-5000, 5000, (19,), generator=g, dtype=torch.int32)
+    for epi in _epilogues(19, g):
+        assert torch.equal(lib_linear_ref(x, 14, w, b, epi), w46_linear_ref(x, 14, w, b, epi)), epi
+    xc = _codes((2, 6, 7, 8), 11, g)
+    wc = _weights((8, 3, 3, 3), 11, g)
+    for epi in _epilogues(8, g)[:4]:
+        got = lib_conv2d_ref(xc, 11, wc, None, epi, 2, 1, 1, 2)
+        assert torch.equal(got, w46_conv2d_ref(xc, 11, wc, None, epi, 2, 1, 1, 2)), epi

@@ -121,8 +121,15 @@ def pack_bits(x_sign: torch.Tensor) -> torch.Tensor:
         out = torch.empty(src.shape[0], KW, dtype=torch.int64)
         nat.pack_bits_u8(src.data_ptr(), src.shape[0], K, K, out.data_ptr())
         return out.reshape(*lead, KW)
+    return _pack_bits_torch(b).reshape(*lead, KW)
+
+
+def _pack_bits_torch(b: torch.Tensor) -> torch.Tensor:
+    """Bool [R, K] -> int64 words [R, ceil(K/64)] in plain PyTorch (the reference never uses native code)."""
+    K = b.shape[-1]
+    KW = (K + 63) // 64
     bb = F.pad(b.to(torch.int64), (0, KW * 64 - K)).reshape(-1, KW, 64)
-    return (bb * _POW2).sum(-1).reshape(*lead, KW)  # distinct powers of two: the sum never carries
+    return (bb * _POW2).sum(-1)  # distinct powers of two: the sum never carries
 
 
 def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
@@ -203,7 +210,8 @@ def _ref_epi(dot: torch.Tensor, epi: BinaryEpilogue | None, channel_axis: int) -
         bit = dot >= epi.thr.reshape(shape)
         if epi.flip is not None:
             bit = bit ^ epi.flip.reshape(shape)
-        return pack_bits(bit.movedim(ax, -1))
+        bit = bit.movedim(ax, -1)
+        return _pack_bits_torch(bit.reshape(-1, bit.shape[-1])).reshape(*bit.shape[:-1], -1)
     raise TypeError(f"binary kernels support FloatOut and Threshold epilogues, got {type(epi).__name__}")
 
 
