@@ -11,3 +11,36 @@ def digits_cnn(tmp_path_factory):
     torch.manual_seed(0)
     model, splits, meta = train_or_load("small_cnn", "digits", checkpoint=ckpt, progress=False)
     return model.eval(), splits, meta
+
+
+@pytest.fixture(scope="session")
+def digits_quantized(digits_cnn):
+    """The digits CNN quantized by every post-training mode (calibration: the 500-sample calibration split)."""
+    import lowbit
+
+    model, splits, _ = digits_cnn
+    modes = ("dynamic", "static", "full_integer", "float16")
+    out = {m: lowbit.quantize(model, m, calib=splits.calib) for m in modes}
+    out["full_integer_int8"] = lowbit.quantize(model, "full_integer", calib=splits.calib, io_dtype="int8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def residual_models(digits_cnn):
+    """ResNet-20 and the MobileNet (width 8, 8x8 digits) with realistic BatchNorm statistics, each with its
+    static quantization (calibration: 200 samples); also returns the calibration tensor."""
+    import lowbit
+    from lowbit.models import build
+
+    _, splits, _ = digits_cnn
+    calib = splits.calib.tensors[0][:200]
+    out = {}
+    for name in ("resnet20", "mobilenet"):
+        torch.manual_seed(0)
+        model = build(name, 1, 10, 8)
+        model.train()
+        with torch.no_grad():
+            model(splits.train.tensors[0][:256])
+        model.eval()
+        out[name] = (lowbit.quantize(model, "static", calib=calib), model)
+    return out, calib

@@ -21,7 +21,6 @@ from _spec_modules import check_layers
 from lowbit import kernels
 from lowbit.evaluate import model_input
 from lowbit.graph import Fused, prepare
-from lowbit.models import build
 
 try:
     from lowbit.kernels import native
@@ -55,28 +54,9 @@ def _run(q: nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, int
 
 
 @pytest.fixture(scope="module")
-def digits_models(digits_cnn):
+def digits_models(digits_cnn, digits_quantized):
     model, splits, _ = digits_cnn
-    calib = splits.calib.tensors[0][:300]
-    out = {m: lowbit.quantize(model, m, calib=calib) for m in ("static", "full_integer", "dynamic")}
-    out["full_integer_int8"] = lowbit.quantize(model, "full_integer", calib=calib, io_dtype="int8")
-    return out, model, calib, splits.test.tensors[0][:16]
-
-
-@pytest.fixture(scope="module")
-def residual_models(digits_cnn):
-    _, splits, _ = digits_cnn
-    out = {}
-    calib = splits.calib.tensors[0][:200]
-    for name in ("resnet20", "mobilenet"):
-        torch.manual_seed(0)
-        model = build(name, 1, 10, 8)
-        model.train()
-        with torch.no_grad():  # realistic BatchNorm statistics
-            model(splits.train.tensors[0][:256])
-        model.eval()
-        out[name] = (lowbit.quantize(model, "static", calib=calib), model)
-    return out, splits.test.tensors[0][:8], calib
+    return digits_quantized, model, splits.calib.tensors[0], splits.test.tensors[0][:16]
 
 
 @pytest.mark.parametrize("mode", ["static", "full_integer", "full_integer_int8", "dynamic"])
@@ -93,9 +73,10 @@ def test_digits_layers_exact_on_every_backend(digits_models, mode):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet"])
-def test_residual_depthwise_layers_exact_on_every_backend(residual_models, name):
-    models, x, _ = residual_models
+def test_residual_depthwise_layers_exact_on_every_backend(residual_models, digits_models, name):
+    models, _ = residual_models
     q, _ = models[name]
+    x = digits_models[3][:8]
     kinds = {type(m).__name__ for m in q.modules()}
     assert ("QAdd" in kinds) == (name == "resnet20") and "QConv" in kinds
     outs = {b: _run(q, x, b)[0] for b in _backends()}
@@ -165,7 +146,7 @@ def test_static_parameters_follow_calibration(digits_models, residual_models, wh
         models, model, calib, _ = digits_models
         q = models["static"]
     else:
-        models, _, calib = residual_models
+        models, calib = residual_models
         q, model = models["resnet20"]
     layers, ranges = _float_layers(model, calib)
     n_checked = 0
