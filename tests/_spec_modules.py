@@ -22,6 +22,23 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def spec_epilogue(acc: np.ndarray, epi: Any, axis: int) -> torch.Tensor:
+    """The specification's output of a kernel epilogue object (None, FloatOut, Requant, Threshold: read by
+    their fields) on the int64 accumulator ``acc`` (channels along ``axis``), as a tensor of the kernel's
+    output dtype."""
+    if epi is None:
+        return torch.from_numpy(S.epilogue(acc, "none", axis).astype(np.int32))
+    if hasattr(epi, "thr"):
+        S.check_int32(acc)
+        return torch.from_numpy(S.threshold_bits(acc, _np(epi.thr), None if epi.flip is None else _np(epi.flip), axis))
+    if hasattr(epi, "scale"):
+        bias = None if epi.bias is None else _np(epi.bias)
+        return torch.from_numpy(S.epilogue(acc, "float", axis, scale=_np(epi.scale), bias=bias))
+    y = S.epilogue(acc, "requant", axis, m0=_np(epi.m0), rshift=_np(epi.rshift), zp=epi.out_zp, lo=epi.qmin,
+                   hi=epi.qmax)
+    return torch.from_numpy(y.astype(np.uint8 if epi.out_dtype == torch.uint8 else np.int8))
+
+
 def _static_layer(mod: Any, x: np.ndarray) -> np.ndarray:
     w = _np(mod.weight_q).astype(np.int64)
     ws = _np(mod.weight_scale).astype(np.float64)

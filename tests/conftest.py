@@ -1,6 +1,31 @@
 import pytest
 import torch
 
+_ISA_RANK = {"portable": 0, "neon": 1, "avx2": 2, "avx512bw": 3, "vnni": 4}
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512bw", "vnni", "torch"])
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Every native dispatch path this CPU runs (capped for this thread), and the plain-PyTorch fallback
+    ("torch", ``LOWBIT_KERNELS=torch``). Paths the CPU lacks are skipped with the reason; the AVX-512 ones
+    also run under emulation (tests/test_emulation.py)."""
+    if request.param == "torch":
+        monkeypatch.setenv("LOWBIT_KERNELS", "torch")
+        yield "torch"
+        return
+    try:
+        from lowbit import _native as nat
+    except ImportError:  # pragma: no cover - depends on the build
+        pytest.skip("lowbit._native is not built")
+    best = nat.best_isa()
+    if request.param != "portable" and (best == "neon" or _ISA_RANK[request.param] > _ISA_RANK[best]):
+        pytest.skip(f"this CPU cannot run the {request.param} path (best ISA here: {best})")
+    prev = nat.set_thread_isa_cap(request.param)
+    try:
+        yield request.param
+    finally:
+        nat.set_thread_isa_cap(prev)
+
 
 @pytest.fixture(scope="session")
 def digits_cnn(tmp_path_factory):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import _spec as S
+from _spec_modules import spec_epilogue
 from lowbit.kernels.binary import (
     PackedBinary,
     Threshold,
@@ -35,7 +36,6 @@ except ImportError:  # pragma: no cover - depends on the build
     nat = None
     HAVE_NATIVE = False
 
-ISAS = ["portable", "avx2", "avx512bw", "vnni"]
 
 
 def _signs_np(x: torch.Tensor) -> np.ndarray:
@@ -43,25 +43,14 @@ def _signs_np(x: torch.Tensor) -> np.ndarray:
     return np.where(x.numpy() > 0, 1, -1).astype(np.int64)
 
 
-def _spec_epilogue(dot: np.ndarray, epi, axis: int) -> torch.Tensor:
-    if epi is None:
-        return torch.from_numpy(S.epilogue(dot, "none", axis).astype(np.int32))
-    if isinstance(epi, FloatOut):
-        return torch.from_numpy(S.epilogue(dot, "float", axis, scale=epi.scale.numpy(),
-                                           bias=None if epi.bias is None else epi.bias.numpy()))
-    flip = None if epi.flip is None else epi.flip.numpy()
-    return torch.from_numpy(S.threshold_bits(dot, epi.thr.numpy(), flip, axis))
-
-
 def binary_linear_ref(x, w, epi=None) -> torch.Tensor:
     """The specification: epi(sum_k sign(x) * sign(w)), NumPy (tests/_spec.py)."""
-    return _spec_epilogue(S.linear_acc(_signs_np(x), _signs_np(w)), epi, -1)
+    return spec_epilogue(S.linear_acc(_signs_np(x), _signs_np(w)), epi, -1)
 
 
 def binary_conv2d_ref(x, w, epi=None, stride=1, padding=0, dilation=1, groups=1, pad_value=-1) -> torch.Tensor:
     dot = S.conv_acc(_signs_np(x.contiguous()), _signs_np(w), None, stride, padding, dilation, groups, pad_value)
-    return _spec_epilogue(dot, epi, 1)
-_ORDER = {"portable": 0, "neon": 1, "avx2": 2, "avx512bw": 3, "vnni": 4}
+    return spec_epilogue(dot, epi, 1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,25 +59,6 @@ def _torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(params=[*ISAS, "torch"])
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    """Every native path this CPU runs, and the plain-PyTorch fallback ("torch")."""
-    if request.param == "torch":
-        monkeypatch.setenv("LOWBIT_KERNELS", "torch")
-        yield "torch"
-        return
-    if not HAVE_NATIVE:
-        pytest.skip("lowbit._native is not built")
-    best = nat.best_isa()
-    if request.param != "portable" and (best == "neon" or _ORDER[request.param] > _ORDER[best]):
-        pytest.skip(f"this CPU cannot run the {request.param} path (best ISA here: {best})")
-    prev = nat.set_thread_isa_cap(request.param)
-    try:
-        yield request.param
-    finally:
-        nat.set_thread_isa_cap(prev)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _spec as S
+from _spec_modules import spec_epilogue
 from lowbit.kernels import PackedInt8
 from lowbit.kernels.epilogue import FloatOut, Requant
 
@@ -29,27 +30,16 @@ if not native.available():  # pragma: no cover - depends on the build
 ISAS = ["portable", "avx2", "avx512bw", "vnni"]
 
 
-def _spec_epilogue(acc: np.ndarray, epi, axis: int) -> torch.Tensor:
-    if epi is None:
-        return torch.from_numpy(S.epilogue(acc, "none", axis).astype(np.int32))
-    if isinstance(epi, FloatOut):
-        return torch.from_numpy(S.epilogue(acc, "float", axis, scale=epi.scale.numpy(),
-                                           bias=None if epi.bias is None else epi.bias.numpy()))
-    y = S.epilogue(acc, "requant", axis, m0=epi.m0.numpy(), rshift=epi.rshift.numpy(), zp=epi.out_zp, lo=epi.qmin,
-                   hi=epi.qmax)
-    return torch.from_numpy(y.astype(np.uint8 if epi.out_dtype == torch.uint8 else np.int8))
-
-
 def int8_gemm_ref(x, x_zp, w, bias=None, epi=None) -> torch.Tensor:
     """The specification (tests/_spec.py), as a torch tensor of the kernel's output dtype."""
     acc = S.linear_acc(x.numpy().astype(np.int64) - int(x_zp), w.numpy(), None if bias is None else bias.numpy())
-    return _spec_epilogue(acc, epi, -1)
+    return spec_epilogue(acc, epi, -1)
 
 
 def int8_conv2d_ref(x, x_zp, w, bias=None, epi=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     acc = S.conv_acc(x.contiguous().numpy().astype(np.int64) - int(x_zp), w.numpy(),
                      None if bias is None else bias.numpy(), stride, padding, dilation, groups)
-    return _spec_epilogue(acc, epi, 1)
+    return spec_epilogue(acc, epi, 1)
 _ORDER = {"portable": 0, "neon": 1, "avx2": 2, "avx512bw": 3, "vnni": 4}
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import _spec as S
+from _spec_modules import spec_epilogue
 from lowbit.kernels.epilogue import FloatOut, Requant
 from lowbit.kernels.w46 import (
     PackedW46,
@@ -32,32 +33,19 @@ except ImportError:  # pragma: no cover - depends on the build
     nat = None
     HAVE_NATIVE = False
 
-ISAS = ["portable", "avx2", "avx512bw", "vnni"]
-
-
-def _spec_epilogue(acc: np.ndarray, epi, axis: int) -> torch.Tensor:
-    if epi is None:
-        return torch.from_numpy(S.epilogue(acc, "none", axis).astype(np.int32))
-    if isinstance(epi, FloatOut):
-        return torch.from_numpy(S.epilogue(acc, "float", axis, scale=epi.scale.numpy(),
-                                           bias=None if epi.bias is None else epi.bias.numpy()))
-    y = S.epilogue(acc, "requant", axis, m0=epi.m0.numpy(), rshift=epi.rshift.numpy(), zp=epi.out_zp, lo=epi.qmin,
-                   hi=epi.qmax)
-    return torch.from_numpy(y.astype(np.uint8 if epi.out_dtype == torch.uint8 else np.int8))
 
 
 def w46_linear_ref(x, K_x, w, bias=None, epi=None) -> torch.Tensor:
     """The specification: epi(sum_k (x - K_x) * w + bias), NumPy (tests/_spec.py)."""
     acc = S.linear_acc(x.numpy().astype(np.int64) - K_x, w.numpy(), None if bias is None else bias.numpy())
-    return _spec_epilogue(acc, epi, -1)
+    return spec_epilogue(acc, epi, -1)
 
 
 def w46_conv2d_ref(x, K_x, w, bias=None, epi=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     acc = S.conv_acc(x.contiguous().numpy().astype(np.int64) - K_x, w.numpy(), None if bias is None else bias.numpy(),
                      stride, padding, dilation, groups)
-    return _spec_epilogue(acc, epi, 1)
+    return spec_epilogue(acc, epi, 1)
 
-_ORDER = {"portable": 0, "neon": 1, "avx2": 2, "avx512bw": 3, "vnni": 4}
 # (N_x, N_w) pairs of the paper plus the extreme K_x = 127, K_w = 1 (N_x = 255)
 LEVELS = [(14, 9), (12, 10), (11, 11), (127, 1)]
 
@@ -68,26 +56,6 @@ def _torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(params=[*ISAS, "torch"])
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    """Every native path this CPU runs, and the plain-PyTorch fallback ("torch")."""
-    if request.param == "torch":
-        monkeypatch.setenv("LOWBIT_KERNELS", "torch")
-        yield "torch"
-        return
-    if not HAVE_NATIVE:
-        pytest.skip("lowbit._native is not built")
-    best = nat.best_isa()
-    if request.param != "portable" and (best == "neon" or _ORDER[request.param] > _ORDER[best]):
-        pytest.skip(f"this CPU cannot run the {request.param} path (best ISA here: {best})")
-    prev = nat.set_thread_isa_cap(request.param)
-    try:
-        assert nat.w46_path() == request.param
-        yield request.param
-    finally:
-        nat.set_thread_isa_cap(prev)
 
 
 @pytest.fixture

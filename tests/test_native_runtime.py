@@ -168,6 +168,17 @@ def test_isa_and_threads_context_managers_restore():
             pass
 
 
+def test_every_family_follows_the_thread_cap():
+    rank = {"portable": 0, "avx2": 2, "avx512bw": 3, "vnni": 4}
+    best = native.best_isa()
+    for p in [q for q in rank if q == "portable" or (best != "neon" and rank[q] <= rank.get(best, 0))]:
+        with native.isa(p):
+            assert C.w46_path() == p
+            assert C.int8_isa() == {"avx512bw": "avx2"}.get(p, p)  # no AVX-512BW int8 kernel: AVX2 runs
+            want = {"portable": {"portable"}, "avx2": {"avx2"}}.get(p, {"avx512bw", "avx512_vpopcntdq"})
+            assert C.binary_path() in want
+
+
 def test_evaluate_restores_thread_counts():
     from lowbit.evaluate import measure_latency
 
@@ -202,12 +213,13 @@ def test_w46_binding_checks_inputs():
     w, p, x, out, m0, rs = _w46_args()
     xp, op = x.data_ptr(), out.data_ptr()
     u8, s8, f32 = EPI_KIND["requant_u8"], EPI_KIND["requant_s8"], EPI_KIND["float_out"]
+    rs70 = torch.full((16,), 70, dtype=torch.int32)  # kept alive: the bindings take raw pointers
+    big_bias = torch.full((16,), 2**31 - 10, dtype=torch.int32)
     C.w46_linear(xp, 4, 32, p, 0, u8, m0.data_ptr(), rs.data_ptr(), 0, 0, 255, op)  # valid
     bad = {
         "null activation": (0, 4, 32, p, 0, 0, 0, 0, 0, 0, 0, op),
         "null output": (xp, 4, 32, p, 0, 0, 0, 0, 0, 0, 0, 0),
-        "rshift 70": (xp, 4, 32, p, 0, u8, m0.data_ptr(), torch.full((16,), 70, dtype=torch.int32).data_ptr(), 0, 0,
-                      255, op),
+        "rshift 70": (xp, 4, 32, p, 0, u8, m0.data_ptr(), rs70.data_ptr(), 0, 0, 255, op),
         "null m0": (xp, 4, 32, p, 0, u8, 0, rs.data_ptr(), 0, 0, 255, op),
         "uint8 clamp -5": (xp, 4, 32, p, 0, u8, m0.data_ptr(), rs.data_ptr(), 0, -5, 255, op),
         "int8 clamp 200": (xp, 4, 32, p, 0, s8, m0.data_ptr(), rs.data_ptr(), 0, -128, 200, op),
@@ -217,8 +229,7 @@ def test_w46_binding_checks_inputs():
         "epilogue kind 4": (xp, 4, 32, p, 0, EPI_KIND["bits"], m0.data_ptr(), 0, 0, 0, 0, op),
         "epilogue kind 9": (xp, 4, 32, p, 0, 9, 0, 0, 0, 0, 0, op),
         "row stride": (xp, 4, 31, p, 0, 0, 0, 0, 0, 0, 0, op),
-        "bias overflow": (xp, 4, 32, p, torch.full((16,), 2**31 - 10, dtype=torch.int32).data_ptr(), 0, 0, 0, 0, 0, 0,
-                          op),
+        "bias overflow": (xp, 4, 32, p, big_bias.data_ptr(), 0, 0, 0, 0, 0, 0, op),
     }
     for what, args in bad.items():
         with pytest.raises(ValueError):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import _spec as S
+from _spec_modules import spec_epilogue
 from lowbit import kernels
 from lowbit.formats import UINT8_ACT, choose_qparams, quantize, quantize_multiplier
 from lowbit.formats.affine import add_multipliers
@@ -152,16 +153,6 @@ def test_choose_qparams_one_rule_for_scalars_and_tensors():
 # -------------------------------------------------------------------------------- torch kernel backend
 
 
-def _requant_spec(acc, epi, axis):
-    if epi is None:
-        return S.epilogue(acc, "none", axis)
-    if isinstance(epi, kernels.FloatOut):
-        return S.epilogue(acc, "float", axis, scale=epi.scale.numpy(),
-                          bias=None if epi.bias is None else epi.bias.numpy())
-    return S.epilogue(acc, "requant", axis, m0=epi.m0.numpy(), rshift=epi.rshift.numpy(), zp=epi.out_zp,
-                      lo=epi.qmin, hi=epi.qmax)
-
-
 def _same(got: torch.Tensor, want: np.ndarray) -> bool:
     g = got.contiguous().numpy()
     return g.shape == want.shape and np.array_equal(g.astype(want.dtype) if want.dtype == np.int64 else g, want)
@@ -181,7 +172,7 @@ def test_torch_backend_gemm_exact(M, K, N):
                     kernels.Requant(m0[:1], sh[:1], 9, 0, 255),
                     kernels.FloatOut(torch.rand(N, generator=g), torch.randn(N, generator=g))):
             got = torch_backend.int8_gemm(x, zp, p.w_t, p.colsum, b, epi)
-            assert _same(got, _requant_spec(acc, epi, -1)), (zp, epi)
+            assert torch.equal(got, spec_epilogue(acc, epi, -1)), (zp, epi)
 
 
 def test_torch_backend_extremes():
