@@ -137,8 +137,8 @@ def test_choose_qparams_one_rule_for_scalars_and_tensors():
     g = torch.Generator().manual_seed(3)
     lo = (torch.rand(2000, generator=g) * -8).to(torch.float32)
     hi = (torch.rand(2000, generator=g) * 8).to(torch.float32)
-    lo[:200] = -torch.arange(200, dtype=torch.float32) * 0.5  # ranges whose zero point sits on a tie
-    hi[:200] = 255 * 0.5 - torch.arange(200, dtype=torch.float32) * 0.5
+    k = torch.arange(200, dtype=torch.float32)  # scale 1/16 exactly and -lo / scale = k + 1/2: a tie
+    lo[:200], hi[:200] = -(k + 0.5) / 16, (254.5 - k) / 16
     lo[200:210], hi[200:210] = 0.0, 0.0
     st, zt = choose_qparams(lo, hi, UINT8_ACT)
     for i in range(len(lo)):
@@ -146,6 +146,8 @@ def test_choose_qparams_one_rule_for_scalars_and_tensors():
         want = S.qparams(float(lo[i]), float(hi[i]), 0, 255)
         assert (s1.dtype, z1.dtype) == (torch.float32, torch.int32)
         assert (np.float32(s1.item()), int(z1)) == want == (np.float32(st[i].item()), int(zt[i])), i
+        if i < 200:  # half to even, not half up
+            assert (float(s1), int(z1)) == (1 / 16, int(k[i]) + int(k[i]) % 2), i
     with pytest.raises(ValueError, match="NaN"):
         choose_qparams(float("nan"), 1.0, UINT8_ACT)
 
