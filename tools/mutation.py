@@ -144,7 +144,7 @@ MUTATIONS = [
         "pool not reset after fork", "csrc/parallel.cpp",
         "void atfork_child() {\n    g_pool = nullptr;\n",
         "void atfork_child() {\n",
-        (RUNTIME,), "a forked child waits forever for the parent's worker threads (issue 7)",
+        (RUNTIME,), "a forked child keeps the parent's pool, whose workers do not exist there (issue 7)",
     ),
 ]
 
