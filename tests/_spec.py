@@ -24,16 +24,16 @@ def qparams(lo: float, hi: float, qmin: int, qmax: int, symmetric: bool = False,
             eps: float = 1e-12) -> tuple[np.float32, int]:
     """Scale (float32) and zero point of the range [lo, hi] widened to include 0 (methods.md §0), in float64:
     asymmetric ``s = (hi - lo) / (qmax - qmin)``, ``z = clamp(round_half_even(qmin - lo / s))``; symmetric
-    signed ``s = max(|lo|, |hi|) / min(-qmin, qmax)``, z = 0."""
+    signed ``s = max(|lo|, |hi|) / min(-qmin, qmax)``, z = 0. An empty range (all zeros) gets s = 1."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if symmetric and signed:
         s, z = max(-lo, hi) / float(min(-qmin, qmax)), 0
     elif symmetric:
         s, z = 2 * max(-lo, hi) / float(qmax - qmin), (qmin + qmax + 1) // 2
     else:
-        s = max((hi - lo) / float(qmax - qmin), eps)
-        z = int(min(max(round(qmin - lo / s), qmin), qmax))  # Python round: half to even
-    return np.float32(max(s, eps)), z
+        s = (hi - lo) / float(qmax - qmin)
+        z = int(min(max(round(qmin - lo / max(s, eps)), qmin), qmax))  # Python round: half to even
+    return np.float32(max(s, eps) if hi > lo else 1.0), z
 
 
 def quantize(x: np.ndarray, scale, zp, qmin: int, qmax: int) -> np.ndarray:

@@ -102,9 +102,9 @@ def _choose_qparams_one(min_val: float, max_val: float, fmt: QFormat, eps: float
         else:
             scale, zp = 2 * amax / float(qmax - qmin), float((qmin + qmax + 1) // 2)
     else:
-        scale = max((hi - lo) / float(qmax - qmin), eps)
-        zp = float(min(max(round(qmin - lo / scale), qmin), qmax))
-    scale = max(scale, eps)
+        scale = (hi - lo) / float(qmax - qmin)
+        zp = float(min(max(round(qmin - lo / max(scale, eps)), qmin), qmax))
+    scale = max(scale, eps) if hi - lo > 0 else 1.0
     return torch.tensor(scale, dtype=torch.float32), torch.tensor(int(zp), dtype=torch.int32)
 
 
@@ -117,8 +117,9 @@ def choose_qparams(
     """Scale and zero point that map the real range [min_val, max_val] onto ``fmt``.
 
     Works element-wise, so per-channel ranges give per-channel parameters. The range is first
-    widened to include 0, so that real zero is exactly representable (zero padding, ReLU).
-    Returns (scale float32, zero_point int32).
+    widened to include 0, so that real zero is exactly representable (zero padding, ReLU). An empty
+    range (all zeros: a pruned channel, a dead activation) gets scale 1, so every value is the code of
+    real zero. Returns (scale float32, zero_point int32).
     """
     if type(min_val) is float and type(max_val) is float and type(fmt) is QFormat:
         return _choose_qparams_one(min_val, max_val, fmt, eps)  # per call (dynamic layers): no tensor ops
@@ -137,9 +138,8 @@ def choose_qparams(
             zp = torch.full_like(scale, float((qmin + qmax + 1) // 2))
     else:
         scale = (hi - lo) / float(qmax - qmin)
-        scale = torch.clamp(scale, min=eps)
-        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-    scale = torch.clamp(scale, min=eps)
+        zp = torch.clamp(torch.round(qmin - lo / torch.clamp(scale, min=eps)), qmin, qmax)
+    scale = torch.where(hi - lo > 0, torch.clamp(scale, min=eps), torch.ones_like(scale))
     return scale.to(torch.float32), zp.to(torch.int32)
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from . import torch_backend
+from . import pooling, torch_backend
 from .epilogue import Epilogue, FloatOut, Requant
+from .pooling import PoolGeometry
 from .reference import INT32_MAX, AccumulatorOverflowError, add_ref
 
 __all__ = [
@@ -29,7 +30,10 @@ __all__ = [
     "int8_linear",
     "int8_conv2d",
     "qadd",
+    "max_pool2d_codes",
+    "PoolGeometry",
     "backend_name",
+    "check_environment",
     "set_backend",
 ]
 
@@ -54,7 +58,25 @@ def _native_module() -> Any:
     return native if native.available() else None
 
 
+_ISA_NAMES = ("portable", "neon", "avx2", "avx512bw", "vnni", "avx512vnni")
+_env_checked = False
+
+
+def check_environment() -> None:
+    """``LOWBIT_KERNELS`` and ``LOWBIT_ISA``, when set, hold known values (a typo is an error, not ignored)."""
+    global _env_checked
+    kern = os.environ.get("LOWBIT_KERNELS", "").strip().lower()
+    if kern not in ("", "torch", "native"):
+        raise ValueError(f"LOWBIT_KERNELS={os.environ['LOWBIT_KERNELS']!r}: use 'torch' or 'native' (or unset it)")
+    isa = os.environ.get("LOWBIT_ISA", "")
+    if isa and isa not in _ISA_NAMES:
+        raise ValueError(f"LOWBIT_ISA={isa!r}: use one of {', '.join(_ISA_NAMES[:-1])} (or unset it)")
+    _env_checked = True
+
+
 def _use_native() -> bool:
+    if not _env_checked:
+        check_environment()
     choice = _forced or os.environ.get("LOWBIT_KERNELS", "").strip().lower() or None
     if choice == "torch":
         return False
@@ -196,3 +218,16 @@ def qadd(
     if nat is not None and hasattr(nat, "qadd"):
         return nat.qadd(a, a_zp, b, b_zp, m_a, m_b, rshift, out_zp, lo, hi)
     return add_ref(a, a_zp, b, b_zp, m_a, m_b, rshift, out_zp, lo, hi)
+
+
+def max_pool2d_codes(x: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:
+    """2-D max pooling of integer codes (uint8 or int8) [N, C, H, W] or [C, H, W], NCHW semantics.
+
+    Exact for any map size and memory format; padding never wins a window (it holds the lowest code),
+    as torch ignores padding. ``geometry``: :meth:`PoolGeometry.make` (kernel, stride, padding,
+    dilation, ceil_mode, checked as torch checks them). Runs the plain-PyTorch implementation
+    (:mod:`lowbit.kernels.pooling`), the same on every backend.
+    """
+    if not isinstance(geometry, PoolGeometry):
+        raise TypeError(f"geometry must be a lowbit.kernels.PoolGeometry, got {type(geometry).__name__}")
+    return pooling.max_pool2d_codes(x, geometry)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from lowbit.formats.affine import INT8_WEIGHT, UINT8_ACT, quantize
 from lowbit.kernels import AccumulatorOverflowError
 from lowbit.observers import Observer, make_observer
 
-from .base import LayerSettings, is_layer, layer_of
+from .base import Batch, LayerSettings, as_inputs, is_layer, layer_of
 
 
 def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,14 +33,12 @@ def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Ten
     return q, scale
 
 
-@contextmanager
-def layer_named(name: str) -> Iterator[None]:
-    """Re-raise an :class:`~lowbit.kernels.AccumulatorOverflowError` met while building layer ``name``
-    with the layer's name in the message."""
-    try:
-        yield
-    except AccumulatorOverflowError as e:
-        raise AccumulatorOverflowError(f"layer '{name}': {e}") from None
+def layer_error(e: ValueError, name: str) -> ValueError:
+    """``e`` with layer ``name`` in its message (once); an :class:`~lowbit.kernels.AccumulatorOverflowError`
+    stays one."""
+    msg = str(e)
+    msg = msg if f"'{name}'" in msg else f"layer '{name}': {msg}"
+    return AccumulatorOverflowError(msg) if isinstance(e, AccumulatorOverflowError) else ValueError(msg)
 
 
 def conv_geometry(layer: nn.Module) -> dict[str, Any]:
@@ -73,8 +70,11 @@ def swap_layers(
             kept.append(node.target)
             continue
         layer, act = layer_of(mod)
-        with layer_named(node.target):
-            _set_submodule(gm, node.target, make(layer, act, settings, node.target))
+        try:
+            new = make(layer, act, settings, node.target)
+        except ValueError as e:
+            raise layer_error(e, node.target) from None
+        _set_submodule(gm, node.target, new)
     gm.recompile()
     return gm, kept
 
@@ -98,14 +98,14 @@ class _Recorder(fx.Interpreter):
 
 
 def calibrate_activations(
-    gm: fx.GraphModule, batches: list[torch.Tensor], observer: str, progress: bool = True
+    gm: fx.GraphModule, batches: list[Batch], observer: str, progress: bool = True
 ) -> dict[str, tuple[float, int]]:
     """Run the float graph over the calibration batches; per node: uint8 (scale, zero point)."""
     observers = {n.name: make_observer(observer) for n in gm.graph.nodes if n.op not in ("output", "get_attr")}
     rec = _Recorder(gm, observers)
     with torch.no_grad():
         for b in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
-            rec.run(b)
+            rec.run(*as_inputs(b))
     out: dict[str, tuple[float, int]] = {}
     for name, obs in observers.items():
         if obs.observed:

@@ -15,10 +15,10 @@ import torch
 from torch import fx, nn
 
 from lowbit.formats.affine import quantize_bias
-from lowbit.nn import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QConv, QLinear, Quantize
+from lowbit.nn import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QConv, QLinear, QMaxPool2d, Quantize
 
-from .base import QuantConfig, is_layer, layer_of
-from .common import layer_named, quantize_weight
+from .base import LayerSettings, QuantConfig, is_layer, layer_of
+from .common import layer_error, quantize_weight
 
 QParams = tuple[float, int]
 
@@ -31,6 +31,16 @@ def _pool_ok(m: nn.Module) -> bool:
     if isinstance(m, nn.AvgPool2d):
         return not m.ceil_mode and m.count_include_pad and m.divisor_override is None
     return isinstance(m, nn.AdaptiveAvgPool2d)
+
+
+def _int8_layer(mod: nn.Module, settings: LayerSettings, q_in: QParams, q_out: QParams) -> nn.Module:
+    layer, act = layer_of(mod)
+    wq, ws = quantize_weight(layer.weight.detach(), settings)
+    bq = None if layer.bias is None else quantize_bias(layer.bias.detach(), q_in[0], ws)
+    if isinstance(layer, nn.Linear):
+        return QLinear(wq, ws, bq, q_in, q_out, act)
+    return QConv(wq, ws, bq, q_in, q_out, act, stride=layer.stride, padding=layer.padding,
+                 dilation=layer.dilation, groups=layer.groups)
 
 
 def build_integer_graph(
@@ -46,6 +56,7 @@ def build_integer_graph(
     env: dict[str, tuple[fx.Node, QParams | None]] = {}
     casts: dict[tuple[str, str], fx.Node] = {}
     meta: dict[str, Any] = {"float_layers": [], "float_ops": []}
+    inputs: list[dict[str, Any]] = []
     counter = [0]
 
     def add_module(base: str, mod: nn.Module) -> str:
@@ -113,10 +124,10 @@ def build_integer_graph(
                 if io_dtype == "int8":
                     x = g.call_module(add_module("input_to_uint8", IOConvert("uint8")), (x,))
                 s, z = qp(node.name)
-                meta["input"] = {"dtype": io_dtype, "scale": s, "zero_point": z - (128 if io_dtype == "int8" else 0)}
+                inputs.append({"dtype": io_dtype, "scale": s, "zero_point": z - (128 if io_dtype == "int8" else 0)})
                 env[node.name] = (x, (s, z))
             else:
-                meta["input"] = {"dtype": "float32"}
+                inputs.append({"dtype": "float32"})
                 env[node.name] = (ph, None)
 
         elif op == "output":
@@ -138,19 +149,13 @@ def build_integer_graph(
                 meta["output"] = {"dtype": "float32"}
 
         elif is_layer(mod) and not config.layer(node.target).keep_float:
-            layer, act = layer_of(mod)
-            settings = config.layer(node.target)
-            x, (s_in, z_in) = as_q(node.args[0])
-            s_out, z_out = qp(node.name)
-            wq, ws = quantize_weight(layer.weight.detach(), settings)
-            bq = None if layer.bias is None else quantize_bias(layer.bias.detach(), s_in, ws)
-            with layer_named(node.target):
-                if isinstance(layer, nn.Linear):
-                    qmod: nn.Module = QLinear(wq, ws, bq, (s_in, z_in), (s_out, z_out), act)
-                else:
-                    qmod = QConv(wq, ws, bq, (s_in, z_in), (s_out, z_out), act, stride=layer.stride,
-                                 padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-            env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), (s_out, z_out))
+            x, q_in = as_q(node.args[0])
+            q_out = qp(node.name)
+            try:
+                qmod = _int8_layer(mod, config.layer(node.target), q_in, q_out)
+            except ValueError as e:
+                raise layer_error(e, node.target) from None
+            env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), q_out)
 
         elif isinstance(mod, (nn.ReLU, nn.ReLU6)) and env[node.args[0].name][1] is not None:
             x, (s, z) = as_q(node.args[0])
@@ -159,7 +164,11 @@ def build_integer_graph(
 
         elif isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
             x, dom = as_q(node.args[0])
-            env[node.name] = (g.call_module(add_module(node.target, mod), (x,)), dom)
+            try:
+                qmax = QMaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
+            except ValueError as e:
+                raise ValueError(f"max-pool '{node.target}': {e}") from None
+            env[node.name] = (g.call_module(add_module(node.target, qmax), (x,)), dom)
 
         elif mod is not None and _pool_ok(mod):
             x, (s, z) = as_q(node.args[0])
@@ -174,7 +183,11 @@ def build_integer_graph(
             a, qa = as_q(node.args[0])
             b, qb = as_q(node.args[1])
             out_qp = qp(node.name)
-            env[node.name] = (g.call_module(add_module(node.name, QAdd(qa, qb, out_qp)), (a, b)), out_qp)
+            try:
+                qadd = QAdd(qa, qb, out_qp)
+            except ValueError as e:
+                raise ValueError(f"residual add '{node.name}': {e}") from None
+            env[node.name] = (g.call_module(add_module(node.name, qadd), (a, b)), out_qp)
 
         elif op == "call_function" and node.target is torch.flatten:
             src, dom = env[node.args[0].name]
@@ -192,6 +205,8 @@ def build_integer_graph(
                 meta["float_ops"].append(f"{node.name}: {type(mod).__name__ if mod is not None else why}")
             env[node.name] = (float_node(node), None)
 
+    float_io = all(i["dtype"] == "float32" for i in inputs)
+    meta["input"] = inputs[0] if len(inputs) == 1 or float_io else inputs
     new = fx.GraphModule(root, g)
     new.graph.eliminate_dead_code()
     new.recompile()

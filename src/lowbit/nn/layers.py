@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lowbit import kernels
 from lowbit.formats.affine import UINT8_ACT, choose_qparams, quantize, quantize_multiplier
 
-from .base import LowbitModule, act_clamp, float_act, pair
+from .base import Act, Geometry, LowbitModule, QParams, act_clamp, float_act, pair
 
 
 def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any]:
@@ -26,6 +26,11 @@ def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any
     if conv1d:
         g = {"stride": (1, g["stride"][0]), "padding": (0, g["padding"][0]), "dilation": (1, g["dilation"][0])}
     return {**g, "groups": int(attrs.get("groups", 1))}
+
+
+def _check_bias(bias: torch.Tensor, n: int) -> None:
+    if bias.numel() != n:
+        raise ValueError(f"bias has {bias.numel()} values for {n} output channels")
 
 
 class _IntWeights(LowbitModule):
@@ -40,6 +45,8 @@ class _IntWeights(LowbitModule):
             ws = ws.expand(weight_q.shape[0]).contiguous()
         if ws.numel() != weight_q.shape[0]:
             raise ValueError(f"{ws.numel()} weight scales for {weight_q.shape[0]} output channels")
+        if not (torch.isfinite(ws).all() and (ws > 0).all()):
+            raise ValueError("weight scales must be finite and positive")
         self.register_buffer("weight_q", weight_q.contiguous())
         self.register_buffer("weight_scale", ws)
         self.packed = kernels.pack_int8(self.weight_q)
@@ -62,6 +69,7 @@ class _StaticInt8(_IntWeights):
         n = weight_q.shape[0]
         if bias_q is None:
             bias_q = torch.zeros(n, dtype=torch.int32)
+        _check_bias(bias_q, n)
         self.register_buffer("bias_q", bias_q.to(torch.int32).reshape(-1).contiguous())
         self.packed.check_bias(self.bias_q)  # no input can overflow the int32 accumulator
         m0, rshift = quantize_multiplier(self.weight_scale.to(torch.float64) * self.in_scale / self.out_scale)
@@ -74,7 +82,14 @@ class _StaticInt8(_IntWeights):
         return attrs, {"weight_q": self.weight_q, "weight_scale": self.weight_scale, "bias_q": self.bias_q}
 
 
+_STATIC_TENSORS = {"weight_q": torch.int8, "weight_scale": torch.float32, "bias_q": torch.int32}
+_DYNAMIC_TENSORS = {"weight_q": torch.int8, "weight_scale": torch.float32, "bias?": torch.float32}
+
+
 class QLinear(_StaticInt8):
+    spec_attrs = {"in_qparams": QParams, "out_qparams": QParams, "act": Act}
+    spec_tensors = _STATIC_TENSORS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.int8_linear(x, self.in_zp, self.packed, self.bias_q, self.epilogue)
 
@@ -93,6 +108,9 @@ class QLinear(_StaticInt8):
 
 class QConv(_StaticInt8):
     """Static int8 Conv1d/Conv2d (NCHW semantics; padding holds the input zero point)."""
+
+    spec_attrs = {"in_qparams": QParams, "out_qparams": QParams, "act": Act, "conv1d": bool, **Geometry}
+    spec_tensors = _STATIC_TENSORS
 
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias_q: torch.Tensor | None,
                  in_qparams: tuple[float, int], out_qparams: tuple[float, int], act: str | None = None,
@@ -143,6 +161,8 @@ class _DynamicInt8(_IntWeights):
                  act: str | None = None) -> None:
         super().__init__(weight_q, weight_scale)
         self.act = act or None
+        if bias is not None:
+            _check_bias(bias, weight_q.shape[0])
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32).reshape(-1).contiguous())
 
     def _epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, int, kernels.FloatOut]:
@@ -158,6 +178,9 @@ class _DynamicInt8(_IntWeights):
 
 
 class DynamicQLinear(_DynamicInt8):
+    spec_attrs = {"act": Act}
+    spec_tensors = _DYNAMIC_TENSORS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, z, epi = self._epilogue(x)
         return float_act(kernels.int8_linear(xq, z, self.packed, None, epi), self.act)
@@ -171,6 +194,9 @@ class DynamicQLinear(_DynamicInt8):
 
 
 class DynamicQConv(_DynamicInt8):
+    spec_attrs = {"act": Act, **Geometry}
+    spec_tensors = _DYNAMIC_TENSORS
+
     def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  act: str | None = None, **geometry: Any) -> None:
         self.conv1d = weight_q.dim() == 3
@@ -202,12 +228,21 @@ class DynamicQConv(_DynamicInt8):
 class F16Layer(LowbitModule):
     """float16-stored Linear/Conv1d/Conv2d; computes in float32 (CPUs lack fast fp16 arithmetic)."""
 
+    spec_attrs = {"kind": Literal["linear", "conv1d", "conv2d"], "act": Act,
+                  **{k: v | None for k, v in Geometry.items()}}
+    spec_tensors = {"weight": torch.float16, "bias?": torch.float16}
+
     def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
                  **geometry: Any) -> None:
         super().__init__()
         if kind not in ("linear", "conv1d", "conv2d"):
             raise ValueError(f"unknown float16 layer kind {kind!r}")
         self.kind, self.act = kind, act or None
+        if weight.dim() != {"linear": 2, "conv1d": 3, "conv2d": 4}[kind]:
+            raise ValueError(f"{kind} weights must be {2 if kind == 'linear' else 3 + (kind == 'conv2d')}-D, "
+                             f"got shape {tuple(weight.shape)}")
+        if bias is not None:
+            _check_bias(bias, weight.shape[0])
         self.register_buffer("weight", weight.to(torch.float16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(torch.float16).contiguous())
         self.geometry = _conv_geometry(geometry) if kind != "linear" else {}

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
 from lowbit.formats.affine import UINT8_ACT, add_multipliers, dequantize, quantize
+from lowbit.typed import Range
 
-from .base import LowbitModule, act_clamp, pair
+from .base import Act, Code, LowbitModule, Pair, QParams, Scale, act_clamp, pair
 
 
 class Quantize(LowbitModule):
     """float -> uint8 codes (the entry of an integer region)."""
+
+    spec_attrs = {"scale": Scale, "zero_point": Code}
 
     def __init__(self, scale: float, zero_point: int) -> None:
         super().__init__()
@@ -44,6 +47,8 @@ class Dequantize(Quantize):
 class IOConvert(LowbitModule):
     """Full-integer model boundary: uint8 codes <-> int8 codes (``int8 = uint8 - 128``, zero point - 128)."""
 
+    spec_attrs = {"to": Literal["int8", "uint8"]}
+
     def __init__(self, to: str) -> None:
         super().__init__()
         if to not in ("int8", "uint8"):
@@ -70,6 +75,8 @@ class IOConvert(LowbitModule):
 class CheckInput(LowbitModule):
     """Full-integer model entry: reject input of the wrong dtype instead of silently misreading it."""
 
+    spec_attrs = {"dtype": Literal["int8", "uint8"]}
+
     def __init__(self, dtype: str) -> None:
         super().__init__()
         self.dtype = dtype
@@ -89,6 +96,8 @@ class CheckInput(LowbitModule):
 
 class QClamp(LowbitModule):
     """ReLU / ReLU6 on codes: a clamp, the scale and zero point are unchanged."""
+
+    spec_attrs = {"lo": Code, "hi": Code}
 
     def __init__(self, lo: int, hi: int) -> None:
         super().__init__()
@@ -117,6 +126,8 @@ class QAdd(LowbitModule):
     module is built.
     """
 
+    spec_attrs = {"a": QParams, "b": QParams, "out": QParams, "qmin": Code | None, "qmax": Code | None, "act": Act}
+
     def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int], qmin: int = 0,
                  qmax: int = 255, act: str | None = None) -> None:
         super().__init__()
@@ -138,8 +149,9 @@ class QAdd(LowbitModule):
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAdd:
-        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]), attrs.get("qmin", 0),
-                   attrs.get("qmax", 255), attrs.get("act"))
+        qmin, qmax = attrs.get("qmin"), attrs.get("qmax")  # absent in files written before they existed
+        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]), 0 if qmin is None else qmin,
+                   255 if qmax is None else qmax, attrs.get("act"))
 
     def extra_repr(self) -> str:
         return f"m_a={self.m_a}, m_b={self.m_b}, rshift={self.rshift}, out_zp={self.out[1]}, act={self.act}"
@@ -161,6 +173,9 @@ class QAvgPool2d(LowbitModule):
     ``output_size`` set: adaptive pooling (global pooling when it is 1); else kernel/stride/padding.
     Padded positions count as the zero point (real zero), like a float average with zero padding.
     """
+
+    spec_attrs = {"zero_point": Code, "kernel_size": Pair | None, "stride": Pair | None,
+                  "padding": tuple[Annotated[int, Range(0)], Annotated[int, Range(0)]], "output_size": Pair | None}
 
     def __init__(self, zero_point: int, kernel_size: Any = None, stride: Any = None, padding: Any = 0,
                  output_size: Any = None) -> None:
@@ -199,3 +214,36 @@ class QAvgPool2d(LowbitModule):
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAvgPool2d:
         return cls(attrs["zero_point"], attrs["kernel_size"], attrs["stride"], attrs["padding"],
                    attrs["output_size"])
+
+
+class QMaxPool2d(LowbitModule):
+    """2-D max pooling of codes (scale and zero point unchanged: max commutes with requantization).
+
+    NCHW semantics, any map size; padding never wins a window (torch's behaviour), dilation and
+    ``ceil_mode`` as in ``nn.MaxPool2d``. The geometry is checked when the module is built.
+    """
+
+    spec_attrs = {"kernel_size": Pair, "stride": Pair, "padding": tuple[int, int], "dilation": Pair,
+                  "ceil_mode": bool}
+
+    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                 ceil_mode: bool = False) -> None:
+        super().__init__()
+        self.geometry = kernels.PoolGeometry.make(kernel_size, stride, padding, dilation, ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.max_pool2d_codes(x, self.geometry)
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        g = self.geometry
+        return {"kernel_size": list(g.kernel), "stride": list(g.stride), "padding": list(g.padding),
+                "dilation": list(g.dilation), "ceil_mode": g.ceil_mode}, {}
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QMaxPool2d:
+        return cls(attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"], attrs["ceil_mode"])
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"kernel_size={g.kernel}, stride={g.stride}, padding={g.padding}, dilation={g.dilation}, " \
+               f"ceil_mode={g.ceil_mode}"
