@@ -84,6 +84,15 @@ def test_residual_depthwise_layers_exact_on_every_backend(residual_models, digit
         assert torch.equal(y, outs["torch"]), b
 
 
+def test_residual_model_file_roundtrip(residual_models, digits_models, tmp_path):
+    """The residual adds' file attributes (scales; multipliers derived at load) rebuild the same integers."""
+    q, _ = residual_models[0]["resnet20"]
+    x = digits_models[3][:8]
+    r = lowbit.load(lowbit.save(q, tmp_path / "r.lowbit"))
+    with torch.no_grad():
+        assert torch.equal(r(x), q(x))
+
+
 def test_conv1d_model_exact(tmp_path):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Conv1d(8, 4, 3, dilation=2),

@@ -71,8 +71,8 @@ class _StaticInt8(_IntWeights):
             bias_q = torch.zeros(n, dtype=torch.int32)
         _check_bias(bias_q, n)
         self.register_buffer("bias_q", bias_q.to(torch.int32).reshape(-1).contiguous())
-        self.packed.check_bias(self.bias_q)  # no input can overflow the int32 accumulator
         m0, rshift = quantize_multiplier(self.weight_scale.to(torch.float64) * self.in_scale / self.out_scale)
+        self.packed.check_bias(self.bias_q)  # no input can overflow the int32 accumulator
         lo, hi = act_clamp(self.act, self.out_zp, self.out_scale, 0, 255)
         self.epilogue = kernels.Requant(m0, rshift, self.out_zp, lo, hi, torch.uint8)
 
