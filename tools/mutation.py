@@ -70,8 +70,8 @@ MUTATIONS = [
     ),
     Mutation(
         "static output zero point + 3", "src/lowbit/methods/integer_graph.py",
-        "            s_out, z_out = qp(node.name)\n",
-        "            s_out, z_out = qp(node.name)[0], qp(node.name)[1] + 3\n",
+        "            q_out = qp(node.name)\n",
+        "            q_out = (qp(node.name)[0], qp(node.name)[1] + 3)\n",
         (EXACT,), "static layers' output zero point off by 3 (issue 7)",
     ),
     Mutation(
