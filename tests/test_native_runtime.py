@@ -18,6 +18,7 @@ import lowbit
 from lowbit import kernels
 from lowbit.kernels import AccumulatorOverflowError, PackedInt8
 from lowbit.kernels.epilogue import EPI_KIND, Requant
+from lowbit.kernels.w46 import pack_w46
 
 native = pytest.importorskip("lowbit.kernels.native")
 if not native.available():  # pragma: no cover - depends on the build
@@ -305,6 +306,13 @@ def test_accumulator_bound_refused_at_pack_time():
     w46 = torch.ones(1, 17_000_000, dtype=torch.int8)  # 127 * 1 * 17e6 > 2^31 with K_x = 127
     with pytest.raises(ValueError, match="int32 accumulator"):
         C.w46_pack(w46.data_ptr(), 1, w46.shape[1], 127, 1, 1)
+    for backend in ("native", "torch"):
+        kernels.set_backend(backend)
+        try:
+            with pytest.raises(AccumulatorOverflowError, match="output channel 0"):
+                pack_w46(w46, 127, 1)
+        finally:
+            kernels.set_backend(None)
 
 
 @pytest.mark.parametrize("method", ["static", "dynamic"])

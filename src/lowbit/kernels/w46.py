@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .epilogue import EPI_KIND, Epilogue, FloatOut, Requant
-from .reference import _check_int32, apply_epilogue
+from .reference import INT32_MAX, AccumulatorOverflowError, _check_int32, apply_epilogue
 
 __all__ = [
     "PackedW46",
@@ -243,6 +243,14 @@ class PackedW46:
             raise ValueError(f"4.6-bit weights must be 2-D [N, K] or 4-D [N, C/g, kh, kw], got {shape}")
         _check_weights(self.weight, self.K_w)
         self.weight = self.weight.detach().contiguous()
+        # accumulator bound, on every backend: |acc - bias| <= K_x * sum_k |w[n, k]|
+        worst = self.K_x * self.weight.reshape(self.weight.shape[0], -1).to(torch.int64).abs().sum(1)
+        if worst.numel() and int(worst.max()) > INT32_MAX:
+            n = int(worst.argmax())
+            raise AccumulatorOverflowError(
+                f"4.6-bit weights of shape {tuple(self.weight.shape)}: output channel {n} can overflow the int32 "
+                f"accumulator (K_x * sum|w| = {int(worst[n])} > 2^31 - 1); split the layer along K"
+            )
         nat = _native()
         if nat is not None:
             self.native("linear" if self.weight.dim() == 2 else "conv", 1)
