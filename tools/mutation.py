@@ -88,8 +88,8 @@ MUTATIONS = [
     ),
     Mutation(
         "dynamic qparams round half up", "src/lowbit/formats/affine.py",
-        "zp = float(min(max(round(qmin - lo / scale), qmin), qmax))",
-        "zp = float(min(max(math.floor(qmin - lo / scale + 0.5), qmin), qmax))",
+        "zp = float(min(max(round(qmin - lo / max(scale, eps)), qmin), qmax))",
+        "zp = float(min(max(math.floor(qmin - lo / max(scale, eps) + 0.5), qmin), qmax))",
         ("tests/test_nn_ops.py",), "per-call zero point rounded half up, unlike calibration's half to even",
     ),
     Mutation(
@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         print(f"no mutation matches {args.k!r}", file=sys.stderr)
         return 2
+    for m in todo:  # every target must still be where the mutation expects it, before anything runs
+        n = (ROOT / m.path).read_text().count(m.old)
+        if n != 1:
+            print(f"mutation {m.name!r}: its target occurs {n} times in {m.path} (expected once)", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="lowbit-mutation-") as tmp:
         copy = Path(tmp)
         _copy_tree(copy)
