@@ -69,3 +69,13 @@ def residual_models(digits_cnn):
         model.eval()
         out[name] = (lowbit.quantize(model, "static", calib=calib), model)
     return out, calib
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread (small nets slow down ~10x when the 2 test workers' OpenMP
+    threads oversubscribe a busy machine); restores the setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -10,6 +10,7 @@ from _spec_modules import spec_epilogue
 from lowbit import kernels
 from lowbit.formats import UINT8_ACT, choose_qparams, quantize, quantize_multiplier
 from lowbit.formats.affine import add_multipliers
+from lowbit.formats.granularity import PerTensor
 from lowbit.kernels import torch_backend
 from lowbit.kernels.reference import add_ref
 from lowbit.methods.base import LayerSettings
@@ -123,7 +124,7 @@ def test_quantize_weight_per_channel(shape):
     assert np.array_equal(s.numpy(), want_s)
     codes = S.quantize(w2, want_s[:, None], 0, -127, 127)
     assert np.array_equal(q.reshape(shape[0], -1).numpy().astype(np.int64), codes)
-    qt, st = quantize_weight(w, LayerSettings(per_channel=False))
+    qt, st = quantize_weight(w, LayerSettings(weight_granularity=PerTensor()))
     one = S.qparams(w2.min(), w2.max(), -127, 127, symmetric=True, signed=True)[0]
     assert np.array_equal(st.numpy(), np.full(shape[0], one, np.float32))
 

@@ -7,6 +7,7 @@ The native kernels of every family (int8, 4.6-bit, binary) share one description
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,8 +15,16 @@ import torch
 EPI_KIND = {"none": 0, "float_out": 1, "requant_u8": 2, "requant_s8": 3, "bits": 4}
 
 
+class EpilogueBase:
+    """Kernel bindings cache validated native arguments on epilogue objects (``_lb_*`` attributes,
+    holding raw data pointers); copies and pickles must not carry them."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_lb_")}
+
+
 @dataclass
-class Requant:
+class Requant(EpilogueBase):
     """Integer requantization to 8-bit codes (see lowbit.formats.affine.requantize), per output channel
     (``m0``, ``rshift`` of length N) or per tensor (length 1, the same for every channel)."""
 
@@ -60,7 +69,7 @@ class Requant:
 
 
 @dataclass
-class FloatOut:
+class FloatOut(EpilogueBase):
     """``out = float32(acc) * scale[n] + bias[n]`` (dequantized output)."""
 
     scale: torch.Tensor  # float32 [N]

@@ -2,7 +2,7 @@
 
 from .base import MODULES, LowbitModule
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
-from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QMaxPool2d, Quantize
+from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
 
 __all__ = [
     "MODULES",
@@ -19,5 +19,6 @@ __all__ = [
     "QMaxPool2d",
     "QConv",
     "QLinear",
+    "QLookup",
     "Quantize",
 ]
