@@ -52,7 +52,7 @@ RUNTIME = "tests/test_native_runtime.py"
 MUTATIONS = [
     Mutation(
         "per-tensor weight scales", "src/lowbit/methods/common.py",
-        "obs = make_observer(settings.weight_observer, axis=0 if settings.per_channel else None)",
+        "obs = make_observer(settings.weight_observer, axis=0 if isinstance(g, PerAxis) else None)",
         "obs = make_observer(settings.weight_observer, axis=None)",
         ("tests/test_nn_ops.py", EXACT), "per-channel weight scales replaced by one per-tensor scale (issue 7)",
     ),
@@ -70,8 +70,9 @@ MUTATIONS = [
     ),
     Mutation(
         "static output zero point + 3", "src/lowbit/methods/integer_graph.py",
-        "            q_out = qp(node.name)\n",
-        "            q_out = (qp(node.name)[0], qp(node.name)[1] + 3)\n",
+        "    return QConv(lq.weight, ws, bq, in_spec, out_spec,",
+        "    out_spec = QSpec.per_tensor(out_spec.format, out_spec.scale[0], out_spec.zero_point[0] + 3)\n"
+        "    return QConv(lq.weight, ws, bq, in_spec, out_spec,",
         (EXACT,), "static layers' output zero point off by 3 (issue 7)",
     ),
     Mutation(
