@@ -21,6 +21,7 @@ EXIT_ERROR = 2
 #: command of its own is its module plus one line here (this file stays out of every feature's diff).
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
+    "lowbit.export.cli",
 )
 
 

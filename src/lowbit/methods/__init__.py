@@ -4,7 +4,7 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import dynamic, float16, full_integer, static  # noqa: F401  (registration)
+from . import dynamic, float16, full_integer, static, weight_only  # noqa: F401  (registration)
 from .api import available_methods, quantize
 from .base import METHODS, LayerSettings, Method, QuantConfig, get_method, register
 

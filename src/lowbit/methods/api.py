@@ -7,11 +7,12 @@ import warnings
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from lowbit.graph import layer_names, prepare
 
 from .base import METHODS, Batch, QuantConfig, as_inputs, calibration_batches, check_calibration, get_method
+from .module_swap import NoQuantizableLayerError
 
 
 def available_methods() -> list[str]:
@@ -25,7 +26,7 @@ def quantize(
     config: QuantConfig | dict[str, Any] | None = None,
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     **options: Any,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Quantize ``model`` by ``method`` (see :func:`available_methods`).
 
     calib: calibration data (tensor [N, ...], Dataset, DataLoader or iterable of batches); needed by
@@ -35,6 +36,12 @@ def quantize(
     (``(x, y)`` or ``(x, y, label)``). Returns an ``nn.Module`` (a torch.fx GraphModule) whose
     ``lowbit_meta`` says its method, configuration, input/output formats and which layers stayed float.
     A layer-name pattern (``keep_float``, ``overrides``) that matches no layer is warned about.
+
+    Methods that need no graph (``dynamic``, ``weight_only``, ``float16``) take any ``nn.Module`` (Hugging
+    Face transformers, recurrent nets, Python control flow): they return a copy of the model with its
+    layers replaced in place (see :mod:`lowbit.methods.module_swap`); ``example_input`` is then optional
+    (used to check the result runs, and by :func:`lowbit.save` to capture the model as a graph). A model
+    with no layer the method can quantize is a :class:`NoQuantizableLayerError` unless ``allow_float=True``.
     """
     cls = get_method(method)
     m = cls(config, **options)
@@ -42,21 +49,61 @@ def quantize(
     if isinstance(example_input, list):
         example_input = tuple(example_input)
     batches = calibration_batches(calib, m.config.calib_samples, m.config.calib_batch_size, n_inputs)
-    if example_input is None:
-        if not batches:
-            raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
+    if example_input is None and batches:
         example_input = _first_sample(batches[0])
     if cls.needs_calibration:
         check_calibration(batches, example_input, method)
+    if not cls.needs_graph:
+        return _quantize_modules(model, m, batches, example_input)
+    if example_input is None:
+        raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
     prepared = prepare(model, example_input)
     _warn_unmatched(m.config, layer_names(prepared.gm))
     gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
     meta.update(method=method, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
+    _check_quantized(gm, method, m.config, layer_names(prepared.gm))
     gm.lowbit_meta = meta
     gm.eval()
     _check_runs(gm, example_input, method)
+    gm.lowbit_example = _small(example_input)
     return gm
+
+
+def _quantize_modules(model: nn.Module, m: Any, batches: list[Batch], example: Batch | None) -> nn.Module:
+    """Graph-free methods: layers replaced in a copy of the model (any nn.Module, no tracing)."""
+    qm, meta = m.convert_module(model, batches)
+    layers = meta["quantized_layers"] + meta["float_layers"]
+    _warn_unmatched(m.config, layers)
+    if not meta["quantized_layers"] and not m.config.allow_float:
+        why = "; ".join(f"'{k}': {v}" for k, v in meta["float_reasons"].items())
+        raise NoQuantizableLayerError(
+            f"{m.name} found no layer to quantize in {type(model).__name__}"
+            + (f" (left float: {why})" if why else " (it quantizes Linear, Conv1d/Conv2d, Embedding, LSTM/GRU/RNN "
+               "and MultiheadAttention layers)")
+            + "; pass allow_float=True to get the float model back")
+    meta.update(method=m.name, config=m.config.to_dict())
+    qm.lowbit_meta = meta
+    if example is not None:
+        _check_runs(qm, example, m.name)
+        qm.lowbit_example = _small(example)
+    return qm
+
+
+def _small(example: Batch) -> Batch:
+    """One sample of the example input, kept on the model for later graph capture (lowbit.save)."""
+    xs = tuple(t[:1].clone() if t.dim() else t.clone() for t in as_inputs(example))
+    return xs[0] if len(xs) == 1 else xs
+
+
+def _check_quantized(gm: nn.Module, method: str, config: QuantConfig, layers: list[str]) -> None:
+    from lowbit.nn import QConv, QLinear
+
+    if config.allow_float or any(isinstance(mod, (QLinear, QConv)) for mod in gm.modules()):
+        return
+    raise NoQuantizableLayerError(
+        f"{method} quantized no layer of the model (layers: {', '.join(layers) or 'none'}); pass allow_float=True "
+        "to get the float model back")
 
 
 def _first_sample(batch: Batch) -> Batch:

@@ -50,6 +50,8 @@ class QuantConfig:
         ``("features.0", "classifier.*")`` keeps the first and the classifier layers float.
     overrides: pattern -> dict of :class:`LayerSettings` fields for matching layers, e.g.
         ``{"fc*": {"per_channel": False}}``; later patterns win.
+    allow_float: a model in which the method finds no layer to quantize is returned as it is (float)
+        instead of being an error.
     """
 
     per_channel: bool = True
@@ -59,6 +61,7 @@ class QuantConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     calib_samples: int = 500
     calib_batch_size: int = 100
+    allow_float: bool = False
 
     def __post_init__(self) -> None:
         from lowbit.observers import OBSERVERS
@@ -119,6 +122,9 @@ class Method:
     order: ClassVar[int] = 100  # position in listings and in "all methods"
     config_cls: ClassVar[type[QuantConfig]] = QuantConfig
     needs_calibration: ClassVar[bool] = False
+    #: False: the method replaces layers in any nn.Module without tracing it (:meth:`convert_module`);
+    #: True: it works on the model's graph (:meth:`convert` of a prepared torch.fx graph).
+    needs_graph: ClassVar[bool] = True
 
     def __init__(self, config: QuantConfig | dict[str, Any] | None = None, **options: Any) -> None:
         if isinstance(config, dict):
@@ -135,6 +141,10 @@ class Method:
     def convert(self, prepared: Any, calib: list[torch.Tensor]) -> fx.GraphModule:
         raise NotImplementedError
 
+    def convert_module(self, model: nn.Module, calib: list[Any]) -> tuple[nn.Module, dict[str, Any]]:
+        """Graph-free methods: (a copy of ``model`` with its layers replaced, meta); see module_swap."""
+        raise NotImplementedError
+
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -148,9 +158,10 @@ def calibration_batches(data: Any, max_samples: int, batch_size: int, n_inputs: 
     """Normalize calibration data to a list of batches holding at most ``max_samples`` samples.
 
     ``data``: a tensor [N, ...], a Dataset of ``(x, y)`` or ``x``, a DataLoader or any iterable of
-    batches. One-input models (``n_inputs=1``): each batch is a float tensor; a ``(x, y)`` pair gives
-    ``x``. Models with ``n_inputs`` inputs: each item must be a tuple/list starting with the inputs
-    (``(x1, x2)`` or ``(x1, x2, y)``) and each batch is a tuple of ``n_inputs`` float tensors.
+    batches. One-input models (``n_inputs=1``): each batch is a float32 tensor (integer and boolean
+    tensors, such as token ids, keep their dtype); a ``(x, y)`` pair gives ``x``. Models with ``n_inputs``
+    inputs: each item must be a tuple/list starting with the inputs (``(x1, x2)`` or ``(x1, x2, y)``) and
+    each batch is a tuple of ``n_inputs`` tensors.
     """
     if data is None:
         return []
@@ -173,7 +184,8 @@ def calibration_batches(data: Any, max_samples: int, batch_size: int, n_inputs: 
                 raise TypeError(f"calibration data must hold tensors, got {type(t).__name__}")
         if len({len(t) for t in xs}) != 1:
             raise ValueError(f"calibration inputs of one batch differ in length: {[len(t) for t in xs]}")
-        xs = tuple(t[: max_samples - seen].to(torch.float32) for t in xs)
+        xs = tuple(t[: max_samples - seen].to(torch.float32) if t.is_floating_point() else t[: max_samples - seen]
+                   for t in xs)  # token ids, masks stay integer
         if len(xs[0]):
             batches.append(xs[0] if n_inputs == 1 else xs)
             seen += len(xs[0])

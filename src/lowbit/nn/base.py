@@ -42,6 +42,12 @@ class LowbitModule(nn.Module):
         super().__init_subclass__(**kw)
         MODULES[cls.__name__] = cls
 
+    @classmethod
+    def tensor_spec(cls, attrs: dict[str, Any]) -> dict[str, torch.dtype]:
+        """The tensors a file must hold for a module with (checked) ``attrs``: ``spec_tensors``, unless
+        the names depend on the attributes (a recurrent layer's per-layer weights)."""
+        return cls.spec_tensors
+
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise NotImplementedError
 
