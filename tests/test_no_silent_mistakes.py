@@ -55,9 +55,9 @@ def test_options_are_parsed_by_field_type(ckpt, tmp_path, capsys):
     argv = ["quantize", "small_cnn", "--checkpoint", str(ckpt), "--method", "static", "--out", str(out)]
     assert main([*argv, "--option", "per_channel=False", "--option", "calib_samples=64"]) == 0
     cfg = _config(out)
-    assert cfg["per_channel"] is False and cfg["calib_samples"] == 64
+    assert cfg["weight_granularity"] == "per_tensor" and cfg["calib_samples"] == 64  # per_channel: its shorthand
     argv[5] = "dynamic"
-    assert main([*argv, "--option", "per_channel=YES"]) == 0 and _config(out)["per_channel"] is True
+    assert main([*argv, "--option", "per_channel=YES"]) == 0 and _config(out)["weight_granularity"] == "per_channel"
 
 
 @pytest.mark.parametrize("option,needle", [

@@ -223,6 +223,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     for name, cls in METHODS.items():
         calib = "calibration data" if cls.needs_calibration else "no data"
+        if cls.needs_training_data:
+            calib = "training data"
         print(f"{name:14s} {cls.summary} [{calib}]")
     return 0
 

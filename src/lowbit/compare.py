@@ -86,7 +86,8 @@ def compare(
     (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``.
     """
     lam = Lambdas.parse(lambdas) if isinstance(lambdas, str) else lambdas
-    methods = list(methods) if methods else available_methods()
+    # by default every post-training method; training-aware ones (they train for minutes) when named
+    methods = list(methods) if methods else [m for m in available_methods() if not get_method(m).needs_training_data]
     for name in methods:
         get_method(name)  # unknown names fail before any work
     if len(set(methods)) != len(methods):

@@ -54,6 +54,7 @@ from lowbit.nn import (
     QClamp,
     QConv,
     QLinear,
+    QLookup,
     QMaxPool2d,
     Quantize,
     WeightOnly,
@@ -79,18 +80,31 @@ def _zp(v: Any, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
 
 
 class _QDQ(nn.Module):
-    """Quantize (``to_codes``) or dequantize with a per-tensor (scale, zero point)."""
+    """Quantize (``to_codes``) or dequantize with a per-tensor (scale, zero point); ``codes``: the code range
+    when narrower than the type's (the real values are clamped to it first: the same codes)."""
 
-    def __init__(self, scale: float, zero_point: int, to_codes: bool, dtype: torch.dtype = torch.uint8) -> None:
+    def __init__(self, scale: float, zero_point: int, to_codes: bool, dtype: torch.dtype = torch.uint8,
+                 codes: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.to_codes = to_codes
         self.register_buffer("scale", _f32(scale))
         self.register_buffer("zero_point", _zp(zero_point, dtype))
+        self.bounds = None if codes is None else ((codes[0] - zero_point) * scale, (codes[1] - zero_point) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.to_codes:
+            if self.bounds is not None:
+                x = torch.clamp(x, *self.bounds)
             return quantize(x, self.scale, self.zero_point, 0)
         return dequantize(x, self.scale, self.zero_point, 0)
+
+
+def _spec_qdq(spec: Any, to_codes: bool) -> _QDQ:
+    """Q/DQ of a per-tensor activation spec (unsigned 8-bit codes, possibly of a narrower range)."""
+    s, z = spec.per_tensor_params
+    fmt = spec.format
+    narrow = (fmt.qmin, fmt.qmax) if (fmt.qmin, fmt.qmax) != (0, 255) else None
+    return _QDQ(s, z, to_codes, torch.uint8, narrow)
 
 
 class _Identity(nn.Module):
@@ -117,7 +131,8 @@ class _Add(nn.Module):
     def __init__(self, m: QAdd) -> None:
         super().__init__()
         self.a, self.b = _QDQ(*m.a, False), _QDQ(*m.b, False)
-        self.out = _QDQ(*m.out, True)
+        q = (m.qmin, m.qmax) if (m.qmin, m.qmax) != (0, 255) else None
+        self.out = _QDQ(*m.out, True, torch.uint8, q)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.out(self.a(x) + self.b(y))
@@ -160,11 +175,17 @@ class _Static(_IntWeights):
         self.register_buffer("b_q", m.bias_q.clone())
         self.register_buffer("b_scale", (m.weight_scale.to(torch.float64) * m.in_scale).to(torch.float32))
         self.register_buffer("b_zp", torch.zeros_like(m.bias_q))
-        self.inp, self.out, self.act = _QDQ(m.in_scale, m.in_zp, False), _QDQ(m.out_scale, m.out_zp, True), m.act
+        self.inp, self.act = _spec_qdq(m.in_spec, False), m.act
+        self.out = None if m.out_spec is None else _spec_qdq(m.out_spec, True)  # None: float output
+        self.register_buffer("snap", None if getattr(m, "snap", None) is None else m.snap.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = dequantize(self.b_q, self.b_scale, self.b_zp, 0)
-        return self.out(_act(self._op(self.inp(x), b), self.act))
+        y = _act(self._op(self.inp(x), b), self.act)
+        if self.out is None:
+            return y
+        y = self.out(y)
+        return y if self.snap is None else self.snap[y.long()]
 
 
 def _dynamic_input(x: torch.Tensor, per_token: bool) -> torch.Tensor:
@@ -240,12 +261,18 @@ def _pool(m: QAvgPool2d) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, count_include_pad=True)
 
 
-def _twin(m: nn.Module) -> nn.Module | None:
-    """The exportable twin of a lowbit module (None: it has none)."""
+def _twin(m: nn.Module) -> nn.Module | str:
+    """The exportable twin of a lowbit module, or why it has none."""
+    if isinstance(m, (Quantize, Dequantize)) and not m.spec.format.uniform:
+        return f"its codes lie on a non-uniform level set ({m.spec.format}), which QuantizeLinear cannot produce"
     if isinstance(m, Dequantize):
-        return _QDQ(m.scale, m.zero_point, False)
+        return _spec_qdq(m.spec, False)
     if isinstance(m, Quantize):
-        return _QDQ(m.scale, m.zero_point, True)
+        return _spec_qdq(m.spec, True)
+    if isinstance(m, (QLinear, QConv, DynamicQLinear, DynamicQConv)) and m.packed.kernel != "int8":
+        return f"its weights run on lowbit's {m.packed.kernel} kernels, whose arithmetic ONNX operators cannot express"
+    if isinstance(m, QLookup):
+        return m  # a table look-up: Gather
     if isinstance(m, (CheckInput, CheckShape)):
         return _Identity()
     if isinstance(m, IOConvert):
@@ -273,7 +300,8 @@ def _twin(m: nn.Module) -> nn.Module | None:
         return _swap_class(m, _WeightOnly)
     if isinstance(m, F16Layer):
         return m  # float16 weights: a Cast, then the float op
-    return None
+    return ("ONNX operators cannot express its arithmetic (binary, 4.6-bit and BM layers run on lowbit's own "
+            "kernels only)")
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -292,11 +320,10 @@ def _twins(model: nn.Module) -> Iterator[None]:
     for path, m in found:
         if id(m) not in twins:
             t = _twin(m)
-            if t is None:
-                raise OnnxExportError(
-                    f"layer '{path}' ({type(m).__name__}) has no ONNX equivalent: ONNX operators cannot express its "
-                    "arithmetic (binary, 4.6-bit and BM layers run on lowbit's own kernels only); export a model "
-                    "quantized by static, full_integer, dynamic, weight_only or float16 instead")
+            if isinstance(t, str):
+                raise OnnxExportError(f"layer '{path}' ({type(m).__name__}) has no ONNX QDQ equivalent: {t}; export "
+                                      "a model quantized by static, full_integer, dynamic, weight_only or float16 "
+                                      "with 8-bit weights instead")
             twins[id(m)] = t
     try:
         for path, m in found:

@@ -563,6 +563,9 @@ def _trace(model: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
     except Exception as e:
         fx_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     else:
+        for node in graph.nodes:  # string annotations (PEP 563) would make the module unpicklable
+            if isinstance(node.type, str):
+                node.type = None
         return fx.GraphModule(model, graph, type(model).__name__)
     from .capture import export_graph
 

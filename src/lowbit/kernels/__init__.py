@@ -15,8 +15,11 @@ from typing import Any
 
 import torch
 
+from lowbit.formats.levels import Format, IntRange
+
 from . import pooling, torch_backend
 from .epilogue import Epilogue, FloatOut, Requant
+from .packed import PACKINGS, PackedWeights, pack_weights, weights_from_storage
 from .pooling import PoolGeometry
 
 __all__ = [
@@ -24,7 +27,11 @@ __all__ = [
     "FloatOut",
     "Requant",
     "PackedInt8",
+    "PackedWeights",
+    "PACKINGS",
     "pack_int8",
+    "pack_weights",
+    "weights_from_storage",
     "int8_linear",
     "int8_conv2d",
     "max_pool2d_codes",
@@ -90,11 +97,21 @@ def backend_name() -> str:
     return torch_backend.name
 
 
-@dataclass
-class PackedInt8:
-    """int8 weights [N, K] (or conv [N, C/g, kh, kw]) prepared once for the kernels."""
+#: The levels of plain int8 weights.
+INT8_CODES = IntRange(-128, 127, True)
 
+
+@dataclass
+class PackedInt8(PackedWeights):
+    """int8 weights [N, K] (or conv [N, C/g, kh, kw]) prepared once for the kernels.
+
+    ``fmt``: the level set the codes come from (default all of int8); any format whose levels fit in
+    int8 runs here, e.g. 4-bit learned-step weights or APoT codebooks, and is stored at its own width.
+    """
+
+    kernel = "int8"
     weight: torch.Tensor
+    fmt: Format | None = None
     w_t: torch.Tensor = field(init=False, repr=False)
     colsum: torch.Tensor = field(init=False, repr=False)
     native: Any = field(default=None, init=False, repr=False)
@@ -104,6 +121,10 @@ class PackedInt8:
         w = self.weight
         if w.dtype != torch.int8:
             raise TypeError(f"int8 weights expected, got {w.dtype}")
+        if self.fmt is None:
+            self.fmt = INT8_CODES
+        elif not self.accepts(self.fmt):
+            raise ValueError(f"the int8 kernels cannot run weights of {self.fmt}")
         w2 = w.reshape(w.shape[0], -1).contiguous()
         self.w_t = w2.t().contiguous()
         self.colsum = w2.to(torch.int32).sum(1, dtype=torch.int32)
@@ -112,16 +133,42 @@ class PackedInt8:
             self.native = nat.pack_weight(w)
 
     @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
+    def codes(self) -> torch.Tensor:
+        return self.weight
 
     @property
-    def in_features(self) -> int:
-        return int(self.weight[0].numel())
+    def format(self) -> Format:
+        assert self.fmt is not None
+        return self.fmt
+
+    @classmethod
+    def accepts(cls, fmt: Format) -> bool:
+        return fmt.dtype == torch.int8 and not getattr(fmt, "kind", "") == "binary"
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, fmt: Format, **extra: Any) -> PackedInt8:
+        if extra:
+            raise ValueError(f"unexpected int8 weight attributes {sorted(extra)}")
+        return pack_int8(codes.to(torch.int8), fmt)
+
+    def linear(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
+               epi: Epilogue | None = None) -> torch.Tensor:
+        return int8_linear(x, 0 if x_zp is None else x_zp, self, bias, epi)
+
+    def conv2d(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
+               epi: Epilogue | None = None, stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+               dilation: tuple[int, int] = (1, 1), groups: int = 1) -> torch.Tensor:
+        return int8_conv2d(x, 0 if x_zp is None else x_zp, self, bias, epi, stride, padding, dilation, groups)
 
 
-def pack_int8(weight: torch.Tensor) -> PackedInt8:
-    return PackedInt8(weight.detach())
+def pack_int8(weight: torch.Tensor, fmt: Format | None = None) -> PackedInt8:
+    """Pack int8 weight codes once; ``fmt`` is their level set (default all of int8), checked."""
+    w = weight.detach()
+    if fmt is not None and w.numel():
+        lo, hi = int(w.min()), int(w.max())
+        if lo < fmt.qmin or hi > fmt.qmax:
+            raise ValueError(f"weight codes in [{lo}, {hi}] fall outside {fmt}")
+    return PackedInt8(w, fmt)
 
 
 def _check_act(x: torch.Tensor, x_zp: int) -> None:

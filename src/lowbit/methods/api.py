@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 from lowbit.graph import layer_names, prepare
+from lowbit.graph.attrs import set_preserved
 
-from .base import METHODS, Batch, QuantConfig, as_inputs, calibration_batches, check_calibration, get_method
+from .base import (
+    METHODS,
+    Batch,
+    QuantConfig,
+    TrainingData,
+    as_inputs,
+    calibration_batches,
+    check_calibration,
+    resolve_method,
+)
 from .module_swap import NoQuantizableLayerError
 
 
@@ -21,21 +31,26 @@ def available_methods() -> list[str]:
 
 def quantize(
     model: nn.Module,
-    method: str,
+    method: str | QuantConfig,
     calib: Any = None,
     config: QuantConfig | dict[str, Any] | None = None,
     example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    train: Any = None,
+    test: Any = None,
     **options: Any,
 ) -> nn.Module:
-    """Quantize ``model`` by ``method`` (see :func:`available_methods`).
+    """Quantize ``model`` by ``method``: a name (see :func:`available_methods`) or a config object, whose
+    class names the method (``lowbit.quantize(model, StaticConfig(activation_observer="kl"), calib=x)``).
 
     calib: calibration data (tensor [N, ...], Dataset, DataLoader or iterable of batches); needed by
     methods that calibrate activation ranges. example_input: one input batch (defaults to the first
     calibration sample); for a model with several inputs, the tuple of them (``(x, y)`` for
     ``forward(x, y)``), and then every calibration item is a tuple starting with the inputs
-    (``(x, y)`` or ``(x, y, label)``). Returns an ``nn.Module`` (a torch.fx GraphModule) whose
-    ``lowbit_meta`` says its method, configuration, input/output formats and which layers stayed float.
-    A layer-name pattern (``keep_float``, ``overrides``) that matches no layer is warned about.
+    (``(x, y)`` or ``(x, y, label)``). train / test: labelled data (datasets of ``(x, y)``) for
+    training-aware methods (``lsq``, ``lsq_plus``, ``apot``, ...), which fine-tune the model; ``test`` is
+    only reported. Returns an ``nn.Module`` (a torch.fx GraphModule) whose ``lowbit_meta`` says its
+    method, configuration, input/output formats and which layers stayed float. A layer-name pattern
+    (``keep_float``, ``overrides``) that matches no layer is warned about.
 
     Methods that need no graph (``dynamic``, ``weight_only``, ``float16``) take any ``nn.Module`` (Hugging
     Face transformers, recurrent nets, Python control flow): they return a copy of the model with its
@@ -43,7 +58,7 @@ def quantize(
     (used to check the result runs, and by :func:`lowbit.save` to capture the model as a graph). A model
     with no layer the method can quantize is a :class:`NoQuantizableLayerError` unless ``allow_float=True``.
     """
-    cls = get_method(method)
+    cls, config = resolve_method(method, config)
     m = cls(config, **options)
     n_inputs = len(example_input) if isinstance(example_input, (tuple, list)) else 1
     if isinstance(example_input, list):
@@ -52,29 +67,33 @@ def quantize(
     if example_input is None and batches:
         example_input = _first_sample(batches[0])
     if cls.needs_calibration:
-        check_calibration(batches, example_input, method)
+        check_calibration(batches, example_input, cls.name)
+    if cls.needs_training_data and train is None:
+        raise ValueError(f"method {cls.name!r} trains the model: pass labelled training data as train=")
     if not cls.needs_graph:
         return _quantize_modules(model, m, batches, example_input)
     if example_input is None:
         raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
     prepared = prepare(model, example_input)
     _warn_unmatched(m.config, layer_names(prepared.gm))
-    gm = m.convert(prepared, batches)
+    if cls.needs_training_data:
+        gm = m.convert(prepared, batches, data=TrainingData(train, test))
+    else:
+        gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
-    meta.update(method=method, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
-    _check_quantized(gm, method, m.config, layer_names(prepared.gm))
-    gm.lowbit_meta = meta
+    meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
+    _check_quantized(gm, cls.name, m.config, layer_names(prepared.gm))
+    set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
-    _check_runs(gm, example_input, method)
-    gm.lowbit_example = _small(example_input)
+    _check_runs(gm, example_input, cls.name)
+    set_preserved(gm, "lowbit_example", _small(example_input))
     return gm
 
 
 def _quantize_modules(model: nn.Module, m: Any, batches: list[Batch], example: Batch | None) -> nn.Module:
     """Graph-free methods: layers replaced in a copy of the model (any nn.Module, no tracing)."""
     qm, meta = m.convert_module(model, batches)
-    layers = meta["quantized_layers"] + meta["float_layers"]
-    _warn_unmatched(m.config, layers)
+    _warn_unmatched(m.config, meta["quantized_layers"] + meta["float_layers"])
     if not meta["quantized_layers"] and not m.config.allow_float:
         why = "; ".join(f"'{k}': {v}" for k, v in meta["float_reasons"].items())
         raise NoQuantizableLayerError(
@@ -97,9 +116,9 @@ def _small(example: Batch) -> Batch:
 
 
 def _check_quantized(gm: nn.Module, method: str, config: QuantConfig, layers: list[str]) -> None:
-    from lowbit.nn import QConv, QLinear
+    from lowbit.nn import LowbitModule
 
-    if config.allow_float or any(isinstance(mod, (QLinear, QConv)) for mod in gm.modules()):
+    if config.allow_float or any(isinstance(mod, LowbitModule) and hasattr(mod, "packed") for mod in gm.modules()):
         return
     raise NoQuantizableLayerError(
         f"{method} quantized no layer of the model (layers: {', '.join(layers) or 'none'}); pass allow_float=True "

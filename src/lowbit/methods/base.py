@@ -1,4 +1,11 @@
-"""What every quantization method shares: configuration, the registry, calibration data handling."""
+"""What every quantization method shares: configuration, the registry, calibration data handling.
+
+Configurations are typed dataclasses, one class per method: the config class *is* the method, so
+``lowbit.quantize(model, StaticConfig(activation_observer="kl"), calib=x)`` and
+``lowbit.quantize(model, "static", calib=x, activation_observer="kl")`` do the same (names are for the
+command line). Granularity is an object (:class:`~lowbit.formats.PerAxis`, ...), strings such as
+``"per_tensor"`` are parsed into one.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,14 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
+from lowbit.formats.granularity import Granularity, PerAxis, PerTensor, parse_granularity
+
 from .options import parse_fields
 
 #: name -> Method subclass. A new method is one module that defines a subclass with @register.
 METHODS: dict[str, type[Method]] = {}
+#: config class -> Method subclass (each method has its own config class).
+CONFIGS: dict[type, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -22,49 +33,87 @@ def register(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__name__} must set a class attribute 'name'")
     if cls.name in METHODS:
         raise ValueError(f"method {cls.name!r} is registered twice")
+    if cls.config_cls in CONFIGS:
+        raise ValueError(f"{cls.config_cls.__name__} is already the config of {CONFIGS[cls.config_cls].name!r}: "
+                         "give every method its own config class")
     METHODS[cls.name] = cls
+    CONFIGS[cls.config_cls] = cls
     return cls
 
 
-def get_method(name: str) -> type[Method]:
+def get_method(name: str | QuantConfig | type[QuantConfig]) -> type[Method]:
+    """The method of a name, of a config object or of a config class."""
+    if isinstance(name, QuantConfig) or (isinstance(name, type) and issubclass(name, QuantConfig)):
+        cfg_cls = name if isinstance(name, type) else type(name)
+        if cfg_cls not in CONFIGS:
+            raise ValueError(f"{cfg_cls.__name__} is not the config of a registered method")
+        return CONFIGS[cfg_cls]
     try:
         return METHODS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+
+
+def resolve_method(method: str | QuantConfig, config: Any = None) -> tuple[type[Method], Any]:
+    """``(method class, config)`` from a method name (config separate) or a config object (the method)."""
+    if isinstance(method, QuantConfig):
+        if config is not None:
+            raise ValueError("pass the configuration either as the method (a config object) or as config=, not both")
+        return get_method(method), method
+    return get_method(method), config
+
+
+def _granularity_alias(obj: Any) -> None:
+    """``per_channel=True/False`` (the older spelling) sets ``weight_granularity``; strings are parsed."""
+    if obj.per_channel is not None:
+        obj.weight_granularity = PerAxis(0) if obj.per_channel else PerTensor()
+        obj.per_channel = None
+    obj.weight_granularity = parse_granularity(obj.weight_granularity)
 
 
 @dataclass
 class LayerSettings:
-    """Per-layer settings after overrides are applied."""
+    """Per-layer settings after overrides are applied. ``per_channel`` is accepted as a shorthand for
+    ``weight_granularity`` (True: ``PerAxis(0)``, False: ``PerTensor()``)."""
 
     keep_float: bool = False
-    per_channel: bool = True
+    weight_granularity: Granularity | str = field(default_factory=lambda: PerAxis(0))
     weight_observer: str = "minmax"
+    per_channel: bool | None = None
+
+    def __post_init__(self) -> None:
+        _granularity_alias(self)
 
 
 @dataclass
 class QuantConfig:
     """Options shared by the methods.
 
+    weight_granularity: one weight scale per output channel (``PerAxis(0)``, default) or per tensor
+        (``PerTensor()``); ``per_channel=False`` is a shorthand for the latter.
     keep_float: glob patterns of layer names (as in ``model.named_modules()``) left in float32, e.g.
         ``("features.0", "classifier.*")`` keeps the first and the classifier layers float.
     overrides: pattern -> dict of :class:`LayerSettings` fields for matching layers, e.g.
-        ``{"fc*": {"per_channel": False}}``; later patterns win.
+        ``{"fc*": {"weight_granularity": "per_tensor"}}``; later patterns win.
     allow_float: a model in which the method finds no layer to quantize is returned as it is (float)
         instead of being an error.
     """
 
-    per_channel: bool = True
+    weight_granularity: Granularity | str = field(default_factory=lambda: PerAxis(0))
     weight_observer: str = "minmax"
     activation_observer: str = "minmax"
     keep_float: tuple[str, ...] = ()
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     calib_samples: int = 500
     calib_batch_size: int = 100
+    per_channel: bool | None = None
     allow_float: bool = False
 
     def __post_init__(self) -> None:
         from lowbit.observers import OBSERVERS
+
+        _granularity_alias(self)
+        self.keep_float = tuple(self.keep_float) if isinstance(self.keep_float, list) else self.keep_float
 
         for name in ("weight_observer", "activation_observer"):
             if getattr(self, name) not in OBSERVERS:
@@ -85,7 +134,7 @@ class QuantConfig:
         return [("keep_float", p) for p in self.keep_float] + [("overrides", p) for p in self.overrides]
 
     def layer(self, name: str) -> LayerSettings:
-        s = LayerSettings(per_channel=self.per_channel, weight_observer=self.weight_observer)
+        s = LayerSettings(weight_granularity=self.weight_granularity, weight_observer=self.weight_observer)
         if any(fnmatch.fnmatchcase(name, p) for p in self.keep_float):
             s.keep_float = True
         known = {f.name for f in dataclasses.fields(LayerSettings)}
@@ -108,20 +157,34 @@ class QuantConfig:
         return cls(**parse_fields(cls, vals, method=method, strings=strings))
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.pop("per_channel", None)
         d["keep_float"] = list(self.keep_float)
-        return d
+        d["weight_granularity"] = str(self.weight_granularity)
+        return {k: (str(v) if isinstance(v, Granularity) else v) for k, v in d.items()}
+
+
+@dataclass
+class TrainingData:
+    """Labelled data for methods that train (``Method.needs_training_data``): ``train`` and optionally
+    ``test`` are datasets of ``(x, y)`` (a TensorDataset, any map-style Dataset) or ``(X, Y)`` tensor pairs."""
+
+    train: Any
+    test: Any = None
 
 
 class Method:
-    """A recipe that turns a float model into a quantized one. Subclasses set ``name``, ``config_cls``,
-    ``needs_calibration`` and implement :meth:`convert`."""
+    """A recipe that turns a float model into a quantized one. Subclasses set ``name``, ``config_cls``
+    (their own config class), ``needs_calibration`` / ``needs_training_data`` and implement
+    :meth:`convert`."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     order: ClassVar[int] = 100  # position in listings and in "all methods"
     config_cls: ClassVar[type[QuantConfig]] = QuantConfig
     needs_calibration: ClassVar[bool] = False
+    #: True for training-aware methods: :meth:`convert` then receives ``data`` (labelled training data).
+    needs_training_data: ClassVar[bool] = False
     #: False: the method replaces layers in any nn.Module without tracing it (:meth:`convert_module`);
     #: True: it works on the model's graph (:meth:`convert` of a prepared torch.fx graph).
     needs_graph: ClassVar[bool] = True
@@ -138,7 +201,9 @@ class Method:
             raise TypeError(f"{self.name} takes a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config = config
 
-    def convert(self, prepared: Any, calib: list[torch.Tensor]) -> fx.GraphModule:
+    def convert(self, prepared: Any, calib: list[torch.Tensor], data: TrainingData | None = None) -> fx.GraphModule:
+        """Quantize the prepared float graph. ``calib``: unlabelled calibration batches; ``data``: labelled
+        training data, passed only to methods with ``needs_training_data``."""
         raise NotImplementedError
 
     def convert_module(self, model: nn.Module, calib: list[Any]) -> tuple[nn.Module, dict[str, Any]]:

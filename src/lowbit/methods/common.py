@@ -11,6 +11,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from lowbit.formats.affine import INT8_WEIGHT, UINT8_ACT, quantize
+from lowbit.formats.granularity import PerAxis, PerTensor
 from lowbit.observers import Observer, make_observer
 
 from .base import Batch, LayerSettings, as_inputs, is_layer, layer_of
@@ -20,7 +21,10 @@ def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Ten
     """Float weights [N, ...] -> (int8 codes in [-127, 127], float32 scales [N])."""
     if not torch.isfinite(w).all():
         raise ValueError("weights contain NaN or Inf")
-    obs = make_observer(settings.weight_observer, axis=0 if settings.per_channel else None)
+    g = settings.weight_granularity
+    if not isinstance(g, (PerTensor, PerAxis)) or (isinstance(g, PerAxis) and g.axis % w.dim() != 0):
+        raise ValueError(f"integer layers scale weights per tensor or per output channel (PerAxis(0)), not {g}")
+    obs = make_observer(settings.weight_observer, axis=0 if isinstance(g, PerAxis) else None)
     obs.observe(w.detach())
     scale, _ = obs.qparams(INT8_WEIGHT)
     scale = scale.reshape(-1).to(torch.float32)

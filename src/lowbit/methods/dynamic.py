@@ -28,6 +28,12 @@ from .weight_only import HF_CONV1D, linear_args, stored_module, swap_meta
 
 @dataclass
 class DynamicConfig(QuantConfig):
+    """Options of the dynamic method: those of :class:`QuantConfig`, and
+
+    per_token: one activation scale per row (token) of a linear layer's input instead of per tensor;
+    quantize_embeddings: store Embedding tables int8 per row (else they stay float32).
+    """
+
     per_token: bool = False
     quantize_embeddings: bool = True
 

@@ -8,6 +8,7 @@ MultiheadAttention layers are replaced where they are (:mod:`lowbit.methods.modu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,12 +46,17 @@ def _builders() -> dict[str, Builder]:
     return out
 
 
+@dataclass
+class Float16Config(QuantConfig):
+    """Options of the float16 method (those of :class:`QuantConfig`)."""
+
+
 @register
 class Float16(Method):
     name = "float16"
     order = 40
     summary = "float16 weights, float32 compute (half the size, float accuracy); any nn.Module"
-    config_cls = QuantConfig
+    config_cls = Float16Config
     needs_calibration = False
     needs_graph = False
 

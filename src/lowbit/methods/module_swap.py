@@ -52,7 +52,7 @@ class WeightCache:
     def int8(self, w: torch.Tensor, settings: LayerSettings, transpose: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes, float32 scale per output row) of a weight [N, ...] (``transpose``: of ``w.t()``)."""
-        how = f"int8:{settings.per_channel}:{settings.weight_observer}:{transpose}"
+        how = f"int8:{settings.weight_granularity}:{settings.weight_observer}:{transpose}"
         return self.get(w, how, lambda: quantize_weight((w.t() if transpose else w).detach().contiguous(), settings))
 
     def float16(self, w: torch.Tensor, transpose: bool = False) -> torch.Tensor:

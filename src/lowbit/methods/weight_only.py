@@ -14,6 +14,7 @@ int8 GEMM with a float epilogue is the ``dynamic`` method (activations rounded t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,12 +90,17 @@ def swap_meta(result: Any) -> dict[str, Any]:
             "float_reasons": dict(result.kept), "swapped": dict(result.info)}
 
 
+@dataclass
+class WeightOnlyConfig(QuantConfig):
+    """Options of the weight_only method (those of :class:`QuantConfig`)."""
+
+
 @register
 class WeightOnlyInt8(Method):
     name = "weight_only"
     order = 35
     summary = "int8 weights (per output row), float activations; any nn.Module, no calibration"
-    config_cls = QuantConfig
+    config_cls = WeightOnlyConfig
     needs_calibration = False
     needs_graph = False
 

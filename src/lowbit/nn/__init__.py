@@ -3,7 +3,7 @@
 from .attention import DynamicQMultiheadAttention
 from .base import MODULES, LowbitModule
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
-from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QMaxPool2d, Quantize
+from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
 from .recurrent import DynamicQRNN
 from .shape_check import CheckShape
 from .weight_only import WeightOnly
@@ -26,6 +26,7 @@ __all__ = [
     "QMaxPool2d",
     "QConv",
     "QLinear",
+    "QLookup",
     "Quantize",
     "WeightOnly",
 ]
