@@ -370,12 +370,14 @@ def _inputs(model: nn.Module, example: Any) -> tuple[torch.Tensor, ...]:
 
 
 def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLike[str], *,
-                example_input: Any = None, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+                example_input: Any = None, inputs: tuple[str | os.PathLike[str], ...] = (),
+                optimize: bool = True) -> Path:
     """Write ``model`` (a lowbit model, or the path of a lowbit file) as an ONNX QDQ graph to ``out``.
 
     ``example_input``: one input batch in the form the model takes (for a full-integer model: its input
     codes); by default the one the model was quantized with (kept in its meta). Every size except those
-    the model fixes stays dynamic. Raises :class:`OnnxExportError` for a layer ONNX cannot express.
+    the model fixes stays dynamic. ``optimize``: let the exporter fold and clean the graph (the QDQ nodes
+    stay; False exports faster). Raises :class:`OnnxExportError` for a layer ONNX cannot express.
     """
     import lowbit
 
@@ -396,7 +398,7 @@ def export_onnx(model: nn.Module | str | os.PathLike[str], out: str | os.PathLik
         try:
             prog = torch.onnx.export(model, xs, dynamo=True, opset_version=OPSET, dynamic_shapes=(dyn,)
                                      if _varargs(model) else dyn, custom_translation_table=translations(),
-                                     verbose=False)
+                                     verbose=False, optimize=optimize)
         except Exception as e:
             cause = e
             while cause.__cause__ is not None:

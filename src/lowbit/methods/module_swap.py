@@ -92,7 +92,9 @@ def _candidates(model: nn.Module, builders: dict[str, Builder]) -> list[tuple[st
     out: list[tuple[str, nn.Module]] = []
 
     def walk(m: nn.Module, prefix: str) -> None:
-        for name, child in m.named_children():
+        for name, child in m._modules.items():  # every path, also of a module registered twice
+            if child is None:
+                continue
             path = f"{prefix}.{name}" if prefix else name
             if type_key(child) in builders:
                 out.append((path, child))

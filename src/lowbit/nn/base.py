@@ -40,6 +40,8 @@ class LowbitModule(nn.Module):
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
+        if cls.__module__.partition(".")[0] == "torch":
+            return  # a subclass torch makes on the fly (torch.export's module proxies): not a new module type
         MODULES[cls.__name__] = cls
 
     @classmethod

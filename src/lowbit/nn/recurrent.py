@@ -42,8 +42,8 @@ class DynamicQRNN(LowbitModule):
     ``out, (h, c) = lstm(x, (h0, c0))``, ``out, h = gru(x, h0)``, batched or not, batch_first or not."""
 
     spec_attrs = {"mode": Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU"], "input_size": _Count,
-                  "hidden_size": _Count, "num_layers": _Count, "bias": bool, "batch_first": bool,
-                  "bidirectional": bool, "per_token": bool | None}
+                  "hidden_size": _Count, "num_layers": Annotated[int, Range(1, 1024)], "bias": bool,
+                  "batch_first": bool, "bidirectional": bool, "per_token": bool | None}
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int, bias: bool,
                  batch_first: bool, bidirectional: bool, tensors: dict[str, torch.Tensor],
