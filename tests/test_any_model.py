@@ -411,3 +411,54 @@ def test_gpt2_decoder_and_transformer_encoder():
             got, want = qe(x, src_key_padding_mask=kpm), enc(x, src_key_padding_mask=kpm)
     assert isinstance(qe.layers[0].self_attn, DynamicQMultiheadAttention)
     assert _min_cos(got[~kpm], want[~kpm]) > 0.99
+
+
+METRIC_MODULE = '''
+import torch
+import torch.nn.functional as F
+import transformers
+
+
+def bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+def batch():
+    ids = torch.randint(0, 100, (6, 12), generator=torch.Generator().manual_seed(1))
+    return ids, torch.ones_like(ids)
+
+
+def cosine(model):
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = bert()(ids, mask)["last_hidden_state"]
+        out = model(ids, mask)["last_hidden_state"]
+    return {"cosine": float(F.cosine_similarity(out, ref, dim=-1).mean())}
+'''
+
+
+def test_compare_and_eval_with_your_metric(tmp_path, monkeypatch, capsys):
+    """compare and eval on a transformer scored by the user's function (cosine similarity to float)."""
+    from lowbit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "mymetric.py").write_text(METRIC_MODULE)
+    import mymetric
+
+    model = mymetric.bert()
+    ids, mask = mymetric.batch()
+    res = lowbit.compare(model, [(ids, mask)], lambda m: 100 * mymetric.cosine(m)["cosine"],
+                         methods=["dynamic", "float16"], example_input=(ids[:1], mask[:1]), repeats=2,
+                         report_dir=tmp_path / "report", save_chosen=tmp_path / "chosen.lowbit", progress=False)
+    rows = {r["method"]: r for r in res.rows}
+    assert set(rows) == {"float", "dynamic", "float16"} and rows["float"]["accuracy"] == pytest.approx(100)
+    assert rows["dynamic"]["accuracy"] > 99 and rows["float16"]["size_bytes"] < rows["float"]["size_bytes"]
+    assert (tmp_path / "report" / "index.html").exists()
+    capsys.readouterr()
+    assert main(["eval", "chosen.lowbit", "--metric", "mymetric:cosine", "--batch-size", "2", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cosine 0.99" in out and "latency" in out and "batch 2" in out

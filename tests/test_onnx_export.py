@@ -81,3 +81,24 @@ def test_layer_without_onnx_form_is_named(tmp_path):
     q[1] = lowbit.nn.QLinear(pack_weights(codes, fmt, "w46", K_x=12), torch.ones(4), None, (0.1, 12), (0.1, 12))
     with pytest.raises(OnnxExportError, match=r"layer '1' \(QLinear\).*w46 kernels"):
         export_onnx(q, tmp_path / "x.onnx", example_input=x, optimize=False)
+
+
+def test_qat_model_deploys_on_onnx_runtime(digits_cnn, tmp_path, one_thread):
+    """A model trained by lowbit's QAT (LSQ, 4-bit weights and activations) exports with its learned steps
+    as the QDQ scales (4-bit codes kept in range) and runs the same in ONNX Runtime."""
+    import torch.nn.functional as F
+
+    model, splits, _ = digits_cnn
+    xs, ys = splits.train.tensors
+    qm = lowbit.qat.prepare(model, "lsq", calib=splits.calib.tensors[0][:128], bits="4,4")
+    opt = torch.optim.Adam(qm.parameters(), 1e-4)
+    for i in (0, 64):
+        loss = F.cross_entropy(qm(xs[i:i + 64]), ys[i:i + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q = lowbit.load(lowbit.save(lowbit.qat.convert(qm), tmp_path / "lsq.lowbit"))
+    x = model_input(q, splits.test.tensors[0])
+    out = export_onnx(q, tmp_path / "lsq.onnx", example_input=x[:2], optimize=False)
+    res = compare_onnx(q, out, x)
+    assert res["argmax_agree"] >= 0.99 and res["max_abs"] <= 1e-3 * res["scale"]
