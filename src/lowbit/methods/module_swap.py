@@ -6,6 +6,9 @@ handles (exact types: a subclass may compute something else) by the method's inf
 it was. The model's own ``forward`` — Python control flow, Hugging Face model code, anything — runs
 unchanged around the replaced layers.
 
+A BatchNorm right after a conv or linear layer inside an ``nn.Sequential`` is folded into it first (as
+the graph front-end does); elsewhere BatchNorm stays a float op after the quantized layer.
+
 Shared weights are quantized once: a module reachable at several paths is replaced by one new module
 at all of them, and different modules sharing a weight tensor (tied input/output embeddings) get
 modules holding the same quantized tensor (saved once). A weight shared with a module the method
@@ -71,6 +74,42 @@ class SwapResult:
     kept: dict[str, str] = field(default_factory=dict)  # path -> why it stayed float
     #: path -> the float module's class and parameter shapes (what a weights-only file is loaded into)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folded: list[str] = field(default_factory=list)  # BatchNorm folded into the layer before it
+
+
+def fold_sequential_batchnorm(model: nn.Module) -> list[str]:
+    """Fold every BatchNorm that directly follows a Conv1d/Conv2d/Linear inside an ``nn.Sequential`` (exact
+    type: its forward is the chain, so the layer feeds only the BatchNorm) into that layer, and replace it
+    by ``nn.Identity``, as the graph front-end folds them. Layers or BatchNorms reachable at several
+    paths, or whose tensors are shared, are left as they are. Returns the paths of the folded BatchNorms."""
+    from lowbit.graph.prepare import _BN_FOR, _fold_bn
+
+    paths = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for t in [*m._parameters.values(), *m._buffers.values()]:
+            if t is not None:
+                holders[id(t)] = holders.get(id(t), 0) + 1
+    folded = []
+    for seq in list(model.modules()):
+        if type(seq) is not nn.Sequential:
+            continue
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:], strict=False):
+            layer, bn = seq._modules[a], seq._modules[b]
+            if (type(layer) not in _BN_FOR or type(bn) is not _BN_FOR[type(layer)] or bn.running_mean is None
+                    or len(paths.get(id(layer), [])) != 1 or len(paths.get(id(bn), [])) != 1):
+                continue
+            n = layer.out_channels if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else layer.out_features
+            tensors = [*layer.parameters(), *bn.parameters(), *bn.buffers()]
+            if bn.num_features != n or any(holders.get(id(t), 0) > 1 for t in tensors):
+                continue
+            seq._modules[a] = _fold_bn(layer, bn)
+            seq._modules[b] = nn.Identity()
+            folded.append(paths[id(bn)][0])
+    return folded
 
 
 def candidate_paths(model: nn.Module, builders: dict[str, Builder]) -> list[str]:
@@ -127,9 +166,10 @@ def swap_modules(model: nn.Module, config: QuantConfig, builders: dict[str, Buil
     if not isinstance(model, nn.Module):
         raise TypeError(f"lowbit.quantize takes an nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
+    result = SwapResult(model)
+    result.folded = fold_sequential_batchnorm(model)
     cands = _candidates(model, builders)
     owners = _owners(model)
-    result = SwapResult(model)
     for path, _ in cands:
         if config.layer(path).keep_float:
             result.kept[path] = "keep_float"
@@ -151,8 +191,9 @@ def swap_modules(model: nn.Module, config: QuantConfig, builders: dict[str, Buil
             except Unsupported as e:
                 result.kept[path] = str(e)
                 continue
-            except ValueError as e:
-                raise ValueError(f"layer '{path}' ({type(mod).__name__}): {e}") from None
+            except ValueError as e:  # the same error type (e.g. an accumulator bound), the layer named
+                e.args = (f"layer '{path}' ({type(mod).__name__}): {e}", *e.args[1:])
+                raise
             built[id(mod)] = new
         result.info[path] = {"class": type_key(mod), "params": {n: list(t.shape) for n, t in mod.named_parameters()}}
         _set(model, path, new.eval())

@@ -87,7 +87,8 @@ def stored_builders(storage: str) -> dict[str, Builder]:
 def swap_meta(result: Any) -> dict[str, Any]:
     return {"input": {"dtype": "float32"}, "output": {"dtype": "float32"}, "graph": "module_swap",
             "quantized_layers": list(result.swapped), "float_layers": list(result.kept),
-            "float_reasons": dict(result.kept), "swapped": dict(result.info)}
+            "float_reasons": dict(result.kept), "swapped": dict(result.info),
+            "folded_batchnorm": list(result.folded)}
 
 
 @dataclass

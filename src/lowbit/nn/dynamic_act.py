@@ -9,10 +9,14 @@ Two granularities for the activation of a linear product, both with int8 weights
   kernel's one zero point 128 serves every row and the integer product stays exact); the row scale is
   applied to the dequantized product.
 
-Either way the product runs on lowbit's int8 kernels (:func:`lowbit.kernels.int8_linear`).
+Either way the product runs on lowbit's int8 kernels (:func:`lowbit.kernels.int8_linear`). An input
+several layers read (an attention layer's query, key and value projections) is quantized once.
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 import torch
 
@@ -44,19 +48,44 @@ def token_qparams(x2: torch.Tensor) -> torch.Tensor:
     return scale
 
 
+class _Last(threading.local):
+    """The last input quantized on this thread and its codes: the query, key and value projections of an
+    attention layer read the same tensor, which is then quantized once. The entry holds the input itself
+    (so its memory cannot be reused by another tensor) and its version counter (an in-place change
+    invalidates it)."""
+
+    entry: tuple[torch.Tensor, int, bool, tuple[torch.Tensor, Any, Any]] | None = None
+
+
+_LAST = _Last()
+
+
+def _codes(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, Any, Any]:
+    """(uint8 codes [M, K], scale (float or [M, 1]), zero point) of an input, per tensor or per row."""
+    e = _LAST.entry
+    if e is not None and e[0] is x and e[1] == x._version and e[2] == per_token:
+        return e[3]
+    x2 = x.reshape(-1, x.shape[-1])
+    if per_token:
+        s = token_qparams(x2)
+        out: tuple[torch.Tensor, Any, Any] = (quantize_codes(x2, s, TOKEN_ZP, TOKEN_ZP - 127, TOKEN_ZP + 127), s,
+                                               TOKEN_ZP)
+    else:
+        from .layers import _dynamic_qparams
+
+        sf, z = _dynamic_qparams(x)
+        out = (quantize_codes(x2, sf, z, UINT8_ACT.qmin, UINT8_ACT.qmax), sf, z)
+    _LAST.entry = (x, x._version, per_token, out) if not torch.is_grad_enabled() or not x.requires_grad else None
+    return out
+
+
 def dynamic_linear(x: torch.Tensor, packed: kernels.PackedInt8, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None, per_token: bool = False) -> torch.Tensor:
     """``x @ W^T + bias`` with x quantized on the fly (float32 [..., K] -> float32 [..., N])."""
+    xq, s, z = _codes(x, per_token)
     if not per_token:
-        from .layers import _dynamic_qparams
-
-        s, z = _dynamic_qparams(x)
-        xq = quantize_codes(x, s, z, UINT8_ACT.qmin, UINT8_ACT.qmax)
-        return kernels.int8_linear(xq, z, packed, None, kernels.FloatOut(weight_scale * s, bias))
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    s = token_qparams(x2)
-    xq = quantize_codes(x2, s, TOKEN_ZP, TOKEN_ZP - 127, TOKEN_ZP + 127)
-    y = kernels.int8_linear(xq, TOKEN_ZP, packed, None, kernels.FloatOut(weight_scale))
-    y = y.mul_(s) if bias is None else torch.addcmul(bias, y, s)
+        y = kernels.int8_linear(xq, z, packed, None, kernels.FloatOut(weight_scale * s, bias))
+    else:
+        y = kernels.int8_linear(xq, TOKEN_ZP, packed, None, kernels.FloatOut(weight_scale))
+        y = y.mul_(s) if bias is None else torch.addcmul(bias, y, s)
     return y.reshape(*x.shape[:-1], y.shape[-1])
