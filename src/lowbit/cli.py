@@ -21,6 +21,7 @@ EXIT_ERROR = 2
 #: command of its own is its module plus one line here (this file stays out of every feature's diff).
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
+    "lowbit.qat.cli",
 )
 
 
@@ -184,6 +185,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
         save_chosen=args.out, meta={"model": args.model, "dataset": splits.name},
+        train=splits.train, test=splits.test,
     )
     print()
     print(res.table())
