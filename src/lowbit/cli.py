@@ -22,6 +22,7 @@ EXIT_ERROR = 2
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
     "lowbit.qat.cli",
+    "lowbit.study.cli",
 )
 
 
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the bad argument: a return code, as for errors
         return e.code if isinstance(e.code, int) else EXIT_ERROR
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the exact command, for reports
     try:
         from lowbit import kernels
 
