@@ -1,6 +1,7 @@
 """Affine integer formats: what numbers a quantized tensor can hold, and the exact integer math.
 
-``real = scale * (q - zero_point)`` (docs/methods.md, "Formats and the integer scheme"). Pure functions on tensors, no state.
+``real = scale * (q - zero_point)`` (docs/methods.md, "Formats and the integer scheme"). Pure functions
+on tensors, no state.
 
 Requantization follows Jacob et al. (CVPR 2018): a real multiplier ``M`` (``s_in * s_w / s_out``) is
 stored as a Q31 fixed-point mantissa ``m0`` in ``[2^30, 2^31)`` (i.e. ``M0 = m0 / 2^31`` in

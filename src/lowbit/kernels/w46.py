@@ -1,4 +1,5 @@
-"""4.6-bit integer kernels (docs/methods.md, "4.6-bit and binary kernels"; Trusov, Limonova, Nikolaev, Arlazarov, Mathematics 2024).
+"""4.6-bit integer kernels (docs/methods.md, "4.6-bit and binary kernels"; Trusov, Limonova, Nikolaev,
+Arlazarov, Mathematics 2024).
 
 Operands
     activation codes ``a``: uint8 in ``[0, 2*K_x]`` with zero point ``K_x`` (centred code ``a - K_x``);
