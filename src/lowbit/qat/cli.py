@@ -68,6 +68,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="training checkpoint, written atomically at every evaluation "
                          "(default runs/qat-MODEL-DATA-METHOD-wWaA-sSEED.pt)")
     sp.add_argument("--resume", action="store_true", help="continue from --run-checkpoint")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar (evaluations are still printed)")
     sp.add_argument("--option", action="append", metavar="KEY=VALUE", help="other method option (see docs)")
     sp.add_argument("--compare-with", default="static", metavar="METHODS",
                     help="methods measured beside the trained model and the float one (default static; "
@@ -97,6 +98,8 @@ def _config(args: argparse.Namespace) -> Any:
     raw["first_last_bits"] = "none" if args.first_last_bits is None else str(args.first_last_bits)
     if args.train_threads is not None:
         raw["threads"] = str(args.train_threads)
+    if args.no_progress:
+        raw["progress"] = "false"
     cfg = cls.config_cls.from_dict(raw, method=args.method, strings=True)
     cls(cfg)  # bit widths outside the method's set fail here, before any work
     return cfg
