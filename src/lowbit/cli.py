@@ -21,6 +21,8 @@ EXIT_ERROR = 2
 #: command of its own is its module plus one line here (this file stays out of every feature's diff).
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
+    "lowbit.qat.cli",
+    "lowbit.study.cli",
 )
 
 
@@ -184,6 +186,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
         save_chosen=args.out, meta={"model": args.model, "dataset": splits.name},
+        train=splits.train, test=splits.test,
     )
     print()
     print(res.table())
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the bad argument: a return code, as for errors
         return e.code if isinstance(e.code, int) else EXIT_ERROR
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the exact command, for reports
     try:
         from lowbit import kernels
 

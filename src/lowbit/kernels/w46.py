@@ -1,4 +1,5 @@
-"""4.6-bit integer kernels (methods.md §2; Trusov, Limonova, Nikolaev, Arlazarov, Mathematics 2024).
+"""4.6-bit integer kernels (docs/methods.md, "4.6-bit and binary kernels"; Trusov, Limonova, Nikolaev,
+Arlazarov, Mathematics 2024).
 
 Operands
     activation codes ``a``: uint8 in ``[0, 2*K_x]`` with zero point ``K_x`` (centred code ``a - K_x``);
@@ -98,7 +99,7 @@ def check_w46_levels(K_x: int, K_w: int) -> None:
     if int(K_x) * int(K_w) > 127:
         raise ValueError(
             f"K_x * K_w = {int(K_x) * int(K_w)} exceeds 127: a centred activation code times a weight code "
-            "must fit in int8 (methods.md §2)"
+            "must fit in int8 (docs/methods.md, 4.6-bit kernels)"
         )
 
 
