@@ -7,9 +7,12 @@ Operands
     weight levels, ``K_w = N_w // 2`` and ``K_x = 127 // K_w`` (:func:`w46_levels`).
 
 Arithmetic (the specification: :func:`w46_linear_ref`, :func:`w46_conv2d_ref`)
-    ``acc[m, n] = sum_k (a[m, k] - K_x) * w[n, k] + bias[n]`` in int32, then the same epilogues as the
+    ``acc[m, n] = sum_k (a[m, k] - zp) * w[n, k] + bias[n]`` in int32, then the same epilogues as the
     int8 kernels (:class:`~lowbit.kernels.Requant`, :class:`~lowbit.kernels.FloatOut`, or the raw int32).
-    Convolution has NCHW semantics; padded positions hold ``K_x`` (real zero).
+    ``zp`` is the activation zero point, any code in ``[0, 2 K_x]`` (default ``K_x``): the kernels multiply
+    the raw codes (the int16 bound above holds for every code in range) and subtract ``zp * sum_k w`` once,
+    so an activation range from calibration min/max (e.g. ``[0, max]`` after a ReLU, zero point 0) uses all
+    its ``N_x`` levels. Convolution has NCHW semantics; padded positions hold ``zp`` (real zero).
 
 Native kernels (``lowbit._native``, csrc/w46*.cpp), chosen at run time by CPU features and capped by
 ``lowbit._native.set_isa_cap`` / ``LOWBIT_ISA``: ``avx2`` (vpmaddubsw pair sums, which cannot saturate
@@ -111,6 +114,15 @@ def _pair(v: _Pair, name: str) -> tuple[int, int]:
     return t  # type: ignore[return-value]
 
 
+def _zero_point(zp: int | None, K_x: int) -> int:
+    """The activation zero point of a call: ``K_x`` for None, else an int in ``[0, 2 K_x]``."""
+    if zp is None:
+        return int(K_x)
+    if isinstance(zp, bool) or not 0 <= int(zp) <= 2 * int(K_x):
+        raise ValueError(f"4.6-bit activation zero point {zp!r} outside [0, 2*K_x] = [0, {2 * int(K_x)}]")
+    return int(zp)
+
+
 def _check_acts(x: torch.Tensor, K_x: int) -> None:
     if x.dtype != torch.uint8:
         raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
@@ -209,11 +221,13 @@ def _ref_epilogue(epi: Epilogue | None, n: int) -> Epilogue | None:
 
 
 def w46_linear_ref(
-    x: torch.Tensor, K_x: int, w: torch.Tensor, bias: torch.Tensor | None = None, epi: Epilogue | None = None
+    x: torch.Tensor, K_x: int, w: torch.Tensor, bias: torch.Tensor | None = None, epi: Epilogue | None = None,
+    zp: int | None = None,
 ) -> torch.Tensor:
     """The specification: x uint8 [M, K] codes in [0, 2K_x], w int8 [N, K] in [-K_w, K_w] (K_w implied by
-    the bound) -> ``epi(sum_k (x - K_x) * w + bias)`` [M, N]. Exact int64 arithmetic, int32 result."""
-    acc = (x.to(torch.int64) - int(K_x)) @ w.to(torch.int64).t()
+    the bound) -> ``epi(sum_k (x - zp) * w + bias)`` [M, N] (``zp``: default K_x). Exact int64 arithmetic,
+    int32 result."""
+    acc = (x.to(torch.int64) - _zero_point(zp, K_x)) @ w.to(torch.int64).t()
     if bias is not None:
         acc = acc + bias.to(torch.int64).reshape(-1)
     return apply_epilogue(_check_int32(acc), _ref_epilogue(epi, w.shape[0]))
@@ -229,10 +243,12 @@ def w46_conv2d_ref(
     padding: _Pair = 0,
     dilation: _Pair = 1,
     groups: int = 1,
+    zp: int | None = None,
 ) -> torch.Tensor:
     """The specification for convolution: x uint8 NCHW, w int8 [N, C/groups, kh, kw] -> epi(NCHW).
-    Padding holds K_x (centred zero). Exact: float64 holds every partial sum (< 2^53)."""
-    xc = x.to(torch.float64) - float(K_x)
+    Padding holds the zero point ``zp`` (default K_x; real zero). Exact: float64 holds every partial sum
+    (< 2^53)."""
+    xc = x.to(torch.float64) - float(_zero_point(zp, K_x))
     acc = F.conv2d(xc, w.to(torch.float64), None, _pair(stride, "stride"), _pair(padding, "padding"),
                    _pair(dilation, "dilation"), groups)
     acc = torch.round(acc).to(torch.int64)
@@ -249,7 +265,7 @@ class PackedW46(PackedWeights):
     """4.6-bit weight codes (int8 in [-K_w, K_w]; [N, K] for linear or [N, C/g, kh, kw] for conv) prepared
     once for the kernels. The native packing is made on first use per (kind, groups) and cached.
     Implements the packed-weight protocol (:mod:`lowbit.kernels.packed`); its activations are codes in
-    ``[0, 2 K_x]`` with zero point ``K_x``."""
+    ``[0, 2 K_x]`` with any zero point in that range."""
 
     kernel = "w46"
     weight: torch.Tensor
@@ -292,20 +308,14 @@ class PackedW46(PackedWeights):
     def extra_attrs(self) -> dict[str, Any]:
         return {"K_x": self.K_x}
 
-    def _check_zp(self, x_zp: int | None) -> None:
-        if x_zp is not None and int(x_zp) != self.K_x:
-            raise ValueError(f"4.6-bit activations have zero point K_x = {self.K_x}, got {x_zp}")
-
     def linear(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None) -> torch.Tensor:
-        self._check_zp(x_zp)
-        return w46_linear(x, self, bias, epi)
+        return w46_linear(x, self, bias, epi, x_zp)
 
     def conv2d(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None, stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1,
                groups: int = 1) -> torch.Tensor:
-        self._check_zp(x_zp)
-        return w46_conv2d(x, self, bias, epi, stride, padding, dilation, groups)
+        return w46_conv2d(x, self, bias, epi, stride, padding, dilation, groups, x_zp)
 
     def native(self, kind: str, groups: int) -> Any:
         """The lowbit._native.W46Packed for ``kind`` ("linear" or "conv") and ``groups`` (None if unbuilt)."""
@@ -332,9 +342,11 @@ def pack_w46(w_codes: torch.Tensor, K_x: int, K_w: int) -> PackedW46:
 
 
 def w46_linear(
-    x: torch.Tensor, w: PackedW46, bias: torch.Tensor | None = None, epi: Epilogue | None = None
+    x: torch.Tensor, w: PackedW46, bias: torch.Tensor | None = None, epi: Epilogue | None = None,
+    x_zp: int | None = None,
 ) -> torch.Tensor:
-    """``epi(sum_k (x - K_x) * w + bias)``: x uint8 codes [..., K] in [0, 2 K_x] -> [..., N]."""
+    """``epi(sum_k (x - x_zp) * w + bias)``: x uint8 codes [..., K] in [0, 2 K_x] -> [..., N]; ``x_zp``: the
+    activation zero point in [0, 2 K_x] (default K_x)."""
     if not isinstance(w, PackedW46):
         raise TypeError("w46_linear takes weights from pack_w46()")
     if w.weight.dim() != 2:
@@ -345,16 +357,17 @@ def w46_linear(
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"input has {x.shape[-1] if x.dim() else 0} features, the layer expects {K}")
     b = _check_bias(bias, N)
+    z = _zero_point(x_zp, w.K_x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     nat = _native()
     if nat is None:
         _check_acts(x2, w.K_x)
-        return w46_linear_ref(x2, w.K_x, w.weight, b, epi).reshape(*lead, N)
+        return w46_linear_ref(x2, w.K_x, w.weight, b, epi, z).reshape(*lead, N)
     kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
     out = torch.empty(x2.shape[0], N, dtype=dt)
     nat.w46_linear(x2.data_ptr(), x2.shape[0], K, w.native("linear", 1), 0 if b is None else b.data_ptr(),
-                   kind, p0, p1, zp, qmin, qmax, out.data_ptr())
+                   kind, p0, p1, zp, qmin, qmax, out.data_ptr(), z)
     del keep
     return out.reshape(*lead, N)
 
@@ -368,10 +381,12 @@ def w46_conv2d(
     padding: _Pair = 0,
     dilation: _Pair = 1,
     groups: int = 1,
+    x_zp: int | None = None,
 ) -> torch.Tensor:
     """4.6-bit 2-D convolution, NCHW semantics: x uint8 [B, C, H, W] codes in [0, 2 K_x] (any memory
-    format; channels_last is read as is), weights [N, C/groups, kh, kw]; padded positions hold K_x (real
-    zero). Returns epi(acc) [B, N, Ho, Wo] in ``torch.channels_last`` memory format (as the int8 conv)."""
+    format; channels_last is read as is) with zero point ``x_zp`` (default K_x), weights
+    [N, C/groups, kh, kw]; padded positions hold ``x_zp`` (real zero). Returns epi(acc) [B, N, Ho, Wo] in
+    ``torch.channels_last`` memory format (as the int8 conv)."""
     if not isinstance(w, PackedW46):
         raise TypeError("w46_conv2d takes weights from pack_w46()")
     if w.weight.dim() != 4:
@@ -395,15 +410,16 @@ def w46_conv2d(
     if Ho < 1 or Wo < 1:
         raise ValueError(f"input {H}x{W} is too small for this kernel / padding / dilation")
     b = _check_bias(bias, N)
+    z = _zero_point(x_zp, w.K_x)
     nat = _native()
     if nat is None:
         _check_acts(x, w.K_x)
-        return w46_conv2d_ref(x, w.K_x, w.weight, b, epi, (sh, sw), (ph, pw), (dh, dw), groups)
+        return w46_conv2d_ref(x, w.K_x, w.weight, b, epi, (sh, sw), (ph, pw), (dh, dw), groups, z)
     nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     xc = x if nhwc else x.contiguous()
     kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
     out = torch.empty((B, N, Ho, Wo), dtype=dt, memory_format=torch.channels_last)
     nat.w46_conv2d(xc.data_ptr(), B, C, H, W, w.native("conv", groups), kh, kw, sh, sw, ph, pw, dh, dw, groups,
-                   nhwc, 0 if b is None else b.data_ptr(), kind, p0, p1, zp, qmin, qmax, out.data_ptr())
+                   nhwc, 0 if b is None else b.data_ptr(), kind, p0, p1, zp, qmin, qmax, out.data_ptr(), z)
     del keep
     return out
