@@ -107,9 +107,12 @@ def _add_module_node(gm: fx.GraphModule, after: fx.Node, base: str, module: nn.M
 
 def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tensor]) -> fx.GraphModule:
     """Insert ``method``'s quantizers into a prepared float graph (see the module docstring) and initialize
-    them: weight steps from the weights, activation steps on the first calibration batch."""
+    them: weight steps from the weights, activation steps on the first calibration batch.
+
+    ``method``: a :class:`QATMethod`, or any method object with the same ``config``, ``precision``,
+    ``weight_quantizer`` and ``act_quantizer`` (e.g. the 4.6-bit family, whose precisions are level counts)."""
     gm = copy.deepcopy(prepared.gm)
-    cfg = method.cfg
+    cfg = method.config
     batch = calib[0] if calib else None
     if batch is None:
         raise ValueError("lowbit.qat.prepare needs calibration data (one batch or more) to initialize the "
@@ -117,7 +120,6 @@ def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tenso
     rec = _Recorder(gm)
     with torch.no_grad():
         rec.run(batch)
-    w_bits, a_bits = cfg.bits  # type: ignore[misc]
 
     # --- layers ----------------------------------------------------------------------------------
     layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_layer(gm.get_submodule(str(n.target)))
@@ -128,11 +130,8 @@ def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tenso
             order.append(str(n.target))
     if not order:
         raise ValueError("the model has no layer to quantize (conv/linear with zero padding), or all are kept float")
-    edge = {order[0], order[-1]} if cfg.first_last_bits is not None else set()
-    fl = cfg.first_last_bits or w_bits
-
-    def bits_of(target: str) -> tuple[int, int]:
-        return (fl, fl) if target in edge else (w_bits, a_bits)
+    bits_of = method.precision(order)
+    a_bits = bits_of(None)[1]
 
     done: dict[str, QATLayer] = {}
     for n in layer_nodes:
