@@ -265,13 +265,18 @@ class PackedW46(PackedWeights):
     """4.6-bit weight codes (int8 in [-K_w, K_w]; [N, K] for linear or [N, C/g, kh, kw] for conv) prepared
     once for the kernels. The native packing is made on first use per (kind, groups) and cached.
     Implements the packed-weight protocol (:mod:`lowbit.kernels.packed`); its activations are codes in
-    ``[0, 2 K_x]`` with any zero point in that range."""
+    ``[0, 2 K_x]`` with any zero point in that range. The protocol's :meth:`linear` / :meth:`conv2d` run
+    the 4.6-bit kernel or, where it measures faster for the call's shape, the int8 kernel on the same codes
+    (:mod:`lowbit.kernels.w46_dispatch`; same integers either way); :func:`w46_linear` /
+    :func:`w46_conv2d` always run the 4.6-bit kernel."""
 
     kernel = "w46"
     weight: torch.Tensor
     K_x: int
     K_w: int
     _native: dict[tuple[str, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _int8: Any = field(default=None, init=False, repr=False)
+    _routes: dict[tuple[Any, ...], str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_w46_levels(self.K_x, self.K_w)
@@ -308,14 +313,62 @@ class PackedW46(PackedWeights):
     def extra_attrs(self) -> dict[str, Any]:
         return {"K_x": self.K_x}
 
+    # --- the protocol's products: the 4.6-bit kernel, or the int8 kernel where it is faster ------------
+    def as_int8(self) -> Any:
+        """The same codes packed for the int8 kernels (made once): what :mod:`.w46_dispatch` may run instead."""
+        if self._int8 is None:
+            from . import pack_int8
+
+            self._int8 = pack_int8(self.weight, self.format)
+        return self._int8
+
+    def _route(self, kind: str, x: torch.Tensor, geometry: tuple[Any, ...], run_w46: Any, run_int8: Any) -> str:
+        nat = _native()
+        if nat is None:
+            return "w46"
+        from lowbit.kernels import native as int8_native
+
+        from . import w46_dispatch
+
+        path = str(nat.w46_path())
+        threads = int8_native.num_threads()
+        key = (kind, tuple(x.shape), x.is_contiguous(), geometry, w46_dispatch.dispatch_mode(), path, threads)
+        route = self._routes.get(key)
+        if route is None:
+            problem = (kind, tuple(self.weight.shape), tuple(x.shape), x.is_contiguous(), geometry)
+            route = w46_dispatch.choose(problem, path, threads, run_w46, run_int8)
+            self._routes[key] = route
+        return route
+
     def linear(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None) -> torch.Tensor:
-        return w46_linear(x, self, bias, epi, x_zp)
+        zp = self.K_x if x_zp is None else int(x_zp)
+
+        def w46() -> torch.Tensor:
+            return w46_linear(x, self, bias, epi, zp)
+
+        def int8() -> torch.Tensor:
+            return self.as_int8().linear(x, zp, bias, epi)
+
+        return int8() if self._route("linear", x, (), w46, int8) == "int8" else w46()
 
     def conv2d(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None, stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1,
                groups: int = 1) -> torch.Tensor:
-        return w46_conv2d(x, self, bias, epi, stride, padding, dilation, groups, x_zp)
+        zp = self.K_x if x_zp is None else int(x_zp)
+        geo = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups))
+
+        def w46() -> torch.Tensor:
+            return w46_conv2d(x, self, bias, epi, *geo, zp)
+
+        def int8() -> torch.Tensor:
+            return self.as_int8().conv2d(x, zp, bias, epi, *geo)
+
+        return int8() if self._route("conv", x, geo, w46, int8) == "int8" else w46()
+
+    def routes(self) -> dict[str, str]:
+        """The kernel each call shape of these weights took so far (``"w46"`` or ``"int8"``), by input shape."""
+        return {f"{k[0]} {tuple(k[1])}": v for k, v in self._routes.items()}
 
     def native(self, kind: str, groups: int) -> Any:
         """The lowbit._native.W46Packed for ``kind`` ("linear" or "conv") and ``groups`` (None if unbuilt)."""
