@@ -136,8 +136,8 @@ def _correct_one(name: str, layer: QATLayer, x: torch.Tensor, y: torch.Tensor, o
         loss = F.mse_loss(layer(x[idx]), y[idx])
         if not torch.isfinite(loss):
             layer.layer.load_state_dict(saved)
-            raise FloatingPointError(f"layer '{name}': the correction stage's loss became {float(loss)} at step {t} "
-                                     "(lower correction_lr, or check the model and data for NaN/Inf)")
+            raise FloatingPointError(f"layer '{name}': the correction stage's loss became {float(loss.detach())} at "
+                                     f"step {t} (lower correction_lr, or check the model and data for NaN/Inf)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
