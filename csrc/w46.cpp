@@ -322,7 +322,7 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
     const uint8_t* xpp = xp.data();
     const ConvGeom g2 = gm;
     for (int64_t g = 0; g < G; ++g) {
-        AFill fill = [xpp, g2, g, Cg, C, Hp, Wp, HWo, K, Kp](int64_t m0, int64_t m1, uint8_t* buf,
+        AFill fill = [xpp, g2, g, G, Cg, C, Hp, Wp, HWo, K, Kp](int64_t m0, int64_t m1, uint8_t* buf,
                                                            int64_t* lda) -> const uint8_t* {
             *lda = Kp;
             for (int64_t m = m0; m < m1; ++m) {
@@ -330,9 +330,19 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
                 uint8_t* d = buf + (m - m0) * Kp;
                 for (int64_t i = 0; i < g2.kh; ++i) {
                     const uint8_t* srow = xpp + ((b * Hp + oh * g2.sh + i * g2.dh) * Wp + ow * g2.sw) * C + g * Cg;
+                    if (g2.dw == 1 && G == 1) {  // the kernel row is one run of kw*C bytes
+                        const int64_t run = g2.kw * C;
+                        if (run <= 16) {
+                            for (int64_t t = 0; t < run; ++t) d[t] = srow[t];  // few bytes: no memcpy call
+                        } else {
+                            std::memcpy(d, srow, run);
+                        }
+                        d += run;
+                        continue;
+                    }
                     for (int64_t j = 0; j < g2.kw; ++j, d += Cg) std::memcpy(d, srow + j * g2.dw * C, Cg);
                 }
-                std::memset(d, 0, Kp - K);
+                for (int64_t t = K; t < Kp; ++t) *d++ = 0;
             }
             return buf;
         };

@@ -58,12 +58,22 @@ _Pair = int | tuple[int, int]
 _NAT: list[Any] = []  # [lowbit._native with the 4.6-bit / binary kernels, or None], resolved once
 
 
+def env(name: str) -> str:
+    """``os.environ.get(name, "")``, read from the environment's own dict where it has one (on every call,
+    so a changed variable counts, at a fraction of ``os.environ.get``'s cost: this runs on every layer call)."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        v = data.get(name.encode() if data and isinstance(next(iter(data)), bytes) else name)
+        return "" if v is None else (v.decode() if isinstance(v, bytes) else str(v))
+    return os.environ.get(name, "")
+
+
 def _native() -> Any:
     """lowbit._native when it is built with these kernels and not disabled (``LOWBIT_KERNELS=torch`` or
     ``lowbit.kernels.set_backend("torch")``), else None."""
     pkg = sys.modules.get("lowbit.kernels")
     forced = getattr(pkg, "_forced", None) if pkg is not None else None
-    choice = forced or os.environ.get("LOWBIT_KERNELS", "").strip().lower() or None
+    choice = forced or env("LOWBIT_KERNELS").strip().lower() or None
     if choice == "torch":
         return None
     if not _NAT:
@@ -276,7 +286,7 @@ class PackedW46(PackedWeights):
     K_w: int
     _native: dict[tuple[str, int], Any] = field(default_factory=dict, init=False, repr=False)
     _int8: Any = field(default=None, init=False, repr=False)
-    _routes: dict[tuple[Any, ...], str] = field(default_factory=dict, init=False, repr=False)
+    _plans: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_w46_levels(self.K_x, self.K_w)
@@ -322,53 +332,18 @@ class PackedW46(PackedWeights):
             self._int8 = pack_int8(self.weight, self.format)
         return self._int8
 
-    def _route(self, kind: str, x: torch.Tensor, geometry: tuple[Any, ...], run_w46: Any, run_int8: Any) -> str:
-        nat = _native()
-        if nat is None:
-            return "w46"
-        from lowbit.kernels import native as int8_native
-
-        from . import w46_dispatch
-
-        path = str(nat.w46_path())
-        threads = int8_native.num_threads()
-        key = (kind, tuple(x.shape), x.is_contiguous(), geometry, w46_dispatch.dispatch_mode(), path, threads)
-        route = self._routes.get(key)
-        if route is None:
-            problem = (kind, tuple(self.weight.shape), tuple(x.shape), x.is_contiguous(), geometry)
-            route = w46_dispatch.choose(problem, path, threads, run_w46, run_int8)
-            self._routes[key] = route
-        return route
-
     def linear(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None) -> torch.Tensor:
-        zp = self.K_x if x_zp is None else int(x_zp)
-
-        def w46() -> torch.Tensor:
-            return w46_linear(x, self, bias, epi, zp)
-
-        def int8() -> torch.Tensor:
-            return self.as_int8().linear(x, zp, bias, epi)
-
-        return int8() if self._route("linear", x, (), w46, int8) == "int8" else w46()
+        return _plans().call(self, "linear", x, bias, epi, x_zp, (), True)
 
     def conv2d(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None, stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1,
                groups: int = 1) -> torch.Tensor:
-        zp = self.K_x if x_zp is None else int(x_zp)
-        geo = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups))
-
-        def w46() -> torch.Tensor:
-            return w46_conv2d(x, self, bias, epi, *geo, zp)
-
-        def int8() -> torch.Tensor:
-            return self.as_int8().conv2d(x, zp, bias, epi, *geo)
-
-        return int8() if self._route("conv", x, geo, w46, int8) == "int8" else w46()
+        return _plans().call(self, "conv", x, bias, epi, x_zp, (stride, padding, dilation, groups), True)
 
     def routes(self) -> dict[str, str]:
         """The kernel each call shape of these weights took so far (``"w46"`` or ``"int8"``), by input shape."""
-        return {f"{k[0]} {tuple(k[1])}": v for k, v in self._routes.items()}
+        return {f"{k[0]} {tuple(k[1])}": p.route for k, p in self._plans.items() if k[-1]}
 
     def native(self, kind: str, groups: int) -> Any:
         """The lowbit._native.W46Packed for ``kind`` ("linear" or "conv") and ``groups`` (None if unbuilt)."""
@@ -394,35 +369,27 @@ def pack_w46(w_codes: torch.Tensor, K_x: int, K_w: int) -> PackedW46:
 # ---------------------------------------------------------------------------------------------- ops
 
 
+def _plans() -> Any:
+    if not _PLANS:
+        from . import w46_plan
+
+        _PLANS.append(w46_plan)
+    return _PLANS[0]
+
+
+_PLANS: list[Any] = []
+
+
 def w46_linear(
     x: torch.Tensor, w: PackedW46, bias: torch.Tensor | None = None, epi: Epilogue | None = None,
     x_zp: int | None = None,
 ) -> torch.Tensor:
     """``epi(sum_k (x - x_zp) * w + bias)``: x uint8 codes [..., K] in [0, 2 K_x] -> [..., N]; ``x_zp``: the
-    activation zero point in [0, 2 K_x] (default K_x)."""
+    activation zero point in [0, 2 K_x] (default K_x). Always the 4.6-bit kernel (see :mod:`.w46_plan` for
+    how a call is checked once per shape and then run)."""
     if not isinstance(w, PackedW46):
         raise TypeError("w46_linear takes weights from pack_w46()")
-    if w.weight.dim() != 2:
-        raise ValueError("w46_linear needs 2-D [N, K] weights (these are conv weights)")
-    if x.dtype != torch.uint8:
-        raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
-    N, K = w.weight.shape
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"input has {x.shape[-1] if x.dim() else 0} features, the layer expects {K}")
-    b = _check_bias(bias, N)
-    z = _zero_point(x_zp, w.K_x)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
-    nat = _native()
-    if nat is None:
-        _check_acts(x2, w.K_x)
-        return w46_linear_ref(x2, w.K_x, w.weight, b, epi, z).reshape(*lead, N)
-    kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
-    out = torch.empty(x2.shape[0], N, dtype=dt)
-    nat.w46_linear(x2.data_ptr(), x2.shape[0], K, w.native("linear", 1), 0 if b is None else b.data_ptr(),
-                   kind, p0, p1, zp, qmin, qmax, out.data_ptr(), z)
-    del keep
-    return out.reshape(*lead, N)
+    return _plans().call(w, "linear", x, bias, epi, x_zp, (), False)
 
 
 def w46_conv2d(
@@ -439,40 +406,7 @@ def w46_conv2d(
     """4.6-bit 2-D convolution, NCHW semantics: x uint8 [B, C, H, W] codes in [0, 2 K_x] (any memory
     format; channels_last is read as is) with zero point ``x_zp`` (default K_x), weights
     [N, C/groups, kh, kw]; padded positions hold ``x_zp`` (real zero). Returns epi(acc) [B, N, Ho, Wo] in
-    ``torch.channels_last`` memory format (as the int8 conv)."""
+    ``torch.channels_last`` memory format (as the int8 conv). Always the 4.6-bit kernel."""
     if not isinstance(w, PackedW46):
         raise TypeError("w46_conv2d takes weights from pack_w46()")
-    if w.weight.dim() != 4:
-        raise ValueError("w46_conv2d needs 4-D [N, C/groups, kh, kw] weights")
-    if x.dtype != torch.uint8:
-        raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"conv2d input must be 4-D NCHW, got shape {tuple(x.shape)}")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    groups = int(groups)
-    N, Cg, kh, kw = w.weight.shape
-    B, C, H, W = x.shape
-    if groups < 1 or N % groups != 0 or C != Cg * groups:
-        raise ValueError(f"input has {C} channels; the layer expects {Cg} per group x {groups} groups (N={N})")
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError("stride and dilation must be >= 1, padding >= 0")
-    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"input {H}x{W} is too small for this kernel / padding / dilation")
-    b = _check_bias(bias, N)
-    z = _zero_point(x_zp, w.K_x)
-    nat = _native()
-    if nat is None:
-        _check_acts(x, w.K_x)
-        return w46_conv2d_ref(x, w.K_x, w.weight, b, epi, (sh, sw), (ph, pw), (dh, dw), groups, z)
-    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    xc = x if nhwc else x.contiguous()
-    kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
-    out = torch.empty((B, N, Ho, Wo), dtype=dt, memory_format=torch.channels_last)
-    nat.w46_conv2d(xc.data_ptr(), B, C, H, W, w.native("conv", groups), kh, kw, sh, sw, ph, pw, dh, dw, groups,
-                   nhwc, 0 if b is None else b.data_ptr(), kind, p0, p1, zp, qmin, qmax, out.data_ptr(), z)
-    del keep
-    return out
+    return _plans().call(w, "conv", x, bias, epi, x_zp, (stride, padding, dilation, groups), False)

@@ -16,10 +16,11 @@ the 4.6-bit kernel on a VNNI CPU. :func:`choices` lists the decisions made so fa
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
+
+from .w46 import env as getenv
 
 __all__ = ["MODES", "set_dispatch", "dispatch_mode", "choose", "choices", "clear"]
 
@@ -40,7 +41,7 @@ def dispatch_mode() -> str:
     """The mode in force: :func:`set_dispatch`'s, else ``LOWBIT_W46_DISPATCH``, else ``auto``."""
     if _mode[0] is not None:
         return _mode[0]
-    env = os.environ.get("LOWBIT_W46_DISPATCH", "").strip().lower()
+    env = getenv("LOWBIT_W46_DISPATCH").strip().lower()
     if env and env not in MODES:
         raise ValueError(f"LOWBIT_W46_DISPATCH={env!r}: use one of {', '.join(MODES)} (or unset it)")
     return env or "auto"
