@@ -235,6 +235,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit import kernels
 
+    if getattr(args, "file", None):
+        from lowbit.fileinfo import describe_file, format_file_info
+
+        print(format_file_info(describe_file(args.file, verify=not args.no_verify)))
+        return 0
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     try:
         from lowbit import _native
@@ -316,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
-    sp = sub.add_parser("info", help="CPU features and kernel backend")
+    sp = sub.add_parser("info", help="CPU features and kernel backend; with FILE: what a saved model holds "
+                                     "(layers, kernels, bits per weight)")
+    sp.add_argument("file", nargs="?", default=None, help="a lowbit model file")
+    sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")

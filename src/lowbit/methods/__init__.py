@@ -4,7 +4,7 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import apot, dynamic, float16, full_integer, lsq, lsq_plus, static  # noqa: F401  (registration)
+from . import apot, dynamic, float16, full_integer, lsq, lsq_plus, static, w46  # noqa: F401  (registration)
 from .api import available_methods, quantize
 from .apot import APoTConfig
 from .base import CONFIGS, METHODS, LayerSettings, Method, QuantConfig, TrainingData, get_method, register
@@ -15,6 +15,7 @@ from .lsq import LSQConfig
 from .lsq_plus import LSQPlusConfig
 from .qat import QATConfig, QATMethod
 from .static import StaticConfig
+from .w46 import W4Config, W8Config, W46Config
 
 __all__ = [
     "APoTConfig",
@@ -28,6 +29,9 @@ __all__ = [
     "FullIntegerConfig",
     "METHODS",
     "StaticConfig",
+    "W4Config",
+    "W8Config",
+    "W46Config",
     "TrainingData",
     "LayerSettings",
     "Method",

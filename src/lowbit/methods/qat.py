@@ -9,6 +9,7 @@ integer one. See docs/methods.md for each method and its references.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -126,6 +127,15 @@ class QATMethod(Method):
         cfg = self.cfg
         base = cfg.init or self.default_init
         return cfg.weight_init or base, cfg.act_init or base
+
+    def precision(self, order: list[str]) -> Callable[[str | None], tuple[int, int]]:
+        """``(weight bits, input bits)`` of each quantized layer (by name, ``order``: all of them in execution
+        order); None: the bits of the other activations (layer outputs, residual adds). The first and the
+        last layer take ``first_last_bits``."""
+        w_bits, a_bits = self.cfg.bits  # type: ignore[misc]
+        fl = self.cfg.first_last_bits
+        edge = {order[0], order[-1]} if fl is not None and order else set()
+        return lambda target: (fl, fl) if target in edge else (w_bits, a_bits)  # type: ignore[return-value]
 
     # --- the quantizers a method places ------------------------------------------------------------
     def weight_quantizer(self, weight: torch.Tensor, bits: int, name: str) -> FakeQuantizer:

@@ -109,16 +109,18 @@ def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tenso
                   example_input: torch.Tensor | None = None) -> fx.GraphModule:
     """Insert ``method``'s quantizers into a prepared float graph (see the module docstring) and initialize
     them: weight steps from the weights; activation steps on the first calibration batch, or, without
-    calibration data, on the first batch the model sees (then ``example_input`` decides the signs)."""
+    calibration data, on the first batch the model sees (then ``example_input`` decides the signs).
+
+    ``method``: a :class:`QATMethod`, or any method object with the same ``config``, ``precision``,
+    ``weight_quantizer`` and ``act_quantizer`` (e.g. the 4.6-bit family, whose precisions are level counts)."""
     gm = copy.deepcopy(prepared.gm)
-    cfg = method.cfg
+    cfg = method.config
     batch = calib[0] if calib else example_input
     if batch is None:
         raise ValueError("lowbit.qat.prepare needs calibration data or an example input")
     rec = _Recorder(gm)
     with torch.no_grad():
         rec.run(batch)
-    w_bits, a_bits = cfg.bits  # type: ignore[misc]
 
     # --- layers ----------------------------------------------------------------------------------
     layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_layer(gm.get_submodule(str(n.target)))
@@ -129,11 +131,8 @@ def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tenso
             order.append(str(n.target))
     if not order:
         raise ValueError("the model has no layer to quantize (conv/linear with zero padding), or all are kept float")
-    edge = {order[0], order[-1]} if cfg.first_last_bits is not None else set()
-    fl = cfg.first_last_bits or w_bits
-
-    def bits_of(target: str) -> tuple[int, int]:
-        return (fl, fl) if target in edge else (w_bits, a_bits)
+    bits_of = method.precision(order)
+    a_bits = bits_of(None)[1]
 
     done: dict[str, QATLayer] = {}
     for n in layer_nodes:
