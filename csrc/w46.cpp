@@ -52,11 +52,17 @@ std::shared_ptr<Packed> pack(const int8_t* w, int64_t N, int64_t K, int K_x, int
     p->flush = flush_interval(K_x, K_w);
     p->raw.assign(w, w + N * K);
     p->colsum.assign(N, 0);
+    p->l1.assign(N, 0);
     for (int64_t n = 0; n < N; ++n) {
-        int32_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += w[n * K + k];
-        p->colsum[n] = s;
+        int64_t s = 0, a = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            s += w[n * K + k];
+            a += w[n * K + k] < 0 ? -int64_t(w[n * K + k]) : int64_t(w[n * K + k]);
+        }
+        p->colsum[n] = static_cast<int32_t>(s);  // |s| <= l1 < 2^31 after the check below
+        p->l1[n] = a;
     }
+    check_acc_bound("4.6-bit pack", K_x, p->l1.data(), nullptr, N);
     p->panels.alloc(static_cast<size_t>(groups * p->PG * p->Kq * 64));
     int8_t* dst = reinterpret_cast<int8_t*>(p->panels.data());
     for (int64_t g = 0; g < groups; ++g)
@@ -78,10 +84,12 @@ std::shared_ptr<Packed> pack(const int8_t* w, int64_t N, int64_t K, int K_x, int
 // Plain C++ on the row-major codes (w.raw): one int32 dot product per output, a loop the compiler
 // vectorizes with the baseline instruction set (SSE2 / NEON). tile == nullptr selects it in gemm().
 
+// sum_k a*w in wrapping 32-bit arithmetic (well defined for any K; exact when the accumulator bound
+// checked at pack time holds, since then the centred result fits int32).
 static int32_t dot_u8s8(const uint8_t* a, const int8_t* w, int64_t K) {
-    int32_t s = 0;
-    for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
-    return s;
+    uint32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += static_cast<uint32_t>(static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]));
+    return static_cast<int32_t>(s);
 }
 
 static void rows_portable(const Packed& w, int64_t g, const uint8_t* A, int64_t lda, int64_t m0, int64_t m1, int64_t p0,

@@ -30,6 +30,7 @@ struct Packed {
     int flush = 64;  // k-quads accumulated in int16 before widening (see w46.cpp)
     wb::AlignedBuf panels;
     std::vector<int32_t> colsum;  // [N]
+    std::vector<int64_t> l1;      // [N], sum_k |w[n, k]|: |acc - bias| <= K_x * l1[n] (checked <= 2^31 - 1)
     std::vector<int8_t> raw;      // [N, K] as given
     const int8_t* panel(int64_t g, int64_t p) const {
         return reinterpret_cast<const int8_t*>(panels.data()) + (g * PG + p) * Kq * 64;

@@ -84,6 +84,29 @@ class PackedWeights:
     def in_features(self) -> int:
         return int(self.codes[0].numel())
 
+    #: int64 [N]: the largest ``|acc[n] - bias[n]|`` any activation codes can produce (set by the families
+    #: that accumulate in int32; refused at packing when it exceeds 2^31 - 1, see lowbit.kernels.reference).
+    acc_bound: torch.Tensor | None = None
+
+    def check_bias(self, bias: torch.Tensor | None) -> None:
+        """Raise :class:`~lowbit.kernels.AccumulatorOverflowError` unless ``acc_bound[n] + |bias[n]|`` fits
+        int32 for every channel (then no input can overflow the accumulator). Cached per bias tensor."""
+        if bias is None or self.acc_bound is None:
+            return
+        key = (id(bias), bias._version)
+        if getattr(self, "_bias_checked", None) == key:
+            return
+        worst = self.acc_bound + bias.to(torch.int64).reshape(-1).abs()
+        if worst.numel() and int(worst.max()) > 2**31 - 1:
+            from .reference import AccumulatorOverflowError
+
+            n = int(worst.argmax())
+            raise AccumulatorOverflowError(
+                f"output channel {n}: the worst-case accumulator plus |bias| ({int(worst[n])}) exceeds 2^31 - 1; "
+                "split the layer along K or lower the bias scale"
+            )
+        self._bias_checked = key
+
     def storage(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """``(attrs, tensors)`` for a model file: 8-bit codes as they are (tensor ``q``), narrower codes
         bit-packed (tensor ``packed``, :func:`~lowbit.formats.packing.pack_codes`)."""

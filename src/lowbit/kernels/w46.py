@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from lowbit.formats.levels import Format, IntRange
 
-from .epilogue import Epilogue, FloatOut, Requant
+from .epilogue import EPI_KIND, Epilogue, FloatOut, Requant
 from .packed import PackedWeights
-from .reference import _check_int32, apply_epilogue
+from .reference import INT32_MAX, AccumulatorOverflowError, _check_int32, apply_epilogue
 
 __all__ = [
     "PackedW46",
@@ -144,7 +144,7 @@ def _epi_args(epi: Epilogue | None, n: int) -> tuple[int, int, int, int, int, in
     Validated once per epilogue object and cached on it (keyed by its tensors' identity and version),
     so a layer that reuses its epilogue pays for the checks only on the first call."""
     if epi is None:
-        return 0, 0, 0, 0, 0, 0, torch.int32, []
+        return EPI_KIND["none"], 0, 0, 0, 0, 0, torch.int32, []
     if isinstance(epi, FloatOut):
         sig: tuple[Any, ...] = (n, id(epi.scale), epi.scale._version,
                                 None if epi.bias is None else (id(epi.bias), epi.bias._version))
@@ -174,34 +174,18 @@ def _epi_args_uncached(epi: Epilogue, n: int) -> tuple[int, int, int, int, int, 
                 raise ValueError(f"FloatOut.bias has {b.numel()} entries, expected {n}")
             keep.append(b)
             p1 = b.data_ptr()
-        return 1, s.data_ptr(), p1, 0, 0, 0, torch.float32, keep
+        return EPI_KIND["float_out"], s.data_ptr(), p1, 0, 0, 0, torch.float32, keep
     assert isinstance(epi, Requant)
-    m0 = epi.m0.to(torch.int32).reshape(-1).contiguous()
-    rs = epi.rshift.to(torch.int32).reshape(-1).contiguous()
-    if m0.numel() == 1 and n > 1:
-        m0 = m0.expand(n).contiguous()
-    if rs.numel() == 1 and n > 1:
-        rs = rs.expand(n).contiguous()
-    if m0.numel() != n or rs.numel() != n:
-        raise ValueError(f"Requant has {m0.numel()} multipliers / {rs.numel()} shifts, expected {n}")
-    if rs.numel() and (int(rs.min()) < 1 or int(rs.max()) > 62):
-        raise ValueError("Requant.rshift must be in [1, 62]")
-    kind = 2 if epi.out_dtype == torch.uint8 else 3
+    m0, rs = epi.per_channel(n)  # the binding checks rshift in [1, 62] and the clamp range
     lims = (int(epi.out_zp), int(epi.qmin), int(epi.qmax))
-    return kind, m0.data_ptr(), rs.data_ptr(), *lims, epi.out_dtype, [m0, rs]
+    return epi.kind, m0.data_ptr(), rs.data_ptr(), *lims, epi.out_dtype, [m0, rs]
 
 
 def _ref_epilogue(epi: Epilogue | None, n: int) -> Epilogue | None:
     """Requant with per-tensor (one-element) parameters broadcast to n channels, as the native path does."""
     if isinstance(epi, Requant) and (epi.m0.numel() == 1 or epi.rshift.numel() == 1) and n > 1:
-        return Requant(
-            epi.m0.reshape(-1).expand(n).contiguous(),
-            epi.rshift.reshape(-1).expand(n).contiguous(),
-            epi.out_zp,
-            epi.qmin,
-            epi.qmax,
-            epi.out_dtype,
-        )
+        m0, rs = epi.per_channel(n)
+        return Requant(m0, rs, epi.out_zp, epi.qmin, epi.qmax, epi.out_dtype)
     return epi
 
 
@@ -265,6 +249,14 @@ class PackedW46(PackedWeights):
             raise ValueError(f"4.6-bit weights must be 2-D [N, K] or 4-D [N, C/g, kh, kw], got {shape}")
         _check_weights(self.weight, self.K_w)
         self.weight = self.weight.detach().contiguous()
+        # accumulator bound, on every backend: |acc - bias| <= K_x * sum_k |w[n, k]|
+        self.acc_bound = self.K_x * self.weight.reshape(self.weight.shape[0], -1).to(torch.int64).abs().sum(1)
+        if self.acc_bound.numel() and int(self.acc_bound.max()) > INT32_MAX:
+            n = int(self.acc_bound.argmax())
+            raise AccumulatorOverflowError(
+                f"4.6-bit weights of shape {tuple(self.weight.shape)}: output channel {n} can overflow the int32 "
+                f"accumulator (K_x * sum|w| = {int(self.acc_bound[n])} > 2^31 - 1); split the layer along K"
+            )
         nat = _native()
         if nat is not None:
             self.native("linear" if self.weight.dim() == 2 else "conv", 1)

@@ -43,7 +43,7 @@ from lowbit.nn import (
 from lowbit.nn.layers import snap_table
 
 from .base import QuantConfig, is_layer, layer_of
-from .common import quantize_weight
+from .common import layer_error, quantize_weight
 
 QParams = tuple[float, int]
 
@@ -255,7 +255,7 @@ def build_integer_graph(
             try:
                 qmod = _integer_layer(src.weights(node.target, mod), in_spec, specs.get(node.name))
             except ValueError as e:
-                raise ValueError(f"layer '{node.target}': {e}") from None
+                raise layer_error(e, node.target) from None
             env[node.name] = (g.call_module(add_module(node.target, qmod), (x,)), specs.get(node.name))
 
         elif isinstance(mod, (nn.ReLU, nn.ReLU6)) and env[node.args[0].name][1] is not None:

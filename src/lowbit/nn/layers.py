@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
-from lowbit.formats.affine import UINT8_ACT, quantize, quantize_multiplier
+from lowbit.formats.affine import UINT8_ACT, choose_qparams, quantize, quantize_multiplier
 from lowbit.formats.levels import Format
 from lowbit.formats.qspec import QSpec, as_spec
 from lowbit.kernels.packed import codes_storage, decode_storage, family
@@ -138,12 +137,14 @@ class _StaticInt8(_IntWeights):
         _check_bias(bias_q, n)
         self.register_buffer("bias_q", bias_q.to(torch.int32).reshape(-1).contiguous())
         if self.out_spec is None:
+            self.packed.check_bias(self.bias_q)
             self.out_scale, self.out_zp = None, None
             self.epilogue: kernels.Epilogue = kernels.FloatOut(self.weight_scale * self.in_scale)
             self.register_buffer("snap", None)
             return
         self.out_scale, self.out_zp = self.out_spec.per_tensor_params
         m0, rshift = quantize_multiplier(self.weight_scale.to(torch.float64) * self.in_scale / self.out_scale)
+        self.packed.check_bias(self.bias_q)  # no input can overflow the int32 accumulator
         ofmt = self.out_spec.format
         lo, hi = act_clamp(self.act, self.out_zp, self.out_scale, ofmt.qmin, ofmt.qmax)
         self.epilogue = kernels.Requant(m0, rshift, self.out_zp, lo, hi, torch.uint8)
@@ -251,13 +252,14 @@ class QConv(_StaticInt8):
 
 
 def _dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
-    """Per-call activation range (TFLite dynamic range: quantized on the fly from the batch)."""
-    lo_t, hi_t = torch.aminmax(x)  # NaN propagates into the extremes
-    lo, hi = min(float(lo_t), 0.0), max(float(hi_t), 0.0)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("input contains NaN or Inf")
-    scale = float(torch.tensor(max((hi - lo) / 255.0, 1e-12), dtype=torch.float32))  # as choose_qparams
-    return scale, int(min(255, max(0, round(-lo / scale))))
+    """Per-call activation range (TFLite dynamic range: quantized on the fly from the batch); scale and zero
+    point by the one rule of :func:`~lowbit.formats.affine.choose_qparams` (float64, as calibration)."""
+    lo, hi = torch.aminmax(x)  # NaN propagates into the extremes
+    try:
+        s, z = choose_qparams(float(lo), float(hi), UINT8_ACT)
+    except ValueError:
+        raise ValueError("input contains NaN or Inf") from None
+    return float(s), int(z)
 
 
 class _DynamicInt8(_IntWeights):
