@@ -4,7 +4,8 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import apot, dynamic, float16, full_integer, lsq, lsq_plus, static, w46  # noqa: F401  (registration)
+from . import adapt, apot, dynamic, float16, full_integer, lsq, lsq_plus, static, w46  # noqa: F401  (registration)
+from .adapt import AdaptConfig
 from .api import available_methods, quantize
 from .apot import APoTConfig
 from .base import CONFIGS, METHODS, LayerSettings, Method, QuantConfig, TrainingData, get_method, register
@@ -18,6 +19,7 @@ from .static import StaticConfig
 from .w46 import W4Config, W8Config, W46Config
 
 __all__ = [
+    "AdaptConfig",
     "APoTConfig",
     "CONFIGS",
     "LSQConfig",
