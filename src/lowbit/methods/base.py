@@ -188,6 +188,9 @@ class Method:
     #: False: the method replaces layers in any nn.Module without tracing it (:meth:`convert_module`);
     #: True: it works on the model's graph (:meth:`convert` of a prepared torch.fx graph).
     needs_graph: ClassVar[bool] = True
+    #: True for methods that use labelled training data when it is given (and work without it): their
+    #: :meth:`convert` receives ``data`` (None when none was passed).
+    accepts_training_data: ClassVar[bool] = False
 
     def __init__(self, config: QuantConfig | dict[str, Any] | None = None, **options: Any) -> None:
         if isinstance(config, dict):
