@@ -16,8 +16,8 @@ from .lsq import LSQConfig
 from .lsq_plus import LSQPlusConfig
 from .qat import QATConfig, QATMethod
 from .static import StaticConfig
-from .weight_only import WeightOnlyConfig
 from .w46 import W4Config, W8Config, W46Config
+from .weight_only import WeightOnlyConfig
 
 __all__ = [
     "AdaptConfig",
