@@ -62,8 +62,10 @@ _LAST = _Last()
 
 def _codes(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, Any, Any]:
     """(uint8 codes [M, K], scale (float or [M, 1]), zero point) of an input, per tensor or per row."""
+    # inference tensors have no version counter (an in-place change could not be seen): not cached
+    cacheable = not x.is_inference() and not (torch.is_grad_enabled() and x.requires_grad)
     e = _LAST.entry
-    if e is not None and e[0] is x and e[1] == x._version and e[2] == per_token:
+    if cacheable and e is not None and e[0] is x and e[1] == x._version and e[2] == per_token:
         return e[3]
     x2 = x.reshape(-1, x.shape[-1])
     if per_token:
@@ -75,7 +77,7 @@ def _codes(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, Any, Any]:
 
         sf, z = _dynamic_qparams(x)
         out = (quantize_codes(x2, sf, z, UINT8_ACT.qmin, UINT8_ACT.qmax), sf, z)
-    _LAST.entry = (x, x._version, per_token, out) if not torch.is_grad_enabled() or not x.requires_grad else None
+    _LAST.entry = (x, x._version, per_token, out) if cacheable else None
     return out
 
 
