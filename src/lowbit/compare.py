@@ -78,18 +78,31 @@ def compare(
     save_chosen: str | os.PathLike[str] | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    train: Any = None,
+    test: Any = None,
+    models: dict[str, nn.Module] | None = None,
 ) -> CompareResult:
     """Quantize ``model`` by each method, measure file size, latency and accuracy, choose by L.
 
     eval_fn(model) -> accuracy in percent; it receives float-in/float-out models (full-integer ones
     are wrapped to quantize their input), so one function serves every method. The float model
-    (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``.
+    (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``. Training-aware methods
+    (``lsq``, ...) take part when named and given labelled ``train`` data (``test`` is only reported
+    during their training). ``models``: candidates already quantized (name -> lowbit model, e.g. from
+    ``lowbit qat``), measured and scored beside the methods.
     """
     lam = Lambdas.parse(lambdas) if isinstance(lambdas, str) else lambdas
+    models = dict(models or {})
     # by default every post-training method; training-aware ones (they train for minutes) when named
-    methods = list(methods) if methods else [m for m in available_methods() if not get_method(m).needs_training_data]
+    if methods is None:
+        methods = [m for m in available_methods() if not get_method(m).needs_training_data]
+    methods = list(methods)
     for name in methods:
-        get_method(name)  # unknown names fail before any work
+        if get_method(name).needs_training_data and train is None:  # unknown names fail here too, before work
+            raise ValueError(f"method {name!r} trains the model: pass labelled training data (train=)")
+    clash = sorted(set(models) & (set(methods) | {BASELINE}))
+    if clash:
+        raise ValueError(f"candidate name(s) {clash} given both as a method and as a ready model")
     if len(set(methods)) != len(methods):
         raise ValueError("a method is listed twice")
     check_counts(batch_size=batch_size, repeats=repeats, threads=threads, warmup=warmup)
@@ -121,8 +134,10 @@ def compare(
     bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
+        extra = {"train": train, "test": test} if get_method(name).needs_training_data else {}
         candidates[name] = quantize(model, name, calib=calib, config=configs.get(name),
-                                    example_input=example_input)
+                                    example_input=example_input, **extra)
+    candidates.update(models)
 
     rows: list[dict[str, Any]] = []
     tmpdir = Path(tempfile.mkdtemp(prefix="lowbit-compare-"))

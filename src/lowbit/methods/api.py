@@ -46,10 +46,11 @@ def quantize(
     calibration sample); for a model with several inputs, the tuple of them (``(x, y)`` for
     ``forward(x, y)``), and then every calibration item is a tuple starting with the inputs
     (``(x, y)`` or ``(x, y, label)``). train / test: labelled data (datasets of ``(x, y)``) for
-    training-aware methods (``lsq``, ``lsq_plus``, ``apot``, ...), which fine-tune the model; ``test`` is
-    only reported. Returns an ``nn.Module`` (a torch.fx GraphModule) whose ``lowbit_meta`` says its
-    method, configuration, input/output formats and which layers stayed float. A layer-name pattern
-    (``keep_float``, ``overrides``) that matches no layer is warned about.
+    training-aware methods (``lsq``, ``lsq_plus``, ``apot``, ...), which fine-tune the model, and for methods
+    that use it when given (the gradual freezing stage of ``w46``, ``w4``, ``w8``); ``test`` is only reported.
+    Returns an ``nn.Module`` (a torch.fx GraphModule) whose ``lowbit_meta`` says its method, configuration,
+    input/output formats and which layers stayed float. A layer-name pattern (``keep_float``, ``overrides``)
+    that matches no layer is warned about.
     """
     cls, config = resolve_method(method, config)
     m = cls(config, **options)
@@ -69,6 +70,8 @@ def quantize(
     _warn_unmatched(m.config, layer_names(prepared.gm))
     if cls.needs_training_data:
         gm = m.convert(prepared, batches, data=TrainingData(train, test))
+    elif cls.accepts_training_data:
+        gm = m.convert(prepared, batches, data=None if train is None else TrainingData(train, test))
     else:
         gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))

@@ -182,6 +182,9 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     #: True for training-aware methods: :meth:`convert` then receives ``data`` (labelled training data).
     needs_training_data: ClassVar[bool] = False
+    #: True for methods that use labelled training data when it is given (and work without it): their
+    #: :meth:`convert` receives ``data`` (None when none was passed).
+    accepts_training_data: ClassVar[bool] = False
 
     def __init__(self, config: QuantConfig | dict[str, Any] | None = None, **options: Any) -> None:
         if isinstance(config, dict):

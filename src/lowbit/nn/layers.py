@@ -71,7 +71,8 @@ class _IntWeights(LowbitModule):
         return out
 
     def _weight_spec(self, codes: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Storage of the weights: attrs under ``weight``, tensors ``weight_q`` (8-bit) or ``weight_packed``."""
+        """Storage of the weights: attrs under ``weight``, tensors ``weight_q`` (8-bit), ``weight_packed`` (bit
+        stream) or ``weight_radix`` (radix words)."""
         p = self.packed
         attrs, tensors = codes_storage(p.kernel, p.codes if codes is None else codes, p.format, p.extra_attrs())
         out = {"weight_scale": self.weight_scale}
@@ -86,7 +87,7 @@ def _stored_weights(attrs: dict[str, Any], tensors: dict[str, torch.Tensor], con
         if "weight_q" not in tensors:
             raise ValueError("the layer stores no weights")
         return tensors["weight_q"]
-    sub = {k[len("weight_"):]: v for k, v in tensors.items() if k in ("weight_q", "weight_packed")}
+    sub = {k[len("weight_"):]: v for k, v in tensors.items() if k in ("weight_q", "weight_packed", "weight_radix")}
     kernel, codes, fmt, extra = decode_storage(attrs["weight"], sub)
     if conv1d:
         codes = codes.unsqueeze(2)
@@ -179,8 +180,8 @@ class _StaticInt8(_IntWeights):
         return f"weights {self.packed.format}, in={self.in_spec.format}, out={out}, act={self.act}"
 
 
-_STATIC_TENSORS = {"weight_q?": torch.int8, "weight_packed?": torch.uint8, "weight_scale": torch.float32,
-                   "bias_q": torch.int32}
+_STATIC_TENSORS = {"weight_q?": torch.int8, "weight_packed?": torch.uint8, "weight_radix?": torch.uint8,
+                   "weight_scale": torch.float32, "bias_q": torch.int32}
 # "in" / "out": QSpec dicts, "weight": packed-weight storage (both checked by their own from_dict);
 # "in_qparams" / "out_qparams": the uint8 (scale, zero point) of files written before QSpecs
 _STATIC_ATTRS = {"in": dict[str, Any] | None, "out": dict[str, Any] | None, "weight": dict[str, Any] | None,
