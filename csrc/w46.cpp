@@ -128,23 +128,34 @@ const char* active_path() { return select_kernel().name; }
 
 // -------------------------------------------------------------------------------------------- driver
 
-std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias) {
+int act_zero_point(const Packed& w, int zp) {
+    if (zp < 0) return w.K_x;
+    if (zp > 2 * w.K_x)
+        throw std::invalid_argument("4.6-bit: activation zero point " + std::to_string(zp) + " outside [0, 2*K_x] = [0, " +
+                                    std::to_string(2 * w.K_x) + "]");
+    return zp;
+}
+
+std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias, int zp) {
+    // sum_k (a - zp) * w = sum_k a * w - zp * colsum: the SIMD paths multiply the raw codes a in
+    // [0, 2*K_x] (the flush bound does not depend on zp) and start from corr.
     // int32 arithmetic wrapping like the accumulator (exact whenever the final value fits int32)
+    const uint32_t z = static_cast<uint32_t>(act_zero_point(w, zp));
     std::vector<int32_t> corr(static_cast<size_t>(w.PG * NR + ACC_LD), 0);
     for (int64_t n = 0; n < w.Ng; ++n) {
         const uint32_t b = bias ? static_cast<uint32_t>(bias[n]) : 0u;
-        corr[n] = static_cast<int32_t>(b - static_cast<uint32_t>(w.K_x) * static_cast<uint32_t>(w.colsum[g * w.Ng + n]));
+        corr[n] = static_cast<int32_t>(b - z * static_cast<uint32_t>(w.colsum[g * w.Ng + n]));
     }
     return corr;
 }
 
 void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const int32_t* bias, const wb::Epi& e,
-          const wb::Out& o) {
+          const wb::Out& o, int zp) {
     if (M <= 0) return;
     const Kernel kn = select_kernel();
     const int64_t Ng = w.Ng, PG = w.PG, Kp = w.Kp, Kq = w.Kq;
     const int64_t nbase = g * Ng;
-    const std::vector<int32_t> corr = make_corr(w, g, bias);
+    const std::vector<int32_t> corr = make_corr(w, g, bias, zp);
     const wb::Plan pl = wb::make_plan(M, PG, Kp, kn.mr, num_threads());
     parallel_for(pl.tasks(), 1, [&](int64_t tb, int64_t te) {
         thread_local std::vector<uint8_t> buf;
@@ -185,8 +196,9 @@ static void check_codes(uint8_t mx, const Packed& w) {
 }
 
 void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int32_t* bias, const wb::Epi& e,
-            const wb::Out& o) {
+            const wb::Out& o, int zp) {
     if (w.G != 1) throw std::invalid_argument("4.6-bit linear: weights packed with groups != 1");
+    zp = act_zero_point(w, zp);
     const int64_t K = w.K, Kp = w.Kp;
     uint8_t mx = 0;
     if (ldx == K) {
@@ -212,7 +224,7 @@ void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int
             return buf;
         };
     }
-    gemm(w, 0, M, fill, bias, e, o);
+    gemm(w, 0, M, fill, bias, e, o, zp);
 }
 
 // ---------------------------------------------------------------------------------------------- conv
@@ -223,7 +235,7 @@ static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w
     // element (b, c, h, w) of the input at b*sB + c*sC + h*sH + w*sW
     const int64_t sB = gm.C * gm.H * gm.W;
     const int64_t sC = gm.nhwc ? 1 : gm.H * gm.W, sH = gm.nhwc ? gm.W * gm.C : gm.W, sW = gm.nhwc ? gm.C : 1;
-    const int32_t Kx = w.K_x;
+    const int32_t Kx = act_zero_point(w, gm.zp);
     parallel_for(gm.B * N, 1, [&](int64_t b0, int64_t b1) {
         std::vector<int32_t> row(static_cast<size_t>(gm.Wo));
         for (int64_t bn = b0; bn < b1; ++bn) {
@@ -234,7 +246,7 @@ static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w
                 std::fill(row.begin(), row.end(), 0);
                 for (int64_t i = 0; i < gm.kh; ++i) {
                     const int64_t ih = oh * gm.sh - gm.ph + i * gm.dh;
-                    if (ih < 0 || ih >= gm.H) continue;  // padding: (K_x - K_x) * w = 0
+                    if (ih < 0 || ih >= gm.H) continue;  // padding holds the zero point: (zp - zp) * w = 0
                     const uint8_t* xr = x + b * sB + c * sC + ih * sH;
                     for (int64_t j = 0; j < gm.kw; ++j) {
                         const int32_t wv = wn[i * gm.kw + j];
@@ -283,13 +295,14 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
     if (G != w.G || C % G != 0 || w.K != gm.kh * gm.kw * Cg)
         throw std::invalid_argument("4.6-bit conv2d: weight does not match the input channels / groups");
     check_codes(max_code(x, gm.B * C * H * W), w);
-    if (Cg == 1) {
+    const int zp = act_zero_point(w, gm.zp);
+    if (Cg == 1 && G > 1) {
         conv_depthwise(x, gm, w, bias, e, o);
         return;
     }
-    // NCHW -> padded NHWC (padding = K_x, real zero), so that a patch row (K order (i, j, c)) is
+    // NCHW -> padded NHWC (padding = zp, real zero), so that a patch row (K order (i, j, c)) is
     // kh*kw runs of Cg bytes and, for dilation 1 and one group, kh runs of kw*Cg bytes.
-    const uint8_t Kx = static_cast<uint8_t>(w.K_x);
+    const uint8_t Kx = static_cast<uint8_t>(zp);
     const int64_t Hp = H + 2 * gm.ph, Wp = W + 2 * gm.pw;
     const int64_t nimg = gm.B * Hp * Wp * C, slack = (8 * gm.sw + gm.kw + 8) * C + 64;
     std::vector<uint8_t> xp(static_cast<size_t>(nimg + slack), Kx);
@@ -310,12 +323,14 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
         }
     });
     const Kernel kn = select_kernel();
-    if (kn.conv && kn.conv(xp.data(), Hp, Wp, gm, w, bias, e, o)) return;
+    ConvGeom gz = gm;
+    gz.zp = zp;
+    if (kn.conv && kn.conv(xp.data(), Hp, Wp, gz, w, bias, e, o)) return;
     const int64_t HWo = gm.Ho * gm.Wo, M = gm.B * HWo, K = w.K, Kp = w.Kp;
     const uint8_t* xpp = xp.data();
     const ConvGeom g2 = gm;
     for (int64_t g = 0; g < G; ++g) {
-        AFill fill = [xpp, g2, g, Cg, C, Hp, Wp, HWo, K, Kp](int64_t m0, int64_t m1, uint8_t* buf,
+        AFill fill = [xpp, g2, g, G, Cg, C, Hp, Wp, HWo, K, Kp](int64_t m0, int64_t m1, uint8_t* buf,
                                                            int64_t* lda) -> const uint8_t* {
             *lda = Kp;
             for (int64_t m = m0; m < m1; ++m) {
@@ -323,13 +338,23 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
                 uint8_t* d = buf + (m - m0) * Kp;
                 for (int64_t i = 0; i < g2.kh; ++i) {
                     const uint8_t* srow = xpp + ((b * Hp + oh * g2.sh + i * g2.dh) * Wp + ow * g2.sw) * C + g * Cg;
+                    if (g2.dw == 1 && G == 1) {  // the kernel row is one run of kw*C bytes
+                        const int64_t run = g2.kw * C;
+                        if (run <= 16) {
+                            for (int64_t t = 0; t < run; ++t) d[t] = srow[t];  // few bytes: no memcpy call
+                        } else {
+                            std::memcpy(d, srow, run);
+                        }
+                        d += run;
+                        continue;
+                    }
                     for (int64_t j = 0; j < g2.kw; ++j, d += Cg) std::memcpy(d, srow + j * g2.dw * C, Cg);
                 }
-                std::memset(d, 0, Kp - K);
+                for (int64_t t = K; t < Kp; ++t) *d++ = 0;
             }
             return buf;
         };
-        gemm(w, g, M, fill, bias ? bias + g * w.Ng : nullptr, e, o);
+        gemm(w, g, M, fill, bias ? bias + g * w.Ng : nullptr, e, o, zp);
     }
 }
 

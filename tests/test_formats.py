@@ -1,4 +1,4 @@
-"""Quantization math against hand computations (methods.md §0)."""
+"""Quantization math against hand computations (docs/methods.md)."""
 
 import math
 

@@ -194,10 +194,20 @@ def cli_info_file(args: Any) -> int:
     """``lowbit info FILE``: the model's method and its operations per sample, per layer."""
     import lowbit
     from lowbit.evaluate import model_input
+    from lowbit.modelfile.container import read
 
-    model = lowbit.load(args.file)
-    meta = getattr(model, "lowbit_meta", {})
-    shape = _input_shape(meta, getattr(args, "input_shape", None))
+    verify = not getattr(args, "no_verify", False)
+    header, _ = read(args.file, verify)
+    meta = header.get("meta") or {}
+    text = getattr(args, "input_shape", None)
+    if header.get("kind", "graph") == "weights":
+        print("\noperation count: not available for a weights-only file (it needs the float model's code)")
+        return 0
+    if not text and not meta.get("input_shape"):  # older files: the table above is all we can say
+        print("\noperation count: the file does not record its input shape (pass --input-shape C,H,W)")
+        return 0
+    shape = _input_shape(meta, text)
+    model = lowbit.load(args.file, verify=verify)
     ops = count_ops(model, model_input(model, torch.zeros(1, *shape)))
     print(f"\n{args.file}: method {meta.get('method', '?')}, input {list(shape)}; operations per sample:")
     print(format_ops(ops))

@@ -1,6 +1,7 @@
 """Affine integer formats: what numbers a quantized tensor can hold, and the exact integer math.
 
-``real = scale * (q - zero_point)`` (methods.md §0). Pure functions on tensors, no state.
+``real = scale * (q - zero_point)`` (docs/methods.md, "Formats and the integer scheme"). Pure functions
+on tensors, no state.
 
 Requantization follows Jacob et al. (CVPR 2018): a real multiplier ``M`` (``s_in * s_w / s_out``) is
 stored as a Q31 fixed-point mantissa ``m0`` in ``[2^30, 2^31)`` (i.e. ``M0 = m0 / 2^31`` in
@@ -93,9 +94,9 @@ class QFormat(Format):
         return torch.int8 if self.signed else torch.uint8
 
 
-#: methods.md §0: weights int8 symmetric in [-127, 127], zero point 0.
+#: docs/methods.md: weights int8 symmetric in [-127, 127], zero point 0.
 INT8_WEIGHT = QFormat(bits=8, signed=True, symmetric=True, narrow=True)
-#: methods.md §0: activations per tensor, asymmetric uint8.
+#: docs/methods.md: activations per tensor, asymmetric uint8.
 UINT8_ACT = QFormat(bits=8, signed=False, symmetric=False, narrow=False)
 
 

@@ -1,4 +1,4 @@
-"""Binary (±1) kernels (methods.md §3): XNOR/popcount arithmetic on bit-packed operands.
+"""Binary (±1) kernels (docs/methods.md, "4.6-bit and binary kernels"): XNOR/popcount arithmetic on bit-packed operands.
 
 Bit packing (:func:`pack_bits`)
     A sign vector of length K becomes ``ceil(K/64)`` 64-bit words (stored as int64): element k is bit

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from lowbit.formats.levels import Format
-from lowbit.formats.packing import pack_codes, unpack_codes
+from lowbit.formats.packing import pack_codes, pack_codes_radix, storage_scheme, unpack_codes, unpack_codes_radix
 
 __all__ = [
     "PackedWeights", "PACKINGS", "codes_storage", "decode_storage", "family", "pack_weights", "weights_from_storage"
@@ -109,7 +109,9 @@ class PackedWeights:
 
     def storage(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """``(attrs, tensors)`` for a model file: 8-bit codes as they are (tensor ``q``), narrower codes
-        bit-packed (tensor ``packed``, :func:`~lowbit.formats.packing.pack_codes`)."""
+        bit-packed (tensor ``packed``, :func:`~lowbit.formats.packing.pack_codes`) or, where that takes fewer
+        bits (level counts that are not powers of two, e.g. 21 levels: 4.57 bits instead of 5), in radix
+        words (tensor ``radix``, :func:`~lowbit.formats.packing.pack_codes_radix`)."""
         return codes_storage(self.kernel, self.codes, self.format, self.extra_attrs())
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -120,8 +122,11 @@ def codes_storage(kernel: str, codes: torch.Tensor, fmt: Format, extra: dict[str
                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """:meth:`PackedWeights.storage` of ``codes`` (of any shape) without packing them for a kernel."""
     attrs = {"kernel": kernel, "format": fmt.to_dict(), "shape": list(codes.shape), **extra}
-    if fmt.bits >= 8 and fmt.dtype == torch.int8:
+    scheme = storage_scheme(fmt)
+    if scheme == "q":
         return attrs, {"q": codes.to(torch.int8).contiguous()}
+    if scheme == "radix":
+        return attrs, {"radix": pack_codes_radix(codes, fmt)}
     return attrs, {"packed": pack_codes(codes, fmt)}
 
 
@@ -172,8 +177,10 @@ def decode_storage(attrs: dict[str, Any], tensors: dict[str, torch.Tensor]
             raise ValueError(f"stored weight codes have shape {tuple(codes.shape)}, expected {shape}")
     elif "packed" in tensors:
         codes = unpack_codes(tensors["packed"], fmt, shape)
+    elif "radix" in tensors:
+        codes = unpack_codes_radix(tensors["radix"], fmt, shape)
     else:
-        raise ValueError("weight storage holds neither 'q' nor 'packed' codes")
+        raise ValueError("weight storage holds none of 'q', 'packed' or 'radix' codes")
     extra = {k: v for k, v in attrs.items() if k not in ("kernel", "format", "shape")}
     return kernel, codes, fmt, extra
 
