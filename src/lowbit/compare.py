@@ -63,11 +63,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _op_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``."""
+def _op_counts(model: nn.Module, x: Any) -> dict[str, int]:
+    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``.
+
+    ``x``: the benchmark input, one tensor or a tuple of tensors for a model with several inputs."""
     from lowbit.opcount import count_ops
 
-    return count_ops(model, model_input(model, x[:1]))["total"]
+    first = tuple(t[:1] for t in x) if isinstance(x, (tuple, list)) else x[:1]
+    return count_ops(model, model_input(model, first))["total"]
 
 
 def compare(

@@ -118,12 +118,12 @@ def _module_counts(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Counts |
     return None
 
 
-def count_ops(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+def count_ops(model: nn.Module, example: Any) -> dict[str, Any]:
     """``{"total": counts, "layers": [(name, type, counts)], "uncounted": [names]}`` for one sample.
 
     ``example``: one input batch in the model's own input format (a float batch for float-input models);
-    its first sample is used."""
-    x0 = example[:1]
+    its first sample is used; a tuple of batches for a model with several inputs."""
+    x0 = tuple(t[:1] for t in example) if isinstance(example, (tuple, list)) else (example[:1],)
     rows: list[tuple[str, str, Counts]] = []
     uncounted: list[str] = []
     hooks = []
@@ -146,7 +146,7 @@ def count_ops(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(x0)
+            model(*x0)
     finally:
         for h in hooks:
             h.remove()
