@@ -107,6 +107,7 @@ class W46Study(StudyKind):
 
 def _options(method: str, pair: tuple[int, int], seed: int, args: argparse.Namespace, stage: str) -> dict[str, Any]:
     opts: dict[str, Any] = {"seed": seed, "progress": False, "threads": args.threads,
+                            "device": getattr(args, "device", "cpu"),  # stage 1; stage 2 runs lowbit's CPU kernels
                             "calib_samples": args.calib_samples, "calib_batch_size": args.calib_samples,
                             "correction_steps": 0 if stage == "rounding" else args.correction_steps,
                             "freeze_epochs": args.freeze_epochs if stage == "freezing" else 0.0}
