@@ -11,6 +11,7 @@ from torch import nn
 
 from lowbit.graph import layer_names, prepare
 from lowbit.graph.attrs import set_preserved
+from lowbit.graph.capture import input_checks, restore_input_checks
 
 from .base import (
     METHODS,
@@ -75,6 +76,7 @@ def quantize(
         return _quantize_modules(model, m, batches, example_input)
     if example_input is None:
         raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
+    checks = input_checks(model)
     prepared = prepare(model, example_input)
     _warn_unmatched(m.config, layer_names(prepared.gm))
     if cls.needs_training_data:
@@ -86,6 +88,7 @@ def quantize(
     meta = dict(getattr(gm, "lowbit_meta", {}))
     meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
     _check_quantized(gm, cls.name, m.config, layer_names(prepared.gm))
+    restore_input_checks(gm, checks, meta.get("input"))
     set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
     _check_runs(gm, example_input, cls.name)
