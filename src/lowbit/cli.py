@@ -22,6 +22,9 @@ EXIT_ERROR = 2
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
     "lowbit.bm.cli",
+    "lowbit.export.cli",
+    "lowbit.qat.cli",
+    "lowbit.study.cli",
 )
 
 
@@ -201,7 +204,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     res = compare(
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
-        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name}, extra=extra,
+        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name}, models=extra,
+        train=splits.train, test=splits.test,
     )
     print()
     print(res.table())
@@ -219,10 +223,12 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import lowbit
+    from lowbit.eval_custom import cmd_eval_metric, load_file
     from lowbit.evaluate import accuracy, measure_latency, model_input
 
-    model = lowbit.load(args.file, verify=not args.no_verify)
+    model = load_file(args)
+    if args.metric:
+        return cmd_eval_metric(args, model)
     splits = _load_data(args)
     acc = accuracy(model, splits.test)
     x = model_input(model, splits.test.tensors[0][: args.batch_size])
@@ -250,6 +256,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit import kernels
 
+    if getattr(args, "file", None):
+        from lowbit.fileinfo import describe_file, format_file_info
+
+        from lowbit.opcount import cli_info_file
+
+        print(format_file_info(describe_file(args.file, verify=not args.no_verify)))
+        return cli_info_file(args)
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     try:
         from lowbit import _native
@@ -260,10 +273,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"native kernels: not available ({e})")
     print(f"int8 backend: {kernels.backend_name()}")
-    if getattr(args, "file", None):
-        from lowbit.opcount import cli_info_file
-
-        return cli_info_file(args)
     return 0
 
 
@@ -333,12 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(sp)
     sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check (its fields are "
                                                              "still validated)")
+    sp.add_argument("--metric", default=None, metavar="PKG.MOD:FN",
+                    help="score with your function (called with the model, returns a number or a dict of numbers) "
+                         "instead of accuracy on --data; latency on inputs like the model's recorded example")
+    sp.add_argument("--model", default=None, metavar="PKG.MOD:FN",
+                    help="builds the float model a weights-only file is loaded into")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
-    sp = sub.add_parser("info", help="CPU features and kernel backend; with FILE, the model's operation count")
-    sp.add_argument("file", nargs="?", default=None, help="a saved lowbit model: count its operations per sample")
+    sp = sub.add_parser("info", help="CPU features and kernel backend; with FILE: what a saved model holds "
+                                     "(layers, kernels, bits per weight) and its operations per sample")
+    sp.add_argument("file", nargs="?", default=None, help="a lowbit model file")
+    sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check")
     sp.add_argument("--input-shape", default=None, help="C,H,W of one input sample if the file does not record it")
     sp.set_defaults(fn=cmd_info)
 
@@ -361,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the bad argument: a return code, as for errors
         return e.code if isinstance(e.code, int) else EXIT_ERROR
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the exact command, for reports
     try:
         from lowbit import kernels
 

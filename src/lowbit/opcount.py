@@ -195,7 +195,7 @@ def cli_info_file(args: Any) -> int:
     import lowbit
     from lowbit.evaluate import model_input
 
-    model = lowbit.load(args.file)
+    model = lowbit.load(args.file, verify=not getattr(args, "no_verify", False))
     meta = getattr(model, "lowbit_meta", {})
     shape = _input_shape(meta, getattr(args, "input_shape", None))
     ops = count_ops(model, model_input(model, torch.zeros(1, *shape)))

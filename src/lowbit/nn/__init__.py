@@ -1,16 +1,23 @@
 """Inference modules holding packed integer (or float16) weights; they call lowbit.kernels."""
 
+from .attention import DynamicQMultiheadAttention
 from .base import MODULES, LowbitModule
 from .bm import QBMConv2d, QBMLinear
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
+from .recurrent import DynamicQRNN
+from .shape_check import CheckShape
+from .weight_only import WeightOnly
 
 __all__ = [
     "MODULES",
     "CheckInput",
+    "CheckShape",
     "Dequantize",
     "DynamicQConv",
     "DynamicQLinear",
+    "DynamicQMultiheadAttention",
+    "DynamicQRNN",
     "F16Layer",
     "IOConvert",
     "LowbitModule",
@@ -24,6 +31,7 @@ __all__ = [
     "QLinear",
     "QLookup",
     "Quantize",
+    "WeightOnly",
 ]
 
 # The float BM layers are LowbitModules too (saved and loaded by lowbit.io): register them.
