@@ -258,7 +258,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if getattr(args, "file", None):
         from lowbit.fileinfo import describe_file, format_file_info
-
         from lowbit.opcount import cli_info_file
 
         print(format_file_info(describe_file(args.file, verify=not args.no_verify)))
