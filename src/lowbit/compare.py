@@ -63,10 +63,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _op_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``."""
+def _op_counts(model: nn.Module, x: Any) -> dict[str, int]:
+    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``; none for a
+    model with several inputs (the counter follows one input tensor)."""
     from lowbit.opcount import count_ops
 
+    if isinstance(x, (tuple, list)):
+        return {}
     return count_ops(model, model_input(model, x[:1]))["total"]
 
 
