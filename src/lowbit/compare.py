@@ -63,6 +63,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _op_counts(model: nn.Module, x: Any) -> dict[str, int]:
+    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``; none for a
+    model with several inputs (the counter follows one input tensor)."""
+    from lowbit.opcount import count_ops
+
+    if isinstance(x, (tuple, list)):
+        return {}
+    return count_ops(model, model_input(model, x[:1]))["total"]
+
+
 def compare(
     model: nn.Module,
     calib: Any,
@@ -167,6 +177,7 @@ def compare(
                 "batch_size": batch_size,
                 "threads": lat[name].threads,
                 "float_layers": len(mm.get("float_layers", [])) + len(mm.get("float_ops", [])),
+                **_op_counts(m, bench_input),
             })
         rows = score(rows, BASELINE, lam)
         chosen = choose(rows)["method"]

@@ -86,7 +86,8 @@ def quantize(
     else:
         gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
-    meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
+    meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported),
+                input_shape=list(_first_sample_shape(example_input)))
     _check_quantized(gm, cls.name, m.config, layer_names(prepared.gm))
     restore_input_checks(gm, checks, meta.get("input"))
     set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
@@ -94,6 +95,11 @@ def quantize(
     _check_runs(gm, example_input, cls.name)
     set_preserved(gm, "lowbit_example", _small(example_input))
     return gm
+
+
+def _first_sample_shape(example: Batch) -> tuple[int, ...]:
+    """Shape of one sample of the (first) input: what ``lowbit info FILE`` needs to count operations."""
+    return tuple(as_inputs(example)[0].shape[1:])
 
 
 def _quantize_modules(model: nn.Module, m: Any, batches: list[Batch], example: Batch | None) -> nn.Module:
