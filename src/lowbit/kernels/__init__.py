@@ -17,6 +17,7 @@ import torch
 
 from . import torch_backend
 from .epilogue import Epilogue, FloatOut, Requant
+from .pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 
 __all__ = [
     "Epilogue",
@@ -26,6 +27,9 @@ __all__ = [
     "pack_int8",
     "int8_linear",
     "int8_conv2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
     "backend_name",
     "set_backend",
 ]
