@@ -127,6 +127,7 @@ struct DwJob {
     int32_t zp = 0;
     const int8_t* w = nullptr;          // [c][kh*kw]
     const int16_t* wpair = nullptr;     // AVX2 paired weights (see int8_avx2.cpp), may be null
+    const int8_t* wq = nullptr;         // VNNI weights [c/16][kh][ceil(kw/4)][16][4] (int8_dw_vnni.cpp)
     const int32_t* corr = nullptr;      // [c]
     Epi epi;
 };
@@ -134,6 +135,8 @@ void dw_rows_portable(const DwJob& j, int64_t r0, int64_t r1);
 #ifdef LOWBIT_INT8_X86
 void dw_pack_avx2(const int8_t* w, int64_t c, int64_t taps, std::vector<int16_t>& out);
 void dw_rows_avx2(const DwJob& j, int64_t r0, int64_t r1);
+void dw_pack_vnni(const int8_t* w, int64_t c, int64_t kh, int64_t kw, std::vector<int8_t>& out);
+void dw_rows_vnni(const DwJob& j, int64_t r0, int64_t r1);
 #endif
 
 // Thread-local scratch buffer number `slot` (0..7) of at least `bytes` bytes, 64-byte aligned, grown on

@@ -344,7 +344,12 @@ void conv2d_depthwise(const uint8_t* x, const ConvShape& s, int32_t zp, const in
     void (*fn)(const DwJob&, int64_t, int64_t) = dw_rows_portable;
 #ifdef LOWBIT_INT8_X86
     std::vector<int16_t> wpair;
-    if (raw_u8) {
+    std::vector<int8_t> wq;
+    if (int8_isa() == Isa::vnni) {
+        dw_pack_vnni(w, s.c, s.kh, s.kw, wq);
+        job.wq = wq.data();
+        fn = dw_rows_vnni;
+    } else if (raw_u8) {
         dw_pack_avx2(w, s.c, s.kh * s.kw, wpair);
         job.wpair = wpair.data();
         fn = dw_rows_avx2;
