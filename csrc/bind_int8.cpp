@@ -179,7 +179,9 @@ void register_int8(py::module_& m) {
             std::vector<const Packed*> ws;
             for (auto h : weights) {
                 const Packed& p = h.cast<const Packed&>();
-                LB_REQUIRE(p.n == ng && p.k == s.kh * s.kw * cg,
+                // K order (kh, kw, c); with groups == 1 each kernel row may be padded to a multiple of 4
+                const int64_t kpadded = s.kh * ((s.kw * cg + 3) / 4 * 4);
+                LB_REQUIRE(p.n == ng && (p.k == s.kh * s.kw * cg || (groups == 1 && p.k == kpadded)),
                         "packed group weight has shape [" + std::to_string(p.n) + ", " + std::to_string(p.k) +
                             "], expected [" + std::to_string(ng) + ", " + std::to_string(s.kh * s.kw * cg) + "]");
                 ws.push_back(&p);

@@ -62,12 +62,28 @@ struct Rows {
     int64_t k = 0;
     // Returns a pointer to K bytes of row m: either into the source or into `scratch` (>= k bytes).
     virtual const uint8_t* row(int64_t m, uint8_t* scratch) const = 0;
+    // Direct access, for kernels that read the source in place: the K bytes of row m are runs() runs of
+    // run_len() bytes each (a convolution: one per kernel row or per tap), and run_ptrs(m, p, buf) sets
+    // p[t] to the start of run t: into the source, or into buf (>= runs() * run_len() bytes, the caller's,
+    // kept until the pointers are used) where a run must be assembled (padding). runs() == 0: not
+    // available.
+    virtual int64_t runs() const { return 0; }
+    virtual int64_t run_len() const { return 0; }
+    virtual void run_ptrs(int64_t /*m*/, const uint8_t** /*p*/, uint8_t* /*buf*/) const {}
+    // run_ptrs of rows [m, m + count): p[r * runs() + t], buf + r * runs() * run_len().
+    virtual void run_ptrs_many(int64_t m, int64_t count, const uint8_t** p, uint8_t* buf) const {
+        const int64_t nr = runs(), len = run_len();
+        for (int64_t r = 0; r < count; ++r) run_ptrs(m + r, p + r * nr, buf + r * nr * len);
+    }
 };
 
 struct DenseRows final : Rows {
     const uint8_t* x = nullptr;
     int64_t ld = 0;
     const uint8_t* row(int64_t m, uint8_t* /*scratch*/) const override { return x + m * ld; }
+    int64_t runs() const override { return 1; }
+    int64_t run_len() const override { return k; }
+    void run_ptrs(int64_t m, const uint8_t** p, uint8_t* /*buf*/) const override { p[0] = x + m * ld; }
 };
 
 // Everything a chunk worker needs. corr[n] (n local to the packed weights, padded to nblocks*16) is

@@ -147,6 +147,37 @@ LB_VNNI inline void epi16_store(const Epi16& p, __m512i acc, void* out, __mmask1
     }
 }
 
+// Everything the epilogue of 16 output channels needs, prepared once per call (64-byte aligned: keep
+// these in scratch buffers, not in std::vector).
+struct ColParams {
+    Epi16 p;
+    Fast16 f;
+    __m512i corr;  // added to the raw dot products (bias, zero-point correction)
+    bool fast;
+};
+
+// Channels [16 k, 16 k + n) of the local columns (absolute: e.col_off + 16 k), corr indexed locally.
+LB_VNNI inline void col_params(const Epi& e, const int32_t* corr, int64_t k, int n, ColParams& q) {
+    const int64_t col = e.col_off + 16 * k;
+    q.p = epi16_prepare(e, col, n);
+    q.fast = epi16_fast_ok(e, col, n);
+    if (q.fast) q.f = fast16_prepare(e, q.p, col, n);
+    q.corr = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1), corr + 16 * k);
+}
+
+// Stores epi(acc) (acc already includes the correction) for 16 channels at out.
+LB_VNNI inline void col_store(const ColParams& q, __m512i acc, void* out, __mmask16 mask) {
+    if (q.fast) {
+        const __m128i v = fast16_bytes(q.f, fast16_requant(q.f, acc));
+        if (mask == 0xFFFF)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out), v);
+        else
+            _mm_mask_storeu_epi8(out, mask, v);
+    } else {
+        epi16_store(q.p, acc, out, mask);
+    }
+}
+
 inline int64_t epi_elem_size(EpiKind k) {
     return (k == EpiKind::requant_u8 || k == EpiKind::requant_s8) ? 1 : 4;
 }

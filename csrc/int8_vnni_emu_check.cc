@@ -1,3 +1,4 @@
+#define LB_VNNI_NO_DIRECT 1  // the direct path uses intrinsics this harness does not emulate
 // Check of the AVX-512 VNNI int8 path on machines without AVX-512: compiles csrc/int8_vnni.cpp with the
 // few AVX-512 intrinsics it uses replaced by scalar emulations, runs chunk_vnni (packing, K blocking,
 // tiles, zero-point correction, epilogue) and compares with chunk_portable bit for bit.

@@ -115,3 +115,41 @@ def test_depthwise_matches_reference(isa, case):
     if big and isa == "portable":
         pytest.skip("large shape: the SIMD paths only (the portable one is covered by the small shapes)")
     _check_conv(case, isa, hash(case) % (2**31), epis=3 if big else None)
+
+
+# B, C, H, W, N, kh, kw, stride, padding, dilation, groups: the direct (no im2col) convolution paths
+DIRECT_CASES = [
+    (1, 3, 224, 224, 64, 7, 7, 2, 3, 1, 1),  # ResNet-18 stem: kernel rows padded to 24 bytes
+    (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1),  # ResNet-18 3x3
+    (1, 128, 28, 28, 256, 1, 1, 2, 0, 1, 1),  # ResNet-18 1x1 downsample
+    (1, 256, 14, 14, 40, 3, 3, 2, 1, 1, 1),
+    (2, 5, 9, 8, 24, 3, 3, 1, 1, 1, 1),  # 15-byte kernel rows (padded), 2 images
+    (1, 3, 6, 6, 16, 3, 3, 1, 0, 1, 1),  # no padding: the last window ends at the end of the input
+    (2, 16, 7, 9, 20, 3, 3, 1, 1, (1, 2), 1),  # horizontal dilation: one run per tap
+    (1, 32, 6, 6, 48, 3, 3, 1, 1, 1, 2),  # grouped, 16 channels per group: one run per tap
+    (1, 12, 5, 5, 18, 3, 2, 1, (1, 0), 1, 3),  # grouped, 4 channels per group
+    (3, 8, 5, 4, 70, 1, 1, 1, 0, 1, 1),  # 1x1: plain GEMM rows, N not a multiple of 16
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "x".join(str(v) for v in c))
+def test_direct_conv_matches_reference(isa, case):
+    big = case[1] * case[2] * case[3] * case[4] > 2_000_000
+    if big and isa == "portable":
+        pytest.skip("large shape: the SIMD paths only (the portable one is covered by the small shapes)")
+    _check_conv(case, isa, hash(case) % (2**31), epis=3 if big else None)
+
+
+@pytest.mark.parametrize("m,n,k", [(3136, 64, 576), (9, 48, 100), (17, 33, 64), (8, 300, 2048), (1, 16, 4)])
+def test_gemm_paths_match_reference(isa, m, n, k):
+    from lowbit.kernels.reference import int8_gemm_ref
+
+    g = _gen(m * n + k)
+    big = torch.randint(0, 256, (m, k + 12), dtype=torch.uint8, generator=g)
+    x = big[:, 5:5 + k]  # strided rows
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    zp = int(torch.randint(0, 256, (1,), generator=g))
+    bias = torch.randint(-(2**20), 2**20, (n,), dtype=torch.int32, generator=g)
+    h = native.pack_int8(w)
+    for epi in _epilogues(n, 255 * 128 * k**0.5 * 4, g):
+        _same(native.int8_gemm(x, zp, h, bias, epi), int8_gemm_ref(x, zp, w, bias, epi), f"{isa} gemm {m}x{n}x{k}")

@@ -278,6 +278,12 @@ def _conv_weights(packed: Any, groups: int) -> tuple[list[Any], torch.Tensor | N
         entry: tuple[int, list[Any], torch.Tensor | None] = (groups, [], w.reshape(n, kh * kw).contiguous())
     elif groups == 1 and kh == 1 and kw == 1 and _HAVE and isinstance(getattr(packed, "native", None), _C.Int8Weights):
         entry = (groups, [packed.native], None)
+    elif groups == 1 and (kw * cg) % 4:
+        # each kernel row padded to a multiple of 4 bytes (zero weights): lets the VNNI kernels read the
+        # kernel rows of a small-channel convolution (an RGB stem) straight from the input
+        rows = w.permute(0, 2, 3, 1).reshape(n, kh, kw * cg)
+        rows = torch.nn.functional.pad(rows, (0, -(kw * cg) % 4))
+        entry = (groups, [pack_int8(rows.reshape(n, -1).contiguous())], None)
     else:
         ng = n // groups
         wp = w.permute(0, 2, 3, 1)  # [N, kh, kw, Cg]
