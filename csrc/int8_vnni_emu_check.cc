@@ -4,7 +4,7 @@
 // tiles, zero-point correction, epilogue) and compares with chunk_portable bit for bit.
 // Not part of the extension (setup.py builds csrc/*.cpp only); tests/test_kernels_int8.py builds and runs
 // it in a test marked slow:
-//   g++ -std=c++17 -O1 -ffp-contract=off -Icsrc csrc/int8_vnni_emu_check.cc csrc/int8_driver.cpp \
+//   g++ -std=c++17 -O1 -ffp-contract=off -Icsrc csrc/int8_vnni_emu_check.cc csrc/int8_driver.cpp csrc/int8_dw_vnni.cpp \
 //       csrc/int8_portable.cpp csrc/int8_avx2.cpp csrc/parallel.cpp csrc/cpu_features.cpp -pthread
 #include <immintrin.h>
 #include <cstdint>

@@ -396,8 +396,8 @@ def test_vnni_path_under_emulation(tmp_path):
     csrc = os.path.join(root, "csrc")
     if not os.path.exists(os.path.join(csrc, "int8_vnni_emu_check.cc")):
         pytest.skip("sources not available")
-    srcs = ["int8_vnni_emu_check.cc", "int8_driver.cpp", "int8_portable.cpp", "int8_avx2.cpp", "parallel.cpp",
-            "cpu_features.cpp"]
+    srcs = ["int8_vnni_emu_check.cc", "int8_driver.cpp", "int8_portable.cpp", "int8_avx2.cpp", "int8_dw_vnni.cpp",
+            "parallel.cpp", "cpu_features.cpp"]
     exe = str(tmp_path / "vnni_emu")
     cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", f"-I{csrc}", *[os.path.join(csrc, s) for s in srcs],
            "-pthread", "-o", exe]
