@@ -118,7 +118,8 @@ def test_adaptive_avg_pool_matches_reference(case, nhwc):
 
 def test_pool_public_interface_and_errors():
     x = _codes((1, 4, 6, 6), _gen(1), True)
-    _same(kernels.max_pool2d(x, 3, 2, 1), max_pool2d_ref(x, 3, 2, 1), "kernels.max_pool2d")
+    geometry = kernels.PoolGeometry.make(3, 2, 1)
+    _same(kernels.max_pool2d_codes(x, geometry), max_pool2d_ref(x, 3, 2, 1), "max_pool2d_codes")
     _same(kernels.avg_pool2d(x, 7, 2), avg_pool2d_ref(x, 7, 2), "kernels.avg_pool2d")
     _same(kernels.adaptive_avg_pool2d(x, 1), adaptive_avg_pool2d_ref(x, 1), "kernels.adaptive_avg_pool2d")
     with pytest.raises(TypeError):

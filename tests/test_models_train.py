@@ -221,8 +221,10 @@ def test_default_checkpoint_path():
 
 
 def test_train_or_load_caches(tmp_path, monkeypatch):
-    ck = tmp_path / "m.pt"
-    m1, splits, meta1 = train.train_or_load("small_cnn", "digits", epochs=1, checkpoint=ck, progress=False)
+    """lowbit's own cache (no checkpoint named): reused when it matches, retrained when it does not."""
+    monkeypatch.chdir(tmp_path)
+    ck = train.default_checkpoint_path("small_cnn", "digits")
+    m1, splits, meta1 = train.train_or_load("small_cnn", "digits", epochs=1, progress=False)
     assert ck.is_file() and meta1["epochs"] == 1 and meta1["dataset"] == "digits"
     assert meta1["accuracy"] == pytest.approx(train.accuracy(m1, splits.test))
 
@@ -230,16 +232,44 @@ def test_train_or_load_caches(tmp_path, monkeypatch):
         raise AssertionError("should have loaded the checkpoint")
 
     monkeypatch.setattr(train, "train", no_training)
-    m2, _, meta2 = train.train_or_load("small_cnn", "digits", epochs=1, checkpoint=ck, progress=False)
+    m2, _, meta2 = train.train_or_load("small_cnn", "digits", epochs=1, progress=False)
     x = splits.test.tensors[0][:10]
     assert meta2 == meta1 and torch.equal(m1(x), m2(x))
     with pytest.raises(AssertionError, match="should have loaded"):  # different seed: retrains
-        train.train_or_load("small_cnn", "digits", epochs=1, seed=1, checkpoint=ck, progress=False)
+        train.train_or_load("small_cnn", "digits", epochs=1, seed=1, progress=False)
     monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     ck.write_bytes(b"corrupt")  # unusable cache: retrained with a warning
     with pytest.warns(UserWarning, match="retraining"):
-        _, _, meta3 = train.train_or_load("small_cnn", "digits", epochs=1, checkpoint=ck, progress=False)
+        _, _, meta3 = train.train_or_load("small_cnn", "digits", epochs=1, progress=False)
     assert meta3["accuracy"] == meta1["accuracy"]  # same seed, same result
+
+
+def test_named_checkpoint_is_used_as_is_and_never_overwritten(tmp_path, monkeypatch):
+    """Issue 6: a checkpoint the user names is used as is (its epochs differ from the default here) or
+    refused with a clear error; its bytes never change. A named path that does not exist is trained."""
+    ck = tmp_path / "mine.pt"
+    _, _, meta = train.train_or_load("small_cnn", "digits", epochs=1, checkpoint=ck, progress=False)
+    assert meta["epochs"] == 1 != train.default_hparams("small_cnn", "digits")["epochs"]
+    before = ck.read_bytes()
+
+    def no_training(*a, **k):
+        raise AssertionError("retrained the user's checkpoint")
+
+    monkeypatch.setattr(train, "train", no_training)
+    _, _, used = train.train_or_load("small_cnn", "digits", checkpoint=ck, progress=False)  # default epochs
+    assert used == meta
+    for kw, needle in (({"epochs": 3}, r"epochs 1 \(asked 3\)"), ({"seed": 1}, r"seed 0 \(asked 1\)"),
+                       ({"lr": 0.5}, "lr")):
+        with pytest.raises(ValueError, match=needle):
+            train.train_or_load("small_cnn", "digits", checkpoint=ck, progress=False, **kw)
+    with pytest.raises(ValueError, match="model 'small_cnn'"):
+        train.train_or_load("resnet20", "digits", checkpoint=ck, progress=False)
+    assert ck.read_bytes() == before
+    ck.write_bytes(b"corrupt")  # a damaged named checkpoint is an error, not retrained over
+    with pytest.raises(ValueError, match="mine.pt"):
+        train.train_or_load("small_cnn", "digits", checkpoint=ck, progress=False)
+    assert ck.read_bytes() == b"corrupt"
 
 
 def test_default_hparams():

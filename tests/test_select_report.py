@@ -324,3 +324,18 @@ def test_plot_pareto_fraction_accuracy(tmp_path: Path) -> None:
             {"method": "int8", "size_bytes": 1000, "latency_ms": 0.3, "accuracy": 0.905}]
     p = plot_pareto(rows, tmp_path / "sub" / "p.png", chosen="int8", title="t")
     assert p.read_bytes().startswith(b"\x89PNG")
+
+
+def test_lowbit_compare_stays_callable_after_the_module_is_imported():
+    """``import lowbit.compare`` puts the submodule on the package; ``lowbit.compare(...)`` must still be
+    the function (a fresh interpreter, so the import order is the user's)."""
+    import subprocess
+    import sys
+
+    code = ("import lowbit, lowbit.compare\n"
+            "from lowbit.compare import CompareResult\n"
+            "assert callable(lowbit.compare), type(lowbit.compare)\n"
+            "try:\n    lowbit.compare()\n"
+            "except TypeError as e:\n    assert 'eval_fn' in str(e) or 'model' in str(e), e\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

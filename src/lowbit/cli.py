@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -12,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lowbit import files
+from lowbit.cliargs import add_threads, lambdas, non_negative_int, positive_int
 
 EXIT_ERROR = 2
 
@@ -34,38 +36,75 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="built-in model name (uses the checkpoint `lowbit train` wrote), "
                                  "a torch.export archive (.pt2), or package.module:function")
-    p.add_argument("--checkpoint", default=None, help="checkpoint of a built-in model (default runs/MODEL-DATA.pt)")
+    p.add_argument("--checkpoint", default=None,
+                   help="your checkpoint of a built-in model, used as is (never overwritten; trained and "
+                        "written there only if the file does not exist). Default: lowbit's cache runs/MODEL-DATA.pt")
     p.add_argument("--weights-file", default=None, help="state_dict for a package.module:function model")
-    p.add_argument("--epochs", type=int, default=None, help="epochs if a built-in model must be trained first")
+    p.add_argument("--epochs", type=non_negative_int, default=None,
+                   help="epochs if a built-in model must be trained first")
 
 
-def _parse_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
-    """``--option [method.]key=value`` -> {method or '*': {key: value}} (values parsed as JSON if they can be)."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--option takes key=value, got {item!r}")
-        key, val = item.split("=", 1)
-        scope, _, key = key.rpartition(".")
-        try:
-            value: Any = json.loads(val)
-        except json.JSONDecodeError:
-            value = val
-        out.setdefault(scope or "*", {})[key] = value
-    return out
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """Files the command reads: never to be written."""
+    model = getattr(args, "model", None)
+    named = [getattr(args, k, None) for k in ("checkpoint", "weights_file", "file")]
+    return [p for p in (model if model and model.endswith(".pt2") else None, *named) if p]
 
 
-def _method_config(opts: dict[str, dict[str, Any]], method: str, keep_float: str | None) -> dict[str, Any]:
-    cfg = {**opts.get("*", {}), **opts.get(method, {})}
-    if keep_float:
-        cfg["keep_float"] = tuple(p for p in keep_float.split(",") if p)
-    return cfg
+def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    """Typed configs of ``methods`` from ``--option [METHOD.]KEY=VALUE`` and ``--keep-float``: every option
+    is converted by its config field's type, a scope must name a method the command runs, and an option
+    no method knows is an error."""
+    from lowbit.methods import available_methods, get_method
+    from lowbit.methods.options import field_hints, split_scoped
+
+    opts = split_scoped(getattr(args, "option", None) or [], available_methods())
+    for scope in opts:
+        if scope != "*" and scope not in methods:
+            raise ValueError(f"--option {scope}.KEY=VALUE: this command runs {', '.join(methods)}, not {scope}")
+    configs, used = {}, set()
+    for m in methods:
+        cls = get_method(m).config_cls
+        raw = {k: v for k, v in opts.get("*", {}).items() if k in field_hints(cls)}
+        used |= set(raw)
+        raw.update(opts.get(m, {}))
+        if getattr(args, "keep_float", None):
+            raw["keep_float"] = args.keep_float
+        configs[m] = cls.from_dict(raw, method=m, strings=True)
+    unused = sorted(set(opts.get("*", {})) - used)
+    if unused:
+        raise ValueError(f"unknown option(s) {', '.join(unused)} for {', '.join(methods)}")
+    return configs
 
 
 def _load_data(args: argparse.Namespace) -> Any:
     from lowbit.data import load_dataset
 
     return load_dataset(args.data, data_dir=args.data_dir, seed=args.seed, download=args.download)
+
+
+def _check_model_spec(args: argparse.Namespace) -> None:
+    """The model argument names something loadable (checked before data is read or a model trained)."""
+    from lowbit.models import available_models
+
+    spec = args.model
+    if spec in available_models():
+        if args.weights_file:
+            raise ValueError("--weights-file is for package.module:function models; a built-in model "
+                             "takes --checkpoint")
+        if args.checkpoint and args.epochs is not None and os.path.exists(args.checkpoint):
+            raise ValueError(f"--checkpoint {args.checkpoint} is used as is; --epochs {args.epochs} would train "
+                             "a new model: give one of them (or a checkpoint path that does not exist yet)")
+        return
+    if args.checkpoint or args.epochs is not None:
+        raise ValueError(f"--checkpoint and --epochs are for the built-in models ({', '.join(available_models())})")
+    if spec.endswith(".pt2"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"torch.export archive not found: {spec}")
+        return
+    if ":" not in spec:
+        raise ValueError(f"unknown model {spec!r}: not a built-in model ({', '.join(available_models())}), "
+                         "not a .pt2 archive and not package.module:function")
 
 
 def _resolve_model(args: argparse.Namespace, splits: Any) -> torch.nn.Module:
@@ -78,12 +117,9 @@ def _resolve_model(args: argparse.Namespace, splits: Any) -> torch.nn.Module:
         model, _, meta = train_or_load(spec, args.data, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed,
                                        checkpoint=args.checkpoint, progress=True, download=args.download)
         return model
-    if spec.endswith(".pt2") or ":" in spec:
-        from lowbit.graph import load_model
+    from lowbit.graph import load_model
 
-        return load_model(spec, args.weights_file)
-    raise ValueError(f"unknown model {spec!r}: not a built-in model ({', '.join(available_models())}), "
-                     "not a .pt2 archive and not package.module:function")
+    return load_model(spec, args.weights_file)
 
 
 def _eval_fn(splits: Any):
@@ -103,38 +139,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit.evaluate import accuracy
+    from lowbit.methods import get_method
 
+    get_method(args.method)
+    cfg = _method_configs(args, [args.method])[args.method]
+    files.check_output(args.out, inputs=_inputs(args))
+    _check_model_spec(args)
     splits = _load_data(args)
     model = _resolve_model(args, splits)
-    cfg = _method_config(_parse_options(args.option), args.method, args.keep_float)
     t0 = time.perf_counter()
     qm = lowbit.quantize(model, args.method, calib=splits.calib, config=cfg)
     took = time.perf_counter() - t0
-    path = lowbit.save(qm, args.out)
-    acc = accuracy(qm, splits.test)
+    acc = accuracy(qm, splits.test)  # the model runs before its file is written
+    path = lowbit.save(qm, args.out, inputs=_inputs(args))
     meta = qm.lowbit_meta
     print(f"{args.method}: test accuracy {acc:.2f}% on {splits.name}, file {path} ({path.stat().st_size:,} bytes), "
           f"quantized in {took:.1f} s")
     kept = meta.get("float_layers", []) + meta.get("float_ops", [])
     if kept:
         print("left in float: " + ", ".join(kept))
-    if meta.get("input", {}).get("dtype") not in (None, "float32"):
-        i, o = meta["input"], meta["output"]
-        print(f"input  {i['dtype']} scale={i['scale']:.6g} zero_point={i['zero_point']}")
-        print(f"output {o['dtype']} scale={o['scale']:.6g} zero_point={o['zero_point']}")
+    ins = meta["input"] if isinstance(meta.get("input"), list) else [meta.get("input", {})]
+    for i, o in [*(("input ", i) for i in ins), ("output", meta.get("output", {}))]:
+        if o.get("dtype") not in (None, "float32"):
+            print(f"{i} {o['dtype']} scale={o['scale']:.6g} zero_point={o['zero_point']}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.compare import compare
+    from lowbit.methods import available_methods, get_method
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    if methods is not None and not methods:
+        raise ValueError("--methods is empty; name at least one method (see `lowbit methods`)")
+    for m in methods or []:
+        get_method(m)
+    configs = _method_configs(args, methods or available_methods())
+    files.check_output(args.out, inputs=_inputs(args))
+    files.check_output(args.report_dir, inputs=_inputs(args), folder=True)
+    _check_model_spec(args)
     splits = _load_data(args)
     model = _resolve_model(args, splits)
-    methods = [m for m in args.methods.split(",") if m] if args.methods else None
-    opts = _parse_options(args.option)
-    from lowbit.methods import available_methods
-
-    configs = {m: _method_config(opts, m, args.keep_float) for m in (methods or available_methods())}
     res = compare(
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
@@ -142,7 +187,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print()
     print(res.table())
-    print(f"\nchosen: {res.chosen} (λS,λT,λA = {args.lambdas}); saved to {res.saved}")
+    lam = args.lambdas
+    print(f"\nchosen: {res.chosen} (λS,λT,λA = {lam.size:g},{lam.time:g},{lam.acc:g}); saved to {res.saved}")
     if res.report:
         print(f"report: {res.report.get('html', Path(args.report_dir) / 'index.html')}")
     return 0
@@ -158,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit.evaluate import accuracy, measure_latency, model_input
 
-    model = lowbit.load(args.file)
+    model = lowbit.load(args.file, verify=not args.no_verify)
     splits = _load_data(args)
     acc = accuracy(model, splits.test)
     x = model_input(model, splits.test.tensors[0][: args.batch_size])
@@ -176,6 +222,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     for name, cls in METHODS.items():
         calib = "calibration data" if cls.needs_calibration else "no data"
+        if cls.needs_training_data:
+            calib = "training data"
         print(f"{name:14s} {cls.summary} [{calib}]")
     return 0
 
@@ -199,9 +247,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    args.model, args.checkpoint, args.weights_file = args.model or "small_cnn", None, None
-    args.methods, args.option, args.keep_float = None, None, None
-    args.lambdas, args.batch_size = args.lambdas or "1,1,1", 1
+    args.checkpoint, args.weights_file = None, None
+    args.methods, args.option, args.keep_float, args.batch_size = None, None, None, 1
     print(f"lowbit demo: {args.model} on {args.data}, every method, measured on this CPU\n", flush=True)
     rc = cmd_compare(args)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
@@ -209,6 +256,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
+
+def _add_compare_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--lambdas", type=lambdas, default="1,1,1", metavar="λS,λT,λA",
+                    help="weights of size, time, accuracy (default 1,1,1)")
+    sp.add_argument("--repeats", type=positive_int, default=20, help="timed repeats per model (default 20)")
+    add_threads(sp, what="for every candidate (1: batch-1 latency, robust on shared machines)")
+    sp.add_argument("--report-dir", default="report", help="where results and plots go (default report/)")
+    sp.add_argument("--out", default="report/chosen.lowbit", help="file for the chosen model")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize PyTorch networks and run them fast on CPUs.")
@@ -233,15 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(sp)
     _add_data_args(sp)
     sp.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
-    sp.add_argument("--lambdas", default="1,1,1", help="weights λS,λT,λA of size, time, accuracy (default 1,1,1)")
+    _add_compare_args(sp)
     sp.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE", help="method option")
     sp.add_argument("--keep-float", default=None, help="comma-separated layer-name patterns left float")
-    sp.add_argument("--batch-size", type=int, default=1, help="latency batch size (default 1)")
-    sp.add_argument("--repeats", type=int, default=20, help="timed repeats per model (default 20)")
-    sp.add_argument("--threads", type=int, default=1,
-                    help="threads for every candidate (default 1: batch-1 latency, robust on shared machines)")
-    sp.add_argument("--report-dir", default="report", help="where results and plots go (default report/)")
-    sp.add_argument("--out", default="report/chosen.lowbit", help="file for the chosen model")
+    sp.add_argument("--batch-size", type=positive_int, default=1, help="latency batch size (default 1)")
     sp.set_defaults(fn=cmd_compare)
 
     from lowbit.select import add_select_arguments
@@ -253,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="accuracy and latency of a saved lowbit model")
     sp.add_argument("file")
     _add_data_args(sp)
-    sp.add_argument("--batch-size", type=int, default=1)
-    sp.add_argument("--repeats", type=int, default=50)
-    sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--batch-size", type=positive_int, default=1, help="latency batch size (default 1)")
+    sp.add_argument("--repeats", type=positive_int, default=50, help="timed repeats (default 50)")
+    add_threads(sp)
+    sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check (its fields are "
+                                                             "still validated)")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("methods", help="list the quantization methods")
@@ -266,12 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")
     _add_data_args(sp)
     sp.add_argument("--model", default="small_cnn")
-    sp.add_argument("--epochs", type=int, default=None)
-    sp.add_argument("--lambdas", default="1,1,1")
-    sp.add_argument("--repeats", type=int, default=20)
-    sp.add_argument("--threads", type=int, default=1)
-    sp.add_argument("--report-dir", default="report")
-    sp.add_argument("--out", default="report/chosen.lowbit")
+    sp.add_argument("--epochs", type=non_negative_int, default=None)
+    _add_compare_args(sp)
     sp.set_defaults(fn=cmd_demo)
 
     for modname in COMMAND_MODULES:
@@ -282,8 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage and the bad argument: a return code, as for errors
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    try:
+        from lowbit import kernels
+
+        kernels.check_environment()
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import sys
 import tempfile
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,11 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 import lowbit
-from lowbit import io, kernels
+from lowbit import files, io, kernels
 from lowbit.evaluate import FloatIO, measure_latency, model_input
 from lowbit.graph import prepare
 from lowbit.methods import available_methods, get_method, quantize
-from lowbit.methods.base import calibration_batches
+from lowbit.methods.base import as_inputs, calibration_batches
 from lowbit.report import format_table, write_report
 from lowbit.select import Lambdas, choose, score
 
@@ -37,6 +39,16 @@ class CompareResult:
 
     def table(self) -> str:
         return format_table(self.rows, self.chosen)
+
+
+def check_counts(**counts: int | None) -> None:
+    """Each count (batch size, repeats, threads ...) is None or an int >= 1 (0 for ``warmup``)."""
+    for name, v in counts.items():
+        least = 0 if name == "warmup" else 1
+        if v is None and name == "threads":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
 
 
 def _cpu_name() -> str:
@@ -56,7 +68,7 @@ def compare(
     eval_fn: Callable[[nn.Module], float],
     methods: Sequence[str] | None = None,
     lambdas: Lambdas | str = "1,1,1",
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     configs: dict[str, dict[str, Any]] | None = None,
     batch_size: int = 1,
     repeats: int = 20,
@@ -74,23 +86,33 @@ def compare(
     (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``.
     """
     lam = Lambdas.parse(lambdas) if isinstance(lambdas, str) else lambdas
-    methods = list(methods) if methods else available_methods()
+    # by default every post-training method; training-aware ones (they train for minutes) when named
+    methods = list(methods) if methods else [m for m in available_methods() if not get_method(m).needs_training_data]
     for name in methods:
         get_method(name)  # unknown names fail before any work
     if len(set(methods)) != len(methods):
         raise ValueError("a method is listed twice")
+    check_counts(batch_size=batch_size, repeats=repeats, threads=threads, warmup=warmup)
+    if save_chosen is not None:  # outputs are checked before anything is measured
+        files.check_output(save_chosen)
+    if report_dir is not None:
+        files.check_output(report_dir, folder=True)
     configs = configs or {}
-    batches = calibration_batches(calib, 10**9, 100)
+    n_inputs = len(example_input) if isinstance(example_input, (tuple, list)) else 1
+    batches = calibration_batches(calib, 10**9, 100, n_inputs)
     if example_input is None:
         if not batches:
             raise ValueError("the calibration set is empty")
-        example_input = batches[0][:1]
+        example_input = tuple(t[:1] for t in as_inputs(batches[0]))
+    examples = as_inputs(tuple(example_input) if isinstance(example_input, list) else example_input)
     if batches:
-        bench_input = torch.cat(batches)[:batch_size]
+        bench = tuple(torch.cat([as_inputs(b)[i] for b in batches])[:batch_size] for i in range(len(examples)))
     else:
-        bench_input = example_input.expand(batch_size, *example_input.shape[1:])
-    if len(bench_input) < batch_size:
+        bench = tuple(e.expand(batch_size, *e.shape[1:]) for e in examples)
+    if len(bench[0]) < batch_size:
         raise ValueError(f"need at least {batch_size} calibration samples for latency batches")
+    example_input = examples[0] if len(examples) == 1 else examples
+    bench_input = bench[0] if len(bench) == 1 else bench
 
     candidates: dict[str, nn.Module] = {}
     float_gm: fx.GraphModule = prepare(model, example_input).gm
@@ -105,9 +127,9 @@ def compare(
     rows: list[dict[str, Any]] = []
     tmpdir = Path(tempfile.mkdtemp(prefix="lowbit-compare-"))
     try:
-        files = {name: io.save(m, tmpdir / f"{name}.lowbit") for name, m in candidates.items()}
+        paths = {name: io.save(m, tmpdir / f"{name}.lowbit") for name, m in candidates.items()}
         inputs = {name: model_input(m, bench_input) for name, m in candidates.items()}
-        runs = {name: (lambda m=m, x=inputs[name]: m(x)) for name, m in candidates.items()}
+        runs = {name: (lambda m=m, x=inputs[name]: m(*as_inputs(x))) for name, m in candidates.items()}
         if progress:
             print(f"timing {len(runs)} models: batch {batch_size}, {repeats} repeats, interleaved", flush=True)
         lat = measure_latency(runs, batch_size, warmup, repeats, threads)
@@ -117,7 +139,7 @@ def compare(
             mm = getattr(m, "lowbit_meta", {})
             rows.append({
                 "method": name,
-                "size_bytes": files[name].stat().st_size,
+                "size_bytes": paths[name].stat().st_size,
                 "latency_ms": lat[name].median_ms,
                 "accuracy": acc,
                 "latency_p10_ms": lat[name].p10_ms,
@@ -130,12 +152,7 @@ def compare(
         chosen = choose(rows)["method"]
         saved = None
         if save_chosen is not None:
-            dst = Path(save_chosen)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(files[chosen], tmp)
-            os.replace(tmp, dst)
-            saved = dst
+            saved = files.write_bytes(save_chosen, paths[chosen].read_bytes())
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -154,3 +171,14 @@ def compare(
         }
         report = write_report(rows, report_dir, chosen, lam, info)
     return CompareResult(rows, chosen, candidates, report, saved)
+
+
+class _CallableModule(types.ModuleType):
+    """``lowbit.compare`` is both this module and the function: once the module has been imported (it
+    then shadows the lazily loaded function on the package), ``lowbit.compare(...)`` still calls it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> CompareResult:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -17,12 +17,20 @@ from lowbit.formats.affine import QFormat, dequantize, quantize
 _IO_FORMATS = {"uint8": QFormat(8, signed=False, symmetric=False), "int8": QFormat(8, signed=True, symmetric=False)}
 
 
-def model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A float batch in the form the model takes (input codes for a full-integer model)."""
+def model_input(model: nn.Module, x: Any, as_tuple: bool = False) -> Any:
+    """A float batch in the form the model takes (input codes for a full-integer model).
+
+    ``x``: one tensor, or a tuple of tensors for a model with several inputs (``meta["input"]`` is then
+    a list with one format per input). Returns the same structure, or always a tuple with ``as_tuple``.
+    """
     spec = getattr(model, "lowbit_meta", {}).get("input", {"dtype": "float32"})
-    if spec["dtype"] == "float32":
-        return x
-    return quantize(x, spec["scale"], spec["zero_point"], _IO_FORMATS[spec["dtype"]])
+    xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    specs = spec if isinstance(spec, list) else [spec] * len(xs)
+    if len(specs) != len(xs):
+        raise ValueError(f"the model takes {len(specs)} inputs, got {len(xs)}")
+    out = tuple(t if s["dtype"] == "float32" else quantize(t, s["scale"], s["zero_point"], _IO_FORMATS[s["dtype"]])
+                for t, s in zip(xs, specs, strict=True))
+    return out if as_tuple or isinstance(x, (tuple, list)) else out[0]
 
 
 def model_output(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -44,8 +52,8 @@ class FloatIO(nn.Module):
         meta = getattr(model, "lowbit_meta", {})
         self.lowbit_meta = {**meta, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return model_output(self.model, self.model(model_input(self.model, x)))
+    def forward(self, *xs: torch.Tensor) -> Any:
+        return model_output(self.model, self.model(*model_input(self.model, xs, as_tuple=True)))
 
 
 def accuracy(model: nn.Module, dataset: Any, batch_size: int = 256) -> float:

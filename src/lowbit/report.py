@@ -6,8 +6,8 @@ accuracy``, ``L``, ``is_baseline`` and any extra keys such as ``backend``, ``thr
 unless a ``baseline=`` name is passed).
 
 Accuracy may be a fraction (0.9918) or a percentage (99.18): when every accuracy is ≤ 1 it is shown
-×100; ΔA is in percentage points. Sizes are shown in KiB (1024 bytes). All files are written
-atomically (a temporary file in the same folder, then ``os.replace``), and the plot is drawn on a
+×100; ΔA is in percentage points. Sizes are shown in KiB (1024 bytes). The report is written
+atomically as a folder (see :func:`write_report`), and the plot is drawn on a
 private ``matplotlib.figure.Figure`` with the Agg canvas, so pyplot's global state is never touched.
 """
 
@@ -20,13 +20,12 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lowbit import files
 from lowbit.select import REQUIRED_COLUMNS, Lambdas, baseline_index
 
 __all__ = [
@@ -309,32 +308,10 @@ def plot_pareto(
     (latency, accuracy, size) Pareto front have a black outline and the (latency, accuracy) front is
     drawn as a step line. The x axis is logarithmic when latencies span more than 20×.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(p, _render_pareto_png(rows, chosen, title, baseline))
-    return p
+    return files.write_bytes(path, _render_pareto_png(rows, chosen, title, baseline))
 
 
 # ------------------------------------------------------------------------------------------ report
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _as_lambdas(lam: Any) -> Lambdas:
@@ -523,7 +500,9 @@ def write_report(
     baseline: str | None = None,
     paper_sign: bool = False,
 ) -> dict[str, Path]:
-    """Write the full report into ``out_dir`` (created if needed); every file is written atomically.
+    """Write the full report as the folder ``out_dir``, atomically: the files are written into a
+    temporary folder that then replaces ``out_dir`` as a whole (:func:`lowbit.files.write_tree`; files
+    of the user's in ``out_dir`` are kept). An interrupted run leaves the previous report intact.
 
     - ``results.csv``: all columns (required ones, then ``L``, then the rest in first-seen order),
       the baseline row first;
@@ -542,18 +521,10 @@ def write_report(
     lambdas = _as_lambdas(lambdas)
     _check_chosen(rows, chosen)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     b = baseline_index(rows, baseline)
     ordered = [dict(rows[b])] + [dict(r) for i, r in enumerate(rows) if i != b]
     base_name = str(ordered[0].get("method"))
-
-    paths = {
-        "csv": out / "results.csv",
-        "json": out / "results.json",
-        "png": out / "pareto.png",
-        "html": out / "index.html",
-    }
-    _atomic_write_text(paths["csv"], _csv_text(ordered))
+    names = {"csv": "results.csv", "json": "results.json", "png": "pareto.png", "html": "index.html"}
     doc = {
         "meta": _jsonable(dict(meta)),
         "lambdas": lambdas.as_dict(),
@@ -563,10 +534,18 @@ def write_report(
         "paper_sign": paper_sign,
         "results": _jsonable(ordered),
     }
-    _atomic_write_text(paths["json"], json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     png = _render_pareto_png(ordered, chosen, str(meta.get("title", _DEFAULT_TITLE)), base_name)
-    _atomic_write_bytes(paths["png"], png)
-    _atomic_write_text(
-        paths["html"], _html_page(ordered, chosen, lambdas, meta, png, base_name, paper_sign)
-    )
+    contents = {
+        "csv": _csv_text(ordered).encode("utf-8"),
+        "json": (json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"),
+        "png": png,
+        "html": _html_page(ordered, chosen, lambdas, meta, png, base_name, paper_sign).encode("utf-8"),
+    }
+
+    def fill(folder: Path) -> None:
+        for key, data in contents.items():
+            (folder / names[key]).write_bytes(data)
+
+    files.write_tree(out, fill)
+    paths = {key: out / name for key, name in names.items()}
     return paths

@@ -367,7 +367,8 @@ def cli_select(args: argparse.Namespace) -> int:
     from lowbit.report import format_table, write_report
 
     try:
-        lam = Lambdas.parse(getattr(args, "lambdas", None) or "1,1,1")
+        lam = getattr(args, "lambdas", "1,1,1")
+        lam = lam if isinstance(lam, Lambdas) else Lambdas.parse(lam)  # '' is an error, not 1,1,1
         rows = read_csv(args.csv)
         paper_sign = bool(getattr(args, "paper_sign", False))
         scored = score(rows, baseline=getattr(args, "baseline", None), lambdas=lam, paper_sign=paper_sign)

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from . import models
+from . import files, models
 from .data import KNOWN_DATASETS, DatasetSplits, load_dataset, make_loader
 
 __all__ = [
@@ -209,7 +208,7 @@ def _full_meta(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Atomically write ``model``'s state_dict and ``meta`` to ``path`` (temp file + ``os.replace``).
+    """Atomically write ``model``'s state_dict and ``meta`` to ``path`` (:mod:`lowbit.files`).
 
     ``meta`` must be JSON-serializable; the architecture recorded by :func:`models.build`
     (``model.lowbit_arch``) fills in missing model/in_channels/num_classes/input_size keys, and
@@ -228,21 +227,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: dict[s
         "state_dict": state,
         "meta": full,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return files.write_stream(path, lambda f: torch.save(payload, f))
 
 
 _REQUIRED_META = ("model", "in_channels", "num_classes", "input_size")
@@ -343,45 +328,62 @@ def train_or_load(
     threads: int | None = None,
     download: bool = False,
 ) -> tuple[nn.Module, DatasetSplits, dict[str, Any]]:
-    """The trained float model for (model, dataset, seed): from its checkpoint if one with matching
-    meta exists (default ``runs/{model}-{dataset}.pt``), otherwise trained now and saved there.
+    """The trained float model for (model, dataset, seed) and its splits and meta.
 
-    Returns ``(model in eval mode, splits, meta)``. A corrupt or mismatching checkpoint is
-    retrained and overwritten (with a warning for a corrupt one).
+    ``checkpoint`` given: the caller's file. If it exists it is used as is and never overwritten; it
+    must be a checkpoint of this model for this dataset and seed (the seed fixes the test split), and
+    of the ``epochs``/``lr``/``batch_size`` asked for explicitly, else ValueError naming the mismatch.
+    If it does not exist, the model is trained and written there.
+
+    ``checkpoint`` None: lowbit's cache ``runs/{model}-{dataset}.pt``, used when its meta matches the
+    request (defaults included), else retrained and replaced (with a warning when it is unreadable).
+
+    Returns ``(model in eval mode, splits, meta)``.
     """
     model_key = model_name.strip().lower().replace("-", "_")
     if model_key not in models.MODELS:
         models.build(model_name, 1, 1, 1)  # raises the ValueError listing the models
     splits = load_dataset(dataset_name, data_dir=data_dir, seed=seed, download=download)
     hp = default_hparams(model_key, splits.name)
-    if epochs is not None:
-        hp["epochs"] = epochs
-    if lr is not None:
-        hp["lr"] = lr
-    if batch_size is not None:
-        hp["batch_size"] = batch_size
+    asked = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
+    hp.update(asked)
     if threads is not None:
         hp["threads"] = threads
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path(model_key, splits.name)
-    want = {
+    fits = {
         "model": model_key,
         "dataset": splits.name,
         "in_channels": splits.in_channels,
         "num_classes": splits.num_classes,
         "input_size": splits.input_size,
         "seed": seed,
-        **{k: hp[k] for k in ("epochs", "lr", "batch_size")},  # threads: execution detail, not matched
     }
-    if path.is_file():
-        try:
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.exists():
             model, meta = load_checkpoint(path)
-        except ValueError as e:
-            warnings.warn(f"ignoring unusable checkpoint, retraining: {e}", stacklevel=2)
-        else:
-            if _meta_matches(meta, want):
-                return model, splits, meta
+            _check_fits(path, meta, {**fits, **asked})
+            return model, splits, meta
+    else:
+        path = default_checkpoint_path(model_key, splits.name)
+        want = {**fits, **{k: hp[k] for k in ("epochs", "lr", "batch_size")}}  # threads: not matched
+        if path.is_file():
+            try:
+                model, meta = load_checkpoint(path)
+            except ValueError as e:
+                warnings.warn(f"ignoring unusable cached checkpoint, retraining: {e}", stacklevel=2)
+            else:
+                if _meta_matches(meta, want):
+                    return model, splits, meta
     model, meta = _train_and_save(model_key, splits, hp, seed, path, progress)
     return model, splits, meta
+
+
+def _check_fits(path: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
+    bad = [f"{k} {meta.get(k)!r} (asked {v!r})" for k, v in want.items() if k in meta and meta[k] != v]
+    if bad:
+        raise ValueError(f"{path}: the checkpoint does not fit this run: {', '.join(bad)}. A checkpoint you name is "
+                         "used as is and never overwritten: pass matching options, or a new checkpoint path to "
+                         "train one")
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -389,14 +391,16 @@ def train_or_load(
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``lowbit train``."""
+    from .cliargs import non_negative_int, positive_float, positive_int
+
     p.add_argument("model", choices=models.available_models(), help="reference model to train")
     p.add_argument("--data", default="digits", help=f"dataset ({', '.join(KNOWN_DATASETS)}); default digits")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (else $LOWBIT_DATA, ...)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
+    p.add_argument("--epochs", type=non_negative_int, default=None, help="training epochs (default: per dataset)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split, init and shuffling")
     p.add_argument("--out", default=None, help="checkpoint path (default runs/{model}-{dataset}.pt)")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_DEFAULT_LR})")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per dataset)")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"learning rate (default {_DEFAULT_LR})")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: per dataset)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing (needs torchvision)")
 
 

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lowbit import files
+
 __all__ = ["run", "CASES"]
 
 PATH_ORDER = ("portable", "avx2", "avx512bw", "vnni")
@@ -376,6 +378,8 @@ def run(
     threads = int(threads)
     if threads < 1:
         raise ValueError("threads must be >= 1")
+    if json_path:
+        files.check_output(json_path)  # before minutes of measuring
     cases = QUICK_CASES if quick else CASES
     if quick:
         repeats, warmup = min(repeats, 3), min(warmup, 1)
@@ -419,8 +423,7 @@ def run(
             _set_isa("vnni")
     _print_table(records)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
+        files.write_text(json_path, json.dumps(records, indent=1))
     return records
 
 

@@ -141,40 +141,11 @@ def _ort_session(path: str, threads: int) -> Callable[[torch.Tensor], Any]:
     return lambda x: sess.run(None, {"x": x.numpy()})[0]
 
 
-def _codes_maxpool_workaround(gm: nn.Module) -> int:
-    """Static lowbit models run max-pooling on uint8 codes; torch's max_pool2d fails on channels-last
-    uint8 (what lowbit's convolutions return), so until the converted models call lowbit's own max-pool
-    on codes, the benchmark swaps each such pool for :func:`lowbit.kernels.max_pool2d`. Returns the
-    number of pools swapped."""
-    n = 0
-    for name, mod in list(gm.named_modules()):
-        if type(mod) is nn.MaxPool2d and name:
-            parent = gm.get_submodule(name.rpartition(".")[0]) if "." in name else gm
-            setattr(parent, name.rpartition(".")[2], _CodesMaxPool(mod))
-            n += 1
-    return n
-
-
-class _CodesMaxPool(nn.Module):
-    def __init__(self, pool: nn.MaxPool2d) -> None:
-        super().__init__()
-        self.pool = pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lowbit import kernels
-
-        if x.dtype != torch.uint8:
-            return self.pool(x)
-        p = self.pool
-        return kernels.max_pool2d(x, p.kernel_size, p.stride, p.padding, p.dilation, p.ceil_mode)
-
-
 def _lowbit(model: nn.Module, method: str, calib: list[torch.Tensor], x: torch.Tensor) -> nn.Module:
     from lowbit.methods.api import quantize
 
     q = quantize(model, method, torch.cat(calib), example_input=x, progress=False) if method == "static" else \
         quantize(model, method, torch.cat(calib), example_input=x)
-    _codes_maxpool_workaround(q)
     return q
 
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+
+from .levels import Format
 
 __all__ = [
     "QFormat",
@@ -37,8 +40,9 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class QFormat:
-    """What integers a quantized tensor holds.
+class QFormat(Format):
+    """A 2..8-bit power-of-two integer range (the post-training methods' formats); any other level set
+    is a :class:`~lowbit.formats.levels.Format` of :mod:`lowbit.formats.levels`.
 
     bits: 2..8. signed: int (two's complement range) or uint. symmetric: zero point fixed
     (0 for signed, mid-range for unsigned). narrow: drop the most negative code so the range is
@@ -49,10 +53,31 @@ class QFormat:
     signed: bool = True
     symmetric: bool = True
     narrow: bool = False
+    kind: ClassVar[str] = "qformat"
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bit width must be in 2..8, got {self.bits}")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(range(self.qmin, self.qmax + 1))
+
+    @property
+    def n_levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+    @property
+    def uniform(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "bits": self.bits, "signed": self.signed, "symmetric": self.symmetric,
+                "narrow": self.narrow}
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> QFormat:
+        return cls(int(d["bits"]), bool(d["signed"]), bool(d["symmetric"]), bool(d.get("narrow", False)))
 
     @property
     def qmin(self) -> int:
@@ -90,13 +115,15 @@ def _as_tensor(v: torch.Tensor | float) -> torch.Tensor:
 def choose_qparams(
     min_val: torch.Tensor | float,
     max_val: torch.Tensor | float,
-    fmt: QFormat,
+    fmt: Format,
     eps: float = 1e-12,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map the real range [min_val, max_val] onto ``fmt``.
 
     Works element-wise, so per-channel ranges give per-channel parameters. The range is first
-    widened to include 0, so that real zero is exactly representable (zero padding, ReLU).
+    widened to include 0, so that real zero is exactly representable (zero padding, ReLU). An empty
+    range (all zeros: a pruned channel, a dead activation) gets scale 1, so every value is the code of
+    real zero. ``fmt`` may be any level set: its extreme levels ``qmin`` and ``qmax`` map onto the range.
     Returns (scale float32, zero_point int32).
     """
     lo = torch.minimum(_as_tensor(min_val), torch.zeros(()))
@@ -109,14 +136,16 @@ def choose_qparams(
         if fmt.signed:
             scale = amax / float(min(-qmin, qmax))
             zp = torch.zeros_like(scale)
+        elif not isinstance(fmt, QFormat):  # unsigned level set with its zero point fixed at 0 (ReLU outputs)
+            scale = hi / float(qmax)
+            zp = torch.zeros_like(scale)
         else:
             scale = 2 * amax / float(qmax - qmin)
             zp = torch.full_like(scale, float((qmin + qmax + 1) // 2))
     else:
         scale = (hi - lo) / float(qmax - qmin)
-        scale = torch.clamp(scale, min=eps)
-        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-    scale = torch.clamp(scale, min=eps)
+        zp = torch.clamp(torch.round(qmin - lo / torch.clamp(scale, min=eps)), qmin, qmax)
+    scale = torch.where(hi - lo > 0, torch.clamp(scale, min=eps), torch.ones_like(scale))
     return scale.to(torch.float32), zp.to(torch.int32)
 
 
@@ -132,14 +161,18 @@ def quantize(
     x: torch.Tensor,
     scale: torch.Tensor | float,
     zero_point: torch.Tensor | int,
-    fmt: QFormat,
+    fmt: Format,
     axis: int | None = None,
 ) -> torch.Tensor:
-    """``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` (round half to even), as ``fmt.dtype``."""
+    """``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` (round half to even), as ``fmt.dtype``;
+    for a non-uniform level set the clamped integer is then snapped to its nearest level
+    (:meth:`~lowbit.formats.levels.Format.project`)."""
     s = _bcast(torch.as_tensor(scale, dtype=torch.float32), x, axis)
     z = _bcast(torch.as_tensor(zero_point, dtype=torch.int32), x, axis)
-    q = torch.round(x.to(torch.float32) / s) + z
-    return torch.clamp(q, fmt.qmin, fmt.qmax).to(fmt.dtype)
+    q = torch.clamp(torch.round(x.to(torch.float32) / s) + z, fmt.qmin, fmt.qmax)
+    if not fmt.uniform:
+        q = fmt.project(q)
+    return q.to(fmt.dtype)
 
 
 def dequantize(
@@ -158,7 +191,7 @@ def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor | float,
     zero_point: torch.Tensor | int,
-    fmt: QFormat,
+    fmt: Format,
     axis: int | None = None,
 ) -> torch.Tensor:
     """Quantize then dequantize (float in, float out); the values an integer layer would see."""

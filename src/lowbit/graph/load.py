@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,13 +71,27 @@ def _load_pt2(path: str) -> nn.Module:
         ep = torch.export.load(path)
     except Exception as e:
         raise ModelLoadError(f"{path}: could not load as a torch.export archive: {e}") from e
+    _check_finite(ep, path)
     return convert_exported(ep)
+
+
+def _check_finite(ep: torch.export.ExportedProgram, path: str) -> None:
+    """NaN/Inf in the archive's parameters, buffers or constants: an error naming the tensor (as for a
+    module's parameters in :func:`lowbit.graph.prepare`), before the conversion compares outputs."""
+    for kind, items in (("parameter or buffer", ep.state_dict.items()), ("constant", ep.constants.items())):
+        for name, t in items:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                if torch.isnan(t).any():
+                    raise ModelLoadError(f"{path}: {kind} {name!r} contains NaN")
+                if torch.isinf(t).any():
+                    raise ModelLoadError(f"{path}: {kind} {name!r} contains Inf")
 
 
 def _load_factory(spec: str, kw: dict[str, Any]) -> nn.Module:
     mod_name, _, attr_path = spec.partition(":")
     if not mod_name or not attr_path:
         raise ModelLoadError(f"model spec {spec!r} must look like 'package.module:function'")
+    _cwd_on_path()
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:
@@ -101,6 +116,15 @@ def _load_factory(spec: str, kw: dict[str, Any]) -> nn.Module:
             f"model spec {spec!r}: {attr_path}() returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def _cwd_on_path() -> None:
+    """Put the current folder first on the import path, as ``python -m`` does, so that
+    ``package.module:function`` finds the user's own package from the installed ``lowbit`` script too."""
+    cwd = os.getcwd()
+    if not any(p in ("", ".", cwd) or (p and os.path.abspath(p) == cwd) for p in sys.path):
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:

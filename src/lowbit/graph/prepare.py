@@ -566,6 +566,9 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "ep = torch.export.export(model.eval(), (example,)); torch.export.save(ep, 'model.pt2'); "
             "then load the .pt2 archive."
         ) from e
+    for node in graph.nodes:  # string annotations (PEP 563) would make the module unpicklable
+        if isinstance(node.type, str):
+            node.type = None
     return fx.GraphModule(model, graph, type(model).__name__)
 
 

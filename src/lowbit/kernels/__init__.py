@@ -15,22 +15,32 @@ from typing import Any
 
 import torch
 
-from . import torch_backend
+from lowbit.formats.levels import Format, IntRange
+
+from . import pooling, torch_backend
 from .epilogue import Epilogue, FloatOut, Requant
-from .pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
+from .packed import PACKINGS, PackedWeights, pack_weights, weights_from_storage
+from .pool import adaptive_avg_pool2d, avg_pool2d
+from .pooling import PoolGeometry
 
 __all__ = [
     "Epilogue",
     "FloatOut",
     "Requant",
     "PackedInt8",
+    "PackedWeights",
+    "PACKINGS",
     "pack_int8",
+    "pack_weights",
+    "weights_from_storage",
     "int8_linear",
     "int8_conv2d",
-    "max_pool2d",
+    "max_pool2d_codes",
+    "PoolGeometry",
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "backend_name",
+    "check_environment",
     "set_backend",
 ]
 
@@ -55,7 +65,25 @@ def _native_module() -> Any:
     return native if native.available() else None
 
 
+_ISA_NAMES = ("portable", "neon", "avx2", "avx512bw", "vnni", "avx512vnni")
+_env_checked = False
+
+
+def check_environment() -> None:
+    """``LOWBIT_KERNELS`` and ``LOWBIT_ISA``, when set, hold known values (a typo is an error, not ignored)."""
+    global _env_checked
+    kern = os.environ.get("LOWBIT_KERNELS", "").strip().lower()
+    if kern not in ("", "torch", "native"):
+        raise ValueError(f"LOWBIT_KERNELS={os.environ['LOWBIT_KERNELS']!r}: use 'torch' or 'native' (or unset it)")
+    isa = os.environ.get("LOWBIT_ISA", "")
+    if isa and isa not in _ISA_NAMES:
+        raise ValueError(f"LOWBIT_ISA={isa!r}: use one of {', '.join(_ISA_NAMES[:-1])} (or unset it)")
+    _env_checked = True
+
+
 def _use_native() -> bool:
+    if not _env_checked:
+        check_environment()
     choice = _forced or os.environ.get("LOWBIT_KERNELS", "").strip().lower() or None
     if choice == "torch":
         return False
@@ -72,11 +100,21 @@ def backend_name() -> str:
     return torch_backend.name
 
 
-@dataclass
-class PackedInt8:
-    """int8 weights [N, K] (or conv [N, C/g, kh, kw]) prepared once for the kernels."""
+#: The levels of plain int8 weights.
+INT8_CODES = IntRange(-128, 127, True)
 
+
+@dataclass
+class PackedInt8(PackedWeights):
+    """int8 weights [N, K] (or conv [N, C/g, kh, kw]) prepared once for the kernels.
+
+    ``fmt``: the level set the codes come from (default all of int8); any format whose levels fit in
+    int8 runs here, e.g. 4-bit learned-step weights or APoT codebooks, and is stored at its own width.
+    """
+
+    kernel = "int8"
     weight: torch.Tensor
+    fmt: Format | None = None
     w_t: torch.Tensor = field(init=False, repr=False)
     colsum: torch.Tensor = field(init=False, repr=False)
     native: Any = field(default=None, init=False, repr=False)
@@ -86,6 +124,10 @@ class PackedInt8:
         w = self.weight
         if w.dtype != torch.int8:
             raise TypeError(f"int8 weights expected, got {w.dtype}")
+        if self.fmt is None:
+            self.fmt = INT8_CODES
+        elif not self.accepts(self.fmt):
+            raise ValueError(f"the int8 kernels cannot run weights of {self.fmt}")
         w2 = w.reshape(w.shape[0], -1).contiguous()
         self.w_t = w2.t().contiguous()
         self.colsum = w2.to(torch.int32).sum(1, dtype=torch.int32)
@@ -94,16 +136,42 @@ class PackedInt8:
             self.native = nat.pack_weight(w)
 
     @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
+    def codes(self) -> torch.Tensor:
+        return self.weight
 
     @property
-    def in_features(self) -> int:
-        return int(self.weight[0].numel())
+    def format(self) -> Format:
+        assert self.fmt is not None
+        return self.fmt
+
+    @classmethod
+    def accepts(cls, fmt: Format) -> bool:
+        return fmt.dtype == torch.int8 and not getattr(fmt, "kind", "") == "binary"
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, fmt: Format, **extra: Any) -> PackedInt8:
+        if extra:
+            raise ValueError(f"unexpected int8 weight attributes {sorted(extra)}")
+        return pack_int8(codes.to(torch.int8), fmt)
+
+    def linear(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
+               epi: Epilogue | None = None) -> torch.Tensor:
+        return int8_linear(x, 0 if x_zp is None else x_zp, self, bias, epi)
+
+    def conv2d(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
+               epi: Epilogue | None = None, stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+               dilation: tuple[int, int] = (1, 1), groups: int = 1) -> torch.Tensor:
+        return int8_conv2d(x, 0 if x_zp is None else x_zp, self, bias, epi, stride, padding, dilation, groups)
 
 
-def pack_int8(weight: torch.Tensor) -> PackedInt8:
-    return PackedInt8(weight.detach())
+def pack_int8(weight: torch.Tensor, fmt: Format | None = None) -> PackedInt8:
+    """Pack int8 weight codes once; ``fmt`` is their level set (default all of int8), checked."""
+    w = weight.detach()
+    if fmt is not None and w.numel():
+        lo, hi = int(w.min()), int(w.max())
+        if lo < fmt.qmin or hi > fmt.qmax:
+            raise ValueError(f"weight codes in [{lo}, {hi}] fall outside {fmt}")
+    return PackedInt8(w, fmt)
 
 
 def _check_act(x: torch.Tensor, x_zp: int) -> None:
@@ -157,3 +225,21 @@ def int8_conv2d(
     return torch_backend.int8_conv2d(
         x, int(x_zp), w.weight, w.w_t, w.colsum, bias, epi, stride, padding, dilation, groups
     )
+
+
+def max_pool2d_codes(x: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:
+    """2-D max pooling of integer codes (uint8 or int8) [N, C, H, W] or [C, H, W], NCHW semantics.
+
+    Exact for any map size and memory format; padding never wins a window (it holds the lowest code),
+    as torch ignores padding. ``geometry``: :meth:`PoolGeometry.make` (kernel, stride, padding,
+    dilation, ceil_mode, checked as torch checks them). uint8 codes run lowbit's native kernel when it is
+    built (NHWC or NCHW in, the same layout out); otherwise, and for int8, the plain-PyTorch
+    implementation (:mod:`lowbit.kernels.pooling`). The same integers either way.
+    """
+    if not isinstance(geometry, PoolGeometry):
+        raise TypeError(f"geometry must be a lowbit.kernels.PoolGeometry, got {type(geometry).__name__}")
+    if x.dtype == torch.uint8 and x.dim() in (3, 4) and x.is_cpu and _use_native():
+        g = geometry
+        g.output_size(int(x.shape[-2]), int(x.shape[-1]))  # its error for a window larger than the map
+        return _native_module().max_pool2d(x, g.kernel, g.stride, g.padding, g.dilation, g.ceil_mode)
+    return pooling.max_pool2d_codes(x, geometry)

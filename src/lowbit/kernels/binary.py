@@ -43,7 +43,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .epilogue import FloatOut
+from lowbit.formats.levels import BinaryFormat, Format
+
+from .epilogue import EpilogueBase, FloatOut
+from .packed import PackedWeights
 from .reference import apply_epilogue
 from .w46 import _epi_args, _native, _pair
 
@@ -75,7 +78,7 @@ def native_path() -> str | None:
 
 
 @dataclass
-class Threshold:
+class Threshold(EpilogueBase):
     """Binary output epilogue: ``bit[n] = (dot[n] >= thr[n]) XOR flip[n]``, written bit-packed."""
 
     thr: torch.Tensor  # int32 [N]
@@ -139,13 +142,16 @@ def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
 
 
 @dataclass
-class PackedBinary:
+class PackedBinary(PackedWeights):
     """±1 weights ([N, K] linear or [N, C/g, kh, kw] conv) bit-packed once for the kernels.
 
     ``words``: linear [N, ceil(K/64)]; conv [N, kh*kw*ceil((C/g)/64)] (per kernel position (i, j) the
-    channel bits in whole words). ``K`` is the number of ±1 products per output.
+    channel bits in whole words). ``K`` is the number of ±1 products per output. Implements the
+    packed-weight protocol (:mod:`lowbit.kernels.packed`): its products take sign inputs (no zero
+    point, no bias: a bias belongs in the epilogue).
     """
 
+    kernel = "binary"
     weight: torch.Tensor  # int8 ±1, original shape
     words: torch.Tensor = field(init=False, repr=False)
     K: int = field(init=False)
@@ -170,8 +176,39 @@ class PackedBinary:
             self.native(1)
 
     @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
+    def codes(self) -> torch.Tensor:
+        return self.weight
+
+    @property
+    def format(self) -> Format:
+        return BinaryFormat()
+
+    @classmethod
+    def accepts(cls, fmt: Format) -> bool:
+        return isinstance(fmt, BinaryFormat)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, fmt: Format, **extra: Any) -> PackedBinary:
+        if not cls.accepts(fmt) or extra:
+            raise ValueError(f"binary kernels take ±1 weights without extra attributes, got {fmt} {extra}")
+        return pack_binary(codes)
+
+    @staticmethod
+    def _no_bias(x_zp: int | None, bias: torch.Tensor | None) -> None:
+        if x_zp is not None or bias is not None:
+            raise ValueError("binary products take sign inputs without zero point or bias (put the bias "
+                             "into the epilogue)")
+
+    def linear(self, x: torch.Tensor, x_zp: int | None = None, bias: torch.Tensor | None = None,
+               epi: BinaryEpilogue | None = None) -> torch.Tensor:
+        self._no_bias(x_zp, bias)
+        return binary_linear(x, self, epi)
+
+    def conv2d(self, x: torch.Tensor, x_zp: int | None = None, bias: torch.Tensor | None = None,
+               epi: BinaryEpilogue | None = None, stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1,
+               groups: int = 1, pad_value: int = -1) -> torch.Tensor:
+        self._no_bias(x_zp, bias)
+        return binary_conv2d(x, self, epi, stride, padding, dilation, groups, pad_value)
 
     def native(self, groups: int) -> Any:
         if groups not in self._native:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 
+class EpilogueBase:
+    """Kernel bindings cache validated native arguments on epilogue objects (``_lb_*`` attributes,
+    holding raw data pointers); copies and pickles must not carry them."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_lb_")}
+
+
 @dataclass
-class Requant:
+class Requant(EpilogueBase):
     """Per-channel integer requantization to 8-bit codes (see lowbit.formats.affine.requantize)."""
 
     m0: torch.Tensor  # int32 [N], Q31 mantissa
@@ -29,7 +38,7 @@ class Requant:
 
 
 @dataclass
-class FloatOut:
+class FloatOut(EpilogueBase):
     """``out = float32(acc) * scale[n] + bias[n]`` (dequantized output)."""
 
     scale: torch.Tensor  # float32 [N]

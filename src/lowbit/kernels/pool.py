@@ -1,4 +1,5 @@
-"""Pooling on uint8 activation codes: lowbit's native kernels when built, else the plain-PyTorch references
+"""Average pooling on uint8 activation codes (max pooling: ``lowbit.kernels.max_pool2d_codes``):
+lowbit's native kernels when built, else the plain-PyTorch references
 (the same integers either way; see :mod:`lowbit.kernels.reference`)."""
 
 from __future__ import annotations
@@ -14,15 +15,6 @@ def _native() -> Any:
     from . import _native_module, _use_native
 
     return _native_module() if _use_native() else None
-
-
-def max_pool2d(x: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-               ceil_mode: bool = False) -> torch.Tensor:
-    """Max pooling of uint8 codes (``F.max_pool2d`` semantics; scale and zero point unchanged)."""
-    nat = _native()
-    if nat is not None:
-        return nat.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return reference.max_pool2d_ref(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def avg_pool2d(x: torch.Tensor, zero_point: int, kernel_size: Any, stride: Any = None,

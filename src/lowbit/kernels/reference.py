@@ -87,7 +87,7 @@ def _round_div(s: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
     return torch.div(s + torch.div(n, 2, rounding_mode="floor"), n, rounding_mode="floor")
 
 
-def _adaptive_counts(n_in: int, n_out: int) -> torch.Tensor:
+def adaptive_counts(n_in: int, n_out: int) -> torch.Tensor:
     """Window lengths of adaptive pooling: [floor(i n_in / n_out), ceil((i+1) n_in / n_out))."""
     return torch.tensor([-(-(i + 1) * n_in // n_out) - (i * n_in // n_out) for i in range(n_out)])
 
@@ -119,6 +119,6 @@ def adaptive_avg_pool2d_ref(x: torch.Tensor, output_size: Any) -> torch.Tensor:
         n = x.shape[-1] * x.shape[-2]
         return _round_div(x.to(torch.int64).sum((-2, -1), keepdim=True), n).to(torch.uint8)
     avg = F.adaptive_avg_pool2d(x.to(torch.float32), (oh, ow))
-    cnt = _adaptive_counts(x.shape[-2], oh)[:, None] * _adaptive_counts(x.shape[-1], ow)[None, :]
+    cnt = adaptive_counts(x.shape[-2], oh)[:, None] * adaptive_counts(x.shape[-1], ow)[None, :]
     sums = torch.round(avg.to(torch.float64) * cnt).to(torch.int64)
     return _round_div(sums, cnt).to(torch.uint8)

@@ -28,7 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lowbit.formats.levels import Format, IntRange
+
 from .epilogue import Epilogue, FloatOut, Requant
+from .packed import PackedWeights
 from .reference import _check_int32, apply_epilogue
 
 __all__ = [
@@ -242,10 +245,13 @@ def w46_conv2d_ref(
 
 
 @dataclass
-class PackedW46:
+class PackedW46(PackedWeights):
     """4.6-bit weight codes (int8 in [-K_w, K_w]; [N, K] for linear or [N, C/g, kh, kw] for conv) prepared
-    once for the kernels. The native packing is made on first use per (kind, groups) and cached."""
+    once for the kernels. The native packing is made on first use per (kind, groups) and cached.
+    Implements the packed-weight protocol (:mod:`lowbit.kernels.packed`); its activations are codes in
+    ``[0, 2 K_x]`` with zero point ``K_x``."""
 
+    kernel = "w46"
     weight: torch.Tensor
     K_x: int
     K_w: int
@@ -264,12 +270,42 @@ class PackedW46:
             self.native("linear" if self.weight.dim() == 2 else "conv", 1)
 
     @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
+    def codes(self) -> torch.Tensor:
+        return self.weight
 
     @property
-    def in_features(self) -> int:
-        return int(self.weight[0].numel())
+    def format(self) -> Format:
+        return IntRange(-self.K_w, self.K_w, True)
+
+    @classmethod
+    def accepts(cls, fmt: Format) -> bool:
+        return fmt.uniform and fmt.symmetric and fmt.qmin == -fmt.qmax and 1 <= fmt.qmax <= 127
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, fmt: Format, **extra: Any) -> PackedW46:
+        if not cls.accepts(fmt):
+            raise ValueError(f"4.6-bit kernels need odd symmetric weight levels, got {fmt}")
+        if "K_x" not in extra:
+            raise ValueError("4.6-bit weights need the activation bound K_x")
+        return pack_w46(codes.to(torch.int8), int(extra["K_x"]), fmt.qmax)
+
+    def extra_attrs(self) -> dict[str, Any]:
+        return {"K_x": self.K_x}
+
+    def _check_zp(self, x_zp: int | None) -> None:
+        if x_zp is not None and int(x_zp) != self.K_x:
+            raise ValueError(f"4.6-bit activations have zero point K_x = {self.K_x}, got {x_zp}")
+
+    def linear(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
+               epi: Epilogue | None = None) -> torch.Tensor:
+        self._check_zp(x_zp)
+        return w46_linear(x, self, bias, epi)
+
+    def conv2d(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
+               epi: Epilogue | None = None, stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1,
+               groups: int = 1) -> torch.Tensor:
+        self._check_zp(x_zp)
+        return w46_conv2d(x, self, bias, epi, stride, padding, dilation, groups)
 
     def native(self, kind: str, groups: int) -> Any:
         """The lowbit._native.W46Packed for ``kind`` ("linear" or "conv") and ``groups`` (None if unbuilt)."""

@@ -4,12 +4,31 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import dynamic, float16, full_integer, static  # noqa: F401  (registration)
+from . import apot, dynamic, float16, full_integer, lsq, lsq_plus, static  # noqa: F401  (registration)
 from .api import available_methods, quantize
-from .base import METHODS, LayerSettings, Method, QuantConfig, get_method, register
+from .apot import APoTConfig
+from .base import CONFIGS, METHODS, LayerSettings, Method, QuantConfig, TrainingData, get_method, register
+from .dynamic import DynamicConfig
+from .float16 import Float16Config
+from .full_integer import FullIntegerConfig
+from .lsq import LSQConfig
+from .lsq_plus import LSQPlusConfig
+from .qat import QATConfig, QATMethod
+from .static import StaticConfig
 
 __all__ = [
+    "APoTConfig",
+    "CONFIGS",
+    "LSQConfig",
+    "LSQPlusConfig",
+    "QATConfig",
+    "QATMethod",
+    "DynamicConfig",
+    "Float16Config",
+    "FullIntegerConfig",
     "METHODS",
+    "StaticConfig",
+    "TrainingData",
     "LayerSettings",
     "Method",
     "QuantConfig",

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import fnmatch
+import warnings
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from lowbit.graph import prepare
+from lowbit.graph import layer_names, prepare
+from lowbit.graph.attrs import set_preserved
 
-from .base import METHODS, QuantConfig, calibration_batches, check_calibration, get_method
+from .base import (
+    METHODS,
+    Batch,
+    QuantConfig,
+    TrainingData,
+    as_inputs,
+    calibration_batches,
+    check_calibration,
+    resolve_method,
+)
 
 
 def available_methods() -> list[str]:
@@ -18,32 +30,76 @@ def available_methods() -> list[str]:
 
 def quantize(
     model: nn.Module,
-    method: str,
+    method: str | QuantConfig,
     calib: Any = None,
     config: QuantConfig | dict[str, Any] | None = None,
-    example_input: torch.Tensor | None = None,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    train: Any = None,
+    test: Any = None,
     **options: Any,
 ) -> fx.GraphModule:
-    """Quantize ``model`` by ``method`` (see :func:`available_methods`).
+    """Quantize ``model`` by ``method``: a name (see :func:`available_methods`) or a config object, whose
+    class names the method (``lowbit.quantize(model, StaticConfig(activation_observer="kl"), calib=x)``).
 
     calib: calibration data (tensor [N, ...], Dataset, DataLoader or iterable of batches); needed by
     methods that calibrate activation ranges. example_input: one input batch (defaults to the first
-    calibration sample). Returns an ``nn.Module`` (a torch.fx GraphModule) whose ``lowbit_meta`` says
-    its method, configuration, input/output formats and which layers stayed float.
+    calibration sample); for a model with several inputs, the tuple of them (``(x, y)`` for
+    ``forward(x, y)``), and then every calibration item is a tuple starting with the inputs
+    (``(x, y)`` or ``(x, y, label)``). train / test: labelled data (datasets of ``(x, y)``) for
+    training-aware methods (``lsq``, ``lsq_plus``, ``apot``, ...), which fine-tune the model; ``test`` is
+    only reported. Returns an ``nn.Module`` (a torch.fx GraphModule) whose ``lowbit_meta`` says its
+    method, configuration, input/output formats and which layers stayed float. A layer-name pattern
+    (``keep_float``, ``overrides``) that matches no layer is warned about.
     """
-    cls = get_method(method)
+    cls, config = resolve_method(method, config)
     m = cls(config, **options)
-    batches = calibration_batches(calib, m.config.calib_samples, m.config.calib_batch_size)
+    n_inputs = len(example_input) if isinstance(example_input, (tuple, list)) else 1
+    if isinstance(example_input, list):
+        example_input = tuple(example_input)
+    batches = calibration_batches(calib, m.config.calib_samples, m.config.calib_batch_size, n_inputs)
     if example_input is None:
         if not batches:
             raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
-        example_input = batches[0][:1]
+        example_input = _first_sample(batches[0])
     if cls.needs_calibration:
-        check_calibration(batches, example_input, method)
+        check_calibration(batches, example_input, cls.name)
+    if cls.needs_training_data and train is None:
+        raise ValueError(f"method {cls.name!r} trains the model: pass labelled training data as train=")
     prepared = prepare(model, example_input)
-    gm = m.convert(prepared, batches)
+    _warn_unmatched(m.config, layer_names(prepared.gm))
+    if cls.needs_training_data:
+        gm = m.convert(prepared, batches, data=TrainingData(train, test))
+    else:
+        gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
-    meta.update(method=method, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
-    gm.lowbit_meta = meta
+    meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
+    set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
+    _check_runs(gm, example_input, cls.name)
     return gm
+
+
+def _first_sample(batch: Batch) -> Batch:
+    xs = tuple(t[:1] for t in as_inputs(batch))
+    return xs[0] if len(xs) == 1 else xs
+
+
+def _warn_unmatched(config: QuantConfig, layers: list[str]) -> None:
+    for option, pattern in config.patterns():
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            shown = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")
+            warnings.warn(f"{option} pattern {pattern!r} matches no layer of the model (layers: {shown})",
+                          UserWarning, stacklevel=3)
+
+
+def _check_runs(gm: nn.Module, example: Batch, method: str) -> None:
+    """Run the quantized model once on the example input, so a model that cannot run is an error here,
+    not a file that fails later."""
+    from lowbit.evaluate import model_input
+
+    xs = as_inputs(example)
+    try:
+        with torch.no_grad():
+            gm(*model_input(gm, xs if len(xs) > 1 else xs[0], as_tuple=True))
+    except Exception as e:
+        raise RuntimeError(f"the {method} model does not run on the example input: {type(e).__name__}: {e}") from e

@@ -11,16 +11,20 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from lowbit.formats.affine import INT8_WEIGHT, UINT8_ACT, quantize
+from lowbit.formats.granularity import PerAxis, PerTensor
 from lowbit.observers import Observer, make_observer
 
-from .base import LayerSettings, is_layer, layer_of
+from .base import Batch, LayerSettings, as_inputs, is_layer, layer_of
 
 
 def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Float weights [N, ...] -> (int8 codes in [-127, 127], float32 scales [N])."""
     if not torch.isfinite(w).all():
         raise ValueError("weights contain NaN or Inf")
-    obs = make_observer(settings.weight_observer, axis=0 if settings.per_channel else None)
+    g = settings.weight_granularity
+    if not isinstance(g, (PerTensor, PerAxis)) or (isinstance(g, PerAxis) and g.axis % w.dim() != 0):
+        raise ValueError(f"integer layers scale weights per tensor or per output channel (PerAxis(0)), not {g}")
+    obs = make_observer(settings.weight_observer, axis=0 if isinstance(g, PerAxis) else None)
     obs.observe(w.detach())
     scale, _ = obs.qparams(INT8_WEIGHT)
     scale = scale.reshape(-1).to(torch.float32)
@@ -61,7 +65,12 @@ def swap_layers(
             kept.append(node.target)
             continue
         layer, act = layer_of(mod)
-        _set_submodule(gm, node.target, make(layer, act, settings, node.target))
+        try:
+            new = make(layer, act, settings, node.target)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(msg if f"'{node.target}'" in msg else f"layer '{node.target}': {msg}") from None
+        _set_submodule(gm, node.target, new)
     gm.recompile()
     return gm, kept
 
@@ -85,14 +94,14 @@ class _Recorder(fx.Interpreter):
 
 
 def calibrate_activations(
-    gm: fx.GraphModule, batches: list[torch.Tensor], observer: str, progress: bool = True
+    gm: fx.GraphModule, batches: list[Batch], observer: str, progress: bool = True
 ) -> dict[str, tuple[float, int]]:
     """Run the float graph over the calibration batches; per node: uint8 (scale, zero point)."""
     observers = {n.name: make_observer(observer) for n in gm.graph.nodes if n.op not in ("output", "get_attr")}
     rec = _Recorder(gm, observers)
     with torch.no_grad():
         for b in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
-            rec.run(b)
+            rec.run(*as_inputs(b))
     out: dict[str, tuple[float, int]] = {}
     for name, obs in observers.items():
         if obs.observed:

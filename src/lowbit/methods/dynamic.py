@@ -7,6 +7,7 @@ its output. No calibration data is needed; model input and output stay float.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,12 +19,17 @@ from .base import LayerSettings, Method, QuantConfig, register
 from .common import conv_geometry, quantize_weight, swap_layers
 
 
+@dataclass
+class DynamicConfig(QuantConfig):
+    """Options of the dynamic method (those of :class:`QuantConfig`)."""
+
+
 @register
 class Dynamic(Method):
     name = "dynamic"
     order = 10
     summary = "int8 weights; activations quantized per call from their own range (no calibration)"
-    config_cls = QuantConfig
+    config_cls = DynamicConfig
     needs_calibration = False
 
     def convert(self, prepared: Any, calib: list[torch.Tensor]) -> fx.GraphModule:

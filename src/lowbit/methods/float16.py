@@ -6,6 +6,7 @@ so accuracy is that of the float model to within float16 rounding of the weights
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,12 +18,17 @@ from .base import LayerSettings, Method, QuantConfig, register
 from .common import conv_geometry, swap_layers
 
 
+@dataclass
+class Float16Config(QuantConfig):
+    """Options of the float16 method (those of :class:`QuantConfig`)."""
+
+
 @register
 class Float16(Method):
     name = "float16"
     order = 40
     summary = "float16 weights, float32 compute (half the size, float accuracy)"
-    config_cls = QuantConfig
+    config_cls = Float16Config
     needs_calibration = False
 
     def convert(self, prepared: Any, calib: list[torch.Tensor]) -> fx.GraphModule:

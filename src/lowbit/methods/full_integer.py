@@ -18,6 +18,7 @@ class FullIntegerConfig(StaticConfig):
     io_dtype: str = "uint8"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.io_dtype not in ("uint8", "int8"):
             raise ValueError(f"io_dtype must be 'uint8' or 'int8', got {self.io_dtype!r}")
 

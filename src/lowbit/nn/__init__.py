@@ -2,7 +2,7 @@
 
 from .base import MODULES, LowbitModule
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
-from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, Quantize
+from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
 
 __all__ = [
     "MODULES",
@@ -16,7 +16,9 @@ __all__ = [
     "QAdd",
     "QAvgPool2d",
     "QClamp",
+    "QMaxPool2d",
     "QConv",
     "QLinear",
+    "QLookup",
     "Quantize",
 ]

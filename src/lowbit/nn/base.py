@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from lowbit.typed import Range
 
 #: Registry of module classes that lowbit.io can rebuild from a file, by class name.
 MODULES: dict[str, type[LowbitModule]] = {}
 
 
+#: Types for :attr:`LowbitModule.spec_attrs`.
+Code = Annotated[int, Range(0, 255)]
+Scale = Annotated[float, Range(0.0, gt=True)]
+QParams = tuple[Scale, Code]
+Act = Literal["relu", "relu6"] | None
+Count = Annotated[int, Range(1)]
+Pair = tuple[Count, Count]
+Geometry = {"stride": Count | Pair, "padding": Annotated[int, Range(0)] | tuple[int, int],
+            "dilation": Count | Pair, "groups": Count}
+
+
 class LowbitModule(nn.Module):
-    """A module that can describe itself as (JSON attributes, named tensors) and be rebuilt from them."""
+    """A module that can describe itself as (JSON attributes, named tensors) and be rebuilt from them.
+
+    ``spec_attrs`` declares the attributes of :meth:`to_spec` with their type hints (a key whose type
+    admits None may be absent; an empty dict leaves them unchecked) and ``spec_tensors`` its tensors
+    with their dtypes (a name ending in ``?`` is optional; a module that saves tensors must declare
+    them, none are accepted otherwise): lowbit.io checks a file against both before calling
+    :meth:`from_spec`, and a constructor should check what types cannot say (shapes, ranges).
+    """
 
     kind: ClassVar[str] = "lowbit"
+    spec_attrs: ClassVar[dict[str, Any]] = {}
+    spec_tensors: ClassVar[dict[str, torch.dtype]] = {}
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

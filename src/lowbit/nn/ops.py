@@ -1,47 +1,90 @@
-"""Element-wise and pooling ops on quantized activation codes (uint8, per-tensor scale and zero point)."""
+"""Element-wise and pooling ops on quantized activation codes (unsigned 8-bit codes of a per-tensor
+:class:`~lowbit.formats.QSpec`; legacy ``(scale, zero_point)`` pairs mean uint8 codes)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
 from lowbit import kernels
-from lowbit.formats.affine import UINT8_ACT, dequantize, quantize, quantize_multiplier
+from lowbit.formats.affine import UINT8_ACT, quantize_multiplier
+from lowbit.formats.qspec import QSpec
+from lowbit.typed import Range
 
-from .base import LowbitModule, pair
+from .base import Code, LowbitModule, Pair, QParams, Scale, pair
 
 
 class Quantize(LowbitModule):
-    """float -> uint8 codes (the entry of an integer region)."""
+    """float -> codes of a per-tensor spec, shifted to unsigned 8-bit (the entry of an integer region).
 
-    def __init__(self, scale: float, zero_point: int) -> None:
+    ``Quantize(spec)`` or, as before, ``Quantize(scale, zero_point)`` for uint8 codes."""
+
+    spec_attrs = {"spec": dict[str, Any] | None, "scale": Scale | None, "zero_point": Code | None}
+
+    def __init__(self, scale: float | QSpec, zero_point: int | None = None) -> None:
         super().__init__()
-        self.scale, self.zero_point = float(scale), int(zero_point)
+        if isinstance(scale, QSpec):
+            spec = scale
+        else:
+            spec = QSpec.per_tensor(UINT8_ACT, float(scale), int(zero_point or 0))
+        self.spec = spec.unsigned()
+        if self.spec.format.qmax > 255 or len(self.spec.scale) != 1:
+            raise ValueError(f"Quantize makes per-tensor 8-bit codes, not {self.spec}")
+        self.scale, self.zero_point = self.spec.per_tensor_params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize(x, self.scale, self.zero_point, UINT8_ACT)
+        return self.spec.quantize(x).to(torch.uint8)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"scale": self.scale, "zero_point": self.zero_point}, {}
+        return {"spec": self.spec.to_dict()}, {}
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Quantize:
+        if attrs.get("spec") is not None:
+            return cls(QSpec.from_dict(attrs["spec"]))
+        if attrs.get("scale") is None or attrs.get("zero_point") is None:
+            raise ValueError("Quantize needs a spec or a scale and zero point")
         return cls(attrs["scale"], attrs["zero_point"])
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+        return f"{self.spec.format}, scale={self.scale:.6g}, zero_point={self.zero_point}"
 
 
 class Dequantize(Quantize):
-    """uint8 codes -> float (the exit of an integer region)."""
+    """Codes -> float32 (the exit of an integer region)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dequantize(x, self.scale, self.zero_point)
+        return self.spec.dequantize(x)
+
+
+class QLookup(LowbitModule):
+    """Codes -> ``table[code]`` (uint8 table of 256 entries): snaps requantized integers onto a
+    non-uniform level set (APoT codebooks) after a kernel's epilogue."""
+
+    spec_tensors = {"table": torch.uint8}
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        if table.dtype != torch.uint8 or table.shape != (256,):
+            raise ValueError(f"QLookup takes a uint8 table of 256 entries, got {table.dtype} {tuple(table.shape)}")
+        self.register_buffer("table", table.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x.long()]
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, {"table": self.table}
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QLookup:
+        return cls(tensors["table"])
 
 
 class IOConvert(LowbitModule):
     """Full-integer model boundary: uint8 codes <-> int8 codes (``int8 = uint8 - 128``, zero point - 128)."""
+
+    spec_attrs = {"to": Literal["int8", "uint8"]}
 
     def __init__(self, to: str) -> None:
         super().__init__()
@@ -69,6 +112,8 @@ class IOConvert(LowbitModule):
 class CheckInput(LowbitModule):
     """Full-integer model entry: reject input of the wrong dtype instead of silently misreading it."""
 
+    spec_attrs = {"dtype": Literal["int8", "uint8"]}
+
     def __init__(self, dtype: str) -> None:
         super().__init__()
         self.dtype = dtype
@@ -88,6 +133,8 @@ class CheckInput(LowbitModule):
 
 class QClamp(LowbitModule):
     """ReLU / ReLU6 on codes: a clamp, the scale and zero point are unchanged."""
+
+    spec_attrs = {"lo": Code, "hi": Code}
 
     def __init__(self, lo: int, hi: int) -> None:
         super().__init__()
@@ -114,9 +161,15 @@ class QAdd(LowbitModule):
     integers), the two are summed and rounded once more: integer-only, as in TFLite's ADD.
     """
 
-    def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int]) -> None:
+    spec_attrs = {"a": QParams, "b": QParams, "out": QParams, "qmin": Code | None, "qmax": Code | None}
+
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int], qmin: int = 0,
+                 qmax: int = 255) -> None:
         super().__init__()
         self.a, self.b, self.out = (float(a[0]), int(a[1])), (float(b[0]), int(b[1])), (float(out[0]), int(out[1]))
+        if not 0 <= qmin < qmax <= 255:
+            raise ValueError(f"QAdd output codes [{qmin}, {qmax}] must lie in [0, 255]")
+        self.qmin, self.qmax = int(qmin), int(qmax)  # the output format's levels (e.g. [0, 15] at 4 bits)
         ma, sa = quantize_multiplier(self.a[0] / self.out[0])
         mb, sb = quantize_multiplier(self.b[0] / self.out[0])
         if int(sa) <= _ADD_FRAC or int(sb) <= _ADD_FRAC:
@@ -132,14 +185,16 @@ class QAdd(LowbitModule):
         ma, sa, mb, sb = self._m
         acc = self._scale(x, self.a[1], ma, sa) + self._scale(y, self.b[1], mb, sb)
         out = torch.bitwise_right_shift(acc + (1 << (_ADD_FRAC - 1)), _ADD_FRAC) + self.out[1]
-        return torch.clamp(out, 0, 255).to(torch.uint8)
+        return torch.clamp(out, self.qmin, self.qmax).to(torch.uint8)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"a": list(self.a), "b": list(self.b), "out": list(self.out)}, {}
+        return {"a": list(self.a), "b": list(self.b), "out": list(self.out), "qmin": self.qmin, "qmax": self.qmax}, {}
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAdd:
-        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]))
+        lo, hi = attrs.get("qmin"), attrs.get("qmax")
+        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]), 0 if lo is None else lo,
+                   255 if hi is None else hi)
 
 
 class QAvgPool2d(LowbitModule):
@@ -148,6 +203,9 @@ class QAvgPool2d(LowbitModule):
     ``output_size`` set: adaptive pooling (global pooling when it is 1); else kernel/stride/padding.
     Padded positions count as the zero point (real zero), like a float average with zero padding.
     """
+
+    spec_attrs = {"zero_point": Code, "kernel_size": Pair | None, "stride": Pair | None,
+                  "padding": tuple[Annotated[int, Range(0)], Annotated[int, Range(0)]], "output_size": Pair | None}
 
     def __init__(self, zero_point: int, kernel_size: Any = None, stride: Any = None, padding: Any = 0,
                  output_size: Any = None) -> None:
@@ -171,3 +229,36 @@ class QAvgPool2d(LowbitModule):
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAvgPool2d:
         return cls(attrs["zero_point"], attrs["kernel_size"], attrs["stride"], attrs["padding"],
                    attrs["output_size"])
+
+
+class QMaxPool2d(LowbitModule):
+    """2-D max pooling of codes (scale and zero point unchanged: max commutes with requantization).
+
+    NCHW semantics, any map size; padding never wins a window (torch's behaviour), dilation and
+    ``ceil_mode`` as in ``nn.MaxPool2d``. The geometry is checked when the module is built.
+    """
+
+    spec_attrs = {"kernel_size": Pair, "stride": Pair, "padding": tuple[int, int], "dilation": Pair,
+                  "ceil_mode": bool}
+
+    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                 ceil_mode: bool = False) -> None:
+        super().__init__()
+        self.geometry = kernels.PoolGeometry.make(kernel_size, stride, padding, dilation, ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.max_pool2d_codes(x, self.geometry)
+
+    def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        g = self.geometry
+        return {"kernel_size": list(g.kernel), "stride": list(g.stride), "padding": list(g.padding),
+                "dilation": list(g.dilation), "ceil_mode": g.ceil_mode}, {}
+
+    @classmethod
+    def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QMaxPool2d:
+        return cls(attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"], attrs["ceil_mode"])
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"kernel_size={g.kernel}, stride={g.stride}, padding={g.padding}, dilation={g.dilation}, " \
+               f"ceil_mode={g.ceil_mode}"

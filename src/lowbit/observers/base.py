@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.affine import QFormat, choose_qparams
+from ..formats.levels import Format
 
 __all__ = ["Observer"]
 
@@ -119,8 +120,8 @@ class Observer:
                 f"observer has seen no data: call {type(self).__name__}.observe() on calibration data "
                 "before range() or qparams()"
             )
-        if not isinstance(fmt, QFormat):
-            raise TypeError(f"fmt must be a QFormat, got {type(fmt).__name__}")
+        if not isinstance(fmt, Format):
+            raise TypeError(f"fmt must be a lowbit Format (e.g. a QFormat), got {type(fmt).__name__}")
         lo, hi = self._range(fmt)
         lo = lo.to(torch.float64)
         hi = torch.maximum(hi.to(torch.float64), lo)

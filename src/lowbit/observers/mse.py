@@ -140,6 +140,9 @@ class MSEObserver(Observer, _KeepsChannelData):
         return mn, mx
 
     def _range(self, fmt: QFormat) -> tuple[torch.Tensor, torch.Tensor]:
+        if not fmt.uniform:
+            raise TypeError(f"MSEObserver searches uniform grids; {fmt} is not one "
+                            "(the quantizers' 'mse' step initializer handles any level set)")
         base_lo, base_hi = self._base(fmt)
         qmin, qmax = fmt.qmin, fmt.qmax
 
