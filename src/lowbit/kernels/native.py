@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 _ISA_ORDER = ("portable", "neon", "avx2", "avx512bw", "vnni")
-_threads_set = False
+_threads_set = False  # the pool has been sized (from torch's setting or by set_num_threads)
+_threads_explicit = False  # ... by set_num_threads: then it no longer follows torch's setting
 
 
 def available() -> bool:
@@ -108,13 +109,30 @@ def isa(name: str | None) -> Iterator[str]:
         set_isa(prev)
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by lowbit's kernels (the caller's thread counts as one)."""
-    global _threads_set
+def set_num_threads(n: int | None) -> None:
+    """Threads used by lowbit's kernels (the caller's thread counts as one). None: follow
+    ``torch.get_num_threads()`` (the default), as read when a lowbit model starts running."""
+    global _threads_set, _threads_explicit
+    if n is None:
+        _threads_explicit = False
+        _threads_set = False
+        _ensure_threads()
+        return
     n = int(n)
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _require().set_num_threads(n)
+    _threads_set = True
+    _threads_explicit = True
+
+
+def follow_torch_threads(n: int) -> None:
+    """Size lowbit's pool to torch's thread count ``n`` unless :func:`set_num_threads` fixed it."""
+    global _threads_set
+    if _threads_explicit or not _HAVE:
+        return
+    if not _threads_set or int(_C.num_threads()) != n:
+        _C.set_num_threads(max(1, int(n)))
     _threads_set = True
 
 

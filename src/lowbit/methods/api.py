@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from lowbit.graph import layer_names, prepare
 from lowbit.graph.attrs import set_preserved
+from lowbit.kernels.threads import guard_model
 
 from .base import (
     METHODS,
@@ -75,6 +76,7 @@ def quantize(
     meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
     set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
+    guard_model(gm)  # torch single-threaded while it runs, lowbit's pool at the user's count
     _check_runs(gm, example_input, cls.name)
     return gm
 

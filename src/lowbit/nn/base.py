@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lowbit.kernels.threads import guard_forward
 from lowbit.typed import Range
 
 #: Registry of module classes that lowbit.io can rebuild from a file, by class name.
@@ -41,6 +42,9 @@ class LowbitModule(nn.Module):
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         MODULES[cls.__name__] = cls
+        fwd = cls.__dict__.get("forward")
+        if fwd is not None and not getattr(fwd, "__lowbit_thread_guard__", False):
+            cls.forward = guard_forward(fwd)  # torch single-threaded while it runs (lowbit.kernels.threads)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise NotImplementedError
