@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "qops.h"
 
 namespace lowbit {
 namespace int8 {
@@ -54,6 +55,11 @@ struct Epi {
     void* out = nullptr;
     int64_t ldo = 0;
     int64_t col_off = 0;
+    // Fused residual add (requant_u8 only): the requantized code c (zero point out_zp) is added to the
+    // residual code r = add_res[m * ldo + col] with qops' single-rounding add (add.a_zp = out_zp) and the
+    // result stored instead: out = clamp(((m_a (c - out_zp) + m_b (r - r_zp) + 2^(R-1)) >> R) + zo, lo, hi).
+    const uint8_t* add_res = nullptr;  // null: no fused add
+    qops::AddParams add;
 };
 
 // Rows of the (virtual) activation matrix A [M, K] as uint8 codes.

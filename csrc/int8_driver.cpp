@@ -88,7 +88,10 @@ void epilogue_scalar(const Epi& e, const int32_t* T, int64_t ldt, int64_t row0, 
                     int64_t v = static_cast<int64_t>(acc) * e.m0[co + c] + (int64_t(1) << (rs - 1));
                     v = (v >> rs) + e.out_zp;  // arithmetic shift (GCC/Clang/MSVC)
                     v = std::min<int64_t>(std::max<int64_t>(v, e.qmin), e.qmax);
-                    if (e.kind == EpiKind::requant_u8)
+                    if (e.add_res)
+                        static_cast<uint8_t*>(e.out)[o + c] =
+                            qops::add_one(static_cast<uint8_t>(v), e.add_res[o + c], e.add);
+                    else if (e.kind == EpiKind::requant_u8)
                         static_cast<uint8_t*>(e.out)[o + c] = static_cast<uint8_t>(v);
                     else
                         static_cast<int8_t*>(e.out)[o + c] = static_cast<int8_t>(v);
@@ -430,7 +433,7 @@ void conv2d_depthwise(const uint8_t* x, const ConvShape& s, int32_t zp, const in
 #ifdef LOWBIT_INT8_X86
     std::vector<int16_t> wpair;
     std::vector<int8_t> wq;
-    if (int8_isa() == Isa::vnni) {
+    if (int8_isa() == Isa::vnni && !e.add_res) {  // (a fused residual add: the AVX2 path)
         dw_pack_vnni(w, s.c, s.kh, s.kw, wq);
         job.wq = wq.data();
         fn = dw_rows_vnni;

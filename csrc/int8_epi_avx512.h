@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "int8_common.h"
 
@@ -163,6 +164,38 @@ LB_VNNI inline void col_params(const Epi& e, const int32_t* corr, int64_t k, int
     q.fast = epi16_fast_ok(e, col, n);
     if (q.fast) q.f = fast16_prepare(e, q.p, col, n);
     q.corr = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1), corr + 16 * k);
+}
+
+// The fused residual add (Epi::add_res) of 16 requantized codes c (int32 lanes) and 16 residual codes at
+// r (mask: which exist), as bytes. Doubles, exact as in qops_simd.cpp: every product and sum is an
+// integer below 2^41, floor(t 2^-R + 0.5) is exact, the output zero point is added after the floor.
+LB_VNNI inline __m128i add16(__m512i c, const uint8_t* r, __mmask16 mask, const qops::AddParams& a) {
+    const __m512d ma = _mm512_set1_pd(double(a.m_a)), mb = _mm512_set1_pd(double(a.m_b));
+    const __m512d k = _mm512_set1_pd(-(double(a.m_a) * a.a_zp + double(a.m_b) * a.b_zp));
+    const __m512d sc = _mm512_set1_pd(std::ldexp(1.0, -a.rshift)), half = _mm512_set1_pd(0.5);
+    const __m512d zo = _mm512_set1_pd(a.out_zp), lo = _mm512_set1_pd(a.lo), hi = _mm512_set1_pd(a.hi);
+    const __m512i ri = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, r));
+    __m256i res[2];
+    for (int h = 0; h < 2; ++h) {
+        const __m256i ch = h ? _mm512_extracti64x4_epi64(c, 1) : _mm512_castsi512_si256(c);
+        const __m256i rh = h ? _mm512_extracti64x4_epi64(ri, 1) : _mm512_castsi512_si256(ri);
+        __m512d t = _mm512_fmadd_pd(ma, _mm512_cvtepi32_pd(ch), k);
+        t = _mm512_fmadd_pd(mb, _mm512_cvtepi32_pd(rh), t);
+        t = _mm512_roundscale_pd(_mm512_fmadd_pd(t, sc, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        t = _mm512_min_pd(_mm512_max_pd(_mm512_add_pd(t, zo), lo), hi);
+        res[h] = _mm512_cvttpd_epi32(t);
+    }
+    return _mm512_cvtepi32_epi8(_mm512_inserti64x4(_mm512_castsi256_si512(res[0]), res[1], 1));
+}
+
+// Stores epi(acc) (acc already includes the correction) for 16 channels at out; with a fused residual
+// add (e.add_res), res points at the residual codes of the same elements.
+LB_VNNI inline void col_store_add(const ColParams& q, const Epi& e, __m512i acc, void* out, const uint8_t* res,
+                                  __mmask16 mask) {
+    __m512i c = q.fast ? fast16_requant(q.f, acc) : epi16_requant(q.p, acc);
+    c = _mm512_min_epi32(_mm512_max_epi32(c, q.p.lo), q.p.hi);  // the fast path leaves clamps to the store
+    const __m128i v = add16(c, res, mask, e.add);
+    _mm_mask_storeu_epi8(out, mask, v);
 }
 
 // Stores epi(acc) (acc already includes the correction) for 16 channels at out.

@@ -133,17 +133,24 @@ LB_VNNI void direct_dots(const uint8_t* const* ptr, int64_t g0, int64_t g1, int6
 template <int MR, int NB>
 LB_VNNI void direct_tile(const uint8_t* const* ptr, int64_t g0, int64_t g1, int64_t rq, const int8_t* W,
                          int64_t bstride, const ColParams* cp, __m512i* T, bool first, bool last, char* out,
-                         int64_t ldo_bytes, int64_t esz, int last_n) {
+                         int64_t ldo_bytes, int64_t esz, int last_n, const Epi* add) {
     direct_dots<MR, NB>(ptr, g0, g1, rq, W, bstride, cp, T, first);
     if (!last) return;
     const __mmask16 lastm = static_cast<__mmask16>((1u << last_n) - 1);
     for (int r = 0; r < MR; ++r)
-        for (int b = 0; b < NB; ++b)
-            col_store(cp[b], T[r * NB + b], out + r * ldo_bytes + b * 16 * esz, b == NB - 1 ? lastm : 0xFFFF);
+        for (int b = 0; b < NB; ++b) {
+            char* o = out + r * ldo_bytes + b * 16 * esz;
+            const __mmask16 m = b == NB - 1 ? lastm : 0xFFFF;
+            if (add)  // fused residual add: u8 output, the residual at the same offset as the output
+                col_store_add(cp[b], *add, T[r * NB + b], o,
+                              add->add_res + (o - static_cast<const char*>(add->out)), m);
+            else
+                col_store(cp[b], T[r * NB + b], o, m);
+        }
 }
 
 using DirectFn = void (*)(const uint8_t* const*, int64_t, int64_t, int64_t, const int8_t*, int64_t, const ColParams*,
-                          __m512i*, bool, bool, char*, int64_t, int64_t, int);
+                          __m512i*, bool, bool, char*, int64_t, int64_t, int, const Epi*);
 
 #define LB_ROWS(NB)                                                                                         \
     {nullptr, direct_tile<1, NB>, direct_tile<2, NB>, direct_tile<3, NB>, direct_tile<4, NB>, direct_tile<5, NB>, \
@@ -193,7 +200,8 @@ void chunk_vnni_direct(const GemmJob& j, int64_t m0, int64_t m1, int64_t b0, int
                 const int64_t m = m0 + t * kDirectMr;
                 char* orow = static_cast<char*>(e.out) + (m * e.ldo + e.col_off + b * 16) * esz;
                 kDirect[nb - 1][mr](ptrs + t * runs * kDirectMr, g0, g1, rq, j.w->block(b), k4 * 64, cp + (b - b0),
-                                    T + t * kDirectMr * kNb, g0 == 0, g1 == ng, orow, e.ldo * esz, esz, last_n);
+                                    T + t * kDirectMr * kNb, g0 == 0, g1 == ng, orow, e.ldo * esz, esz, last_n,
+                                    e.add_res ? &e : nullptr);
             }
         }
     }

@@ -153,3 +153,48 @@ def test_gemm_paths_match_reference(isa, m, n, k):
     h = native.pack_int8(w)
     for epi in _epilogues(n, 255 * 128 * k**0.5 * 4, g):
         _same(native.int8_gemm(x, zp, h, bias, epi), int8_gemm_ref(x, zp, w, bias, epi), f"{isa} gemm {m}x{n}x{k}")
+
+
+# B, C, H, W, N, kh, kw, stride, padding, dilation, groups: convolutions followed by a residual add
+FUSED_CASES = [
+    (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1),  # ResNet-18's second conv of a block
+    (1, 64, 28, 28, 128, 1, 1, 1, 0, 1, 1),  # a 1x1 projection
+    (2, 12, 7, 6, 40, 3, 3, 1, 1, 1, 1),  # N not a multiple of 16
+    (1, 3, 9, 9, 24, 3, 3, 2, 1, 1, 1),  # padded kernel rows
+    (1, 8, 6, 6, 16, 3, 3, 1, 1, 1, 2),  # grouped: the packed-panel path
+    (1, 32, 8, 8, 32, 3, 3, 1, 1, 1, 32),  # depthwise
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(str(v) for v in c))
+def test_fused_residual_add_equals_conv_then_add(isa, case):
+    from lowbit import kernels
+    from lowbit.kernels import ResidualAdd
+    from lowbit.kernels.reference import add_ref
+
+    if case[2] * case[3] * case[4] > 100_000 and isa == "portable":
+        pytest.skip("large shape: the SIMD paths only")
+    b, c, h, w_, n, kh, kw, s, p, d, groups = case
+    g = _gen(hash(case) % (2**31))
+    x = torch.randint(0, 256, (b, c, h, w_), dtype=torch.uint8, generator=g)
+    w = torch.randint(-128, 128, (n, c // groups, kh, kw), dtype=torch.int8, generator=g)
+    zp = int(torch.randint(0, 256, (1,), generator=g))
+    bias = torch.randint(-(2**16), 2**16, (n,), dtype=torch.int32, generator=g)
+    pk = PackedInt8(w)
+    bound = float(255 * 128 * w[0].numel() ** 0.5 * 4)
+    ho, wo = (h + 2 * p - kh) // s + 1, (w_ + 2 * p - kw) // s + 1
+    res = torch.randint(0, 256, (b, n, ho, wo), dtype=torch.uint8, generator=g)
+    for k, epi in enumerate([_requant(n, bound, g), _requant(n, bound, g, shifts=(20, 34))]):
+        o_zp = int(torch.randint(0, 256, (1,), generator=g))
+        add = ResidualAdd(res if k else res.contiguous(memory_format=torch.channels_last), int(torch.randint(
+            0, 256, (1,), generator=g)), int(torch.randint(1, 2**31, (1,), generator=g)),
+            int(torch.randint(1, 2**31, (1,), generator=g)), 31 + k, o_zp, o_zp if k else 0, 255 - 20 * k)
+        y = kernels.int8_conv2d(x, zp, pk, bias, epi, (s, s), (p, p), (d, d), groups, add)
+        conv = int8_conv2d_ref(x, zp, w, bias, epi, (s, s), (p, p), (d, d), groups)
+        r = add_ref(conv, epi.out_zp, res, add.r_zp, add.m_a, add.m_b, add.rshift, add.out_zp, add.lo, add.hi)
+        _same(y, r, f"{isa} fused add {case} #{k}")
+    with pytest.raises(ValueError):
+        native.int8_conv2d(x, zp, pk, bias, None, (s, s), (p, p), (d, d), groups, add)  # int32 output
+    with pytest.raises(ValueError):
+        native.int8_conv2d(x, zp, pk, bias, epi, (s, s), (p, p), (d, d), groups,
+                           ResidualAdd(res[:, :1], 0, 1, 1, 1, 0))  # wrong residual shape

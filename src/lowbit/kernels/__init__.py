@@ -17,8 +17,8 @@ import torch
 
 from lowbit.formats.levels import Format, IntRange
 
-from . import pooling, torch_backend
-from .epilogue import Epilogue, FloatOut, Requant
+from . import pooling, reference, torch_backend
+from .epilogue import Epilogue, FloatOut, Requant, ResidualAdd
 from .packed import PACKINGS, PackedWeights, pack_weights, weights_from_storage
 from .pool import adaptive_avg_pool2d, avg_pool2d
 from .pooling import PoolGeometry
@@ -27,6 +27,7 @@ __all__ = [
     "Epilogue",
     "FloatOut",
     "Requant",
+    "ResidualAdd",
     "PackedInt8",
     "PackedWeights",
     "PACKINGS",
@@ -210,8 +211,11 @@ def int8_conv2d(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
+    add: ResidualAdd | None = None,
 ) -> torch.Tensor:
-    """Integer 2-D convolution, NCHW semantics (padding holds ``x_zp``, i.e. real zero)."""
+    """Integer 2-D convolution, NCHW semantics (padding holds ``x_zp``, i.e. real zero). ``add``: a residual
+    add fused into the uint8 requantizing epilogue (:class:`ResidualAdd`; the same integers as the
+    convolution followed by :func:`reference.add_ref`)."""
     _check_act(x, x_zp)
     if x.dim() != 4:
         raise ValueError(f"conv2d input must be 4-D NCHW, got shape {tuple(x.shape)}")
@@ -221,10 +225,16 @@ def int8_conv2d(
     if bias is not None:
         bias = bias.to(torch.int32).contiguous()
     if w.native is not None and _use_native():
-        return _native_module().int8_conv2d(x, int(x_zp), w, bias, epi, stride, padding, dilation, groups)
-    return torch_backend.int8_conv2d(
+        return _native_module().int8_conv2d(x, int(x_zp), w, bias, epi, stride, padding, dilation, groups, add)
+    y = torch_backend.int8_conv2d(
         x, int(x_zp), w.weight, w.w_t, w.colsum, bias, epi, stride, padding, dilation, groups
     )
+    if add is None:
+        return y
+    if not isinstance(epi, Requant) or epi.out_dtype != torch.uint8:
+        raise ValueError("a fused residual add needs a uint8 Requant epilogue")
+    return reference.add_ref(y, epi.out_zp, add.residual, add.r_zp, add.m_a, add.m_b, add.rshift, add.out_zp,
+                             add.lo, add.hi)
 
 
 def max_pool2d_codes(x: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .epilogue import FloatOut, Requant
+from .epilogue import FloatOut, Requant, ResidualAdd
 
 try:
     from lowbit import _native as _C
@@ -324,8 +324,11 @@ def int8_conv2d(
     padding: Any = (0, 0),
     dilation: Any = (1, 1),
     groups: int = 1,
+    add: ResidualAdd | None = None,
 ) -> torch.Tensor:
     """Integer 2-D convolution with NCHW semantics (padding holds ``x_zp``).
+
+    ``add``: a residual add fused into the (uint8 :class:`Requant`) epilogue (:class:`ResidualAdd`).
 
     x: uint8 [B, C, H, W] (any memory format); packed: a ``lowbit.kernels.PackedInt8`` of int8 weights
     [N, C/groups, kh, kw]. Returns [B, N, Ho, Wo] (int32 / uint8 / int8 / float32 by epilogue) in
@@ -359,11 +362,25 @@ def int8_conv2d(
     ws, wdw = _conv_weights(packed, groups)
     xc = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((bsz, n, ho, wo), dtype=odt, memory_format=torch.channels_last)
+    add_args: dict[str, int] = {}
+    if add is not None:
+        if not isinstance(add, ResidualAdd):
+            raise TypeError(f"add must be a lowbit.kernels.ResidualAdd, got {type(add).__name__}")
+        if kind != 1:
+            raise ValueError("a fused residual add needs a uint8 Requant epilogue")
+        r = add.residual
+        if tuple(r.shape) != (bsz, n, ho, wo) or not r.is_cpu:
+            raise ValueError(f"the residual must be a CPU tensor of the output shape {(bsz, n, ho, wo)}, "
+                             f"got {tuple(r.shape)}")
+        rc = r.contiguous(memory_format=torch.channels_last)
+        add_args = {"add_res": rc.data_ptr(), "add_m_a": int(add.m_a), "add_m_b": int(add.m_b),
+                    "add_rshift": int(add.rshift), "add_r_zp": int(add.r_zp), "add_out_zp": int(add.out_zp),
+                    "add_lo": int(add.lo), "add_hi": int(add.hi)}
     if not _threads_set:
         _ensure_threads()
     c.int8_conv2d(
         xc.data_ptr(), (bsz, ch, h, wd), zp, ws, 0 if wdw is None else wdw.data_ptr(), n, (kh, kw), (sh, sw),
-        (ph, pw), (dh, dw), groups, b, kind, out.data_ptr(), m0, rs, ozp, qmin, qmax, sc, fb,
+        (ph, pw), (dh, dw), groups, b, kind, out.data_ptr(), m0, rs, ozp, qmin, qmax, sc, fb, **add_args,
     )
     return out
 

@@ -122,3 +122,23 @@ def adaptive_avg_pool2d_ref(x: torch.Tensor, output_size: Any) -> torch.Tensor:
     cnt = adaptive_counts(x.shape[-2], oh)[:, None] * adaptive_counts(x.shape[-1], ow)[None, :]
     sums = torch.round(avg.to(torch.float64) * cnt).to(torch.int64)
     return _round_div(sums, cnt).to(torch.uint8)
+
+
+def add_ref(
+    a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, m_a: int, m_b: int, rshift: int, out_zp: int,
+    lo: int = 0, hi: int = 255,
+) -> torch.Tensor:
+    """Residual add of uint8 codes, the specification (one rounding):
+
+    ``acc = m_a (a - a_zp) + m_b (b - b_zp)`` in int64, ``out = clamp(((acc + 2^(rshift-1)) >> rshift) + out_zp,
+    lo, hi)`` with an arithmetic shift (rounds half up), as uint8. ``lo = max(0, out_zp)`` fuses a ReLU.
+    a and b broadcast."""
+    if a.dtype != torch.uint8 or b.dtype != torch.uint8:
+        raise TypeError(f"residual add takes uint8 codes, got {a.dtype} and {b.dtype}")
+    if not 1 <= int(rshift) <= 62:
+        raise ValueError(f"residual add shift {rshift} outside [1, 62]")
+    if not 0 <= int(lo) <= int(hi) <= 255:
+        raise ValueError(f"residual add clamp [{lo}, {hi}] outside [0, 255]")
+    acc = (a.to(torch.int64) - int(a_zp)) * int(m_a) + (b.to(torch.int64) - int(b_zp)) * int(m_b)
+    out = torch.bitwise_right_shift(acc + (1 << (int(rshift) - 1)), int(rshift)) + int(out_zp)
+    return torch.clamp(out, int(lo), int(hi)).to(torch.uint8)
