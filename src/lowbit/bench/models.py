@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import files
+
 from .nets import NETS, make_net
 
 __all__ = ["run", "IMPLS", "MODELS", "QUICK_MODELS"]
@@ -362,6 +364,8 @@ def run(
         raise ValueError("repeats and rounds must be >= 1")
     if quick:
         repeats, budget_s, calib_samples, quiet_wait_s = min(repeats, 2), min(budget_s, 0.3), min(calib_samples, 4), 0.0
+    if json_path:
+        files.check_output(json_path)  # before minutes of measuring
     cpu = cpu_description()
     print(f"lowbit bench models: batch 1, {cpu}", flush=True)
     records: list[dict[str, Any]] = []
@@ -414,21 +418,8 @@ def run(
     for n in notes:
         print(f"note: {n}")
     if json_path:
-        _write_json(json_path, records)
+        files.write_text(json_path, json.dumps(records, indent=1))
     return records
-
-
-def _write_json(path: str, records: list[dict[str, Any]]) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
@@ -443,8 +434,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
         by = {r["impl"]: r for r in rows}
         fp32 = by.get("torch_fp32", {}).get("median_ms", math.nan)
         for r in rows:
+            x32 = f"{fp32 / r['median_ms']:7.2f}" if not math.isnan(fp32) else f"{'-':>7s}"
+            l2 = f"{r['rel_l2']:15.4f}" if not math.isnan(r["rel_l2"]) else f"{'-':>15s}"
             lines.append(f"{model:12s} {t:3d} {r['impl']:15s} {r['median_ms']:10.3f} {100 * r['spread']:6.1f}% "
-                         f"{fp32 / r['median_ms']:7.2f} {r['rel_l2']:15.4f}")
+                         f"{x32} {l2}")
         peers = [by[p]["median_ms"] for p in INT8_PEERS if p in by]
         if peers and "lowbit_static" in by:
             ratio = min(peers) / by["lowbit_static"]["median_ms"]

@@ -126,14 +126,16 @@ def reestimate_bn(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def make_net(name: str, seed: int = 0, bn_batches: int = 2, bn_batch_size: int = 8) -> tuple[nn.Module, int]:
-    """Build benchmark net ``name`` with random weights (seeded) and re-estimated BatchNorm statistics;
-    returns (model in eval mode, input side length)."""
+def make_net(name: str, seed: int = 0, bn_batches: int = 2, bn_batch_size: int = 8,
+             size: int | None = None) -> tuple[nn.Module, int]:
+    """Build benchmark net ``name`` with random weights (seeded) and BatchNorm statistics re-estimated on
+    inputs of side ``size`` (default: the net's own); returns (model in eval mode, input side length)."""
     if name not in NETS:
         raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(NETS)}")
     spec = NETS[name]
+    side = spec.size if size is None else int(size)
     torch.manual_seed(seed)
     model = spec.make()
     g = torch.Generator().manual_seed(seed + 1)
-    xs = [torch.randn(bn_batch_size, 3, spec.size, spec.size, generator=g) for _ in range(bn_batches)]
-    return reestimate_bn(model, xs), spec.size
+    xs = [torch.randn(bn_batch_size, 3, side, side, generator=g) for _ in range(bn_batches)]
+    return reestimate_bn(model, xs), side
