@@ -57,3 +57,16 @@ def test_bench_models_bad_arguments(argv, word, capsys):
     """Refused before any model is built, naming the bad value."""
     assert main(["bench", "models", *argv]) != 0
     assert word in capsys.readouterr().err
+
+
+def test_isa_caps_are_reported(monkeypatch):
+    """The instruction-set caps in effect are named (they change what the peers' figures mean)."""
+    from lowbit.bench.models import PEER_ISA_SWITCHES, isa_caps
+
+    for k in ("LOWBIT_ISA", *PEER_ISA_SWITCHES):
+        monkeypatch.delenv(k, raising=False)
+    assert isa_caps() == ""
+    monkeypatch.setenv("LOWBIT_ISA", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    caps = isa_caps()
+    assert "LOWBIT_ISA=avx2" in caps and "ONEDNN_MAX_CPU_ISA=AVX2" in caps and "ONNX Runtime" in caps

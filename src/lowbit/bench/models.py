@@ -23,6 +23,10 @@ as many cores as threads they would steal the next candidate's cores, so every t
 by a short pause (``settle_ms``) in which spinning workers go to sleep; the pause is not timed.
 The load of the machine (the CPU share other processes used while the timing ran) is reported with
 the results: figures taken on a busy machine are noisy, ratios within a round are still fair.
+
+AVX2-level comparisons on an AVX-512 machine: ``LOWBIT_ISA=avx2`` caps lowbit,
+``FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` cap torch (set
+before the process starts); ONNX Runtime cannot be capped. The caps in effect are printed and recorded.
 """
 
 from __future__ import annotations
@@ -307,6 +311,19 @@ def _warmup(cands: list[Candidate], x: torch.Tensor, budget_s: float, max_calls:
     return max(3, int(budget_s / max(slowest, 1e-9)))
 
 
+#: Environment switches that cap the peers' instruction sets (read by the libraries at load time), for
+#: comparisons on the AVX2 level of an AVX-512 machine. ONNX Runtime's MLAS has no such switch.
+PEER_ISA_SWITCHES = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def isa_caps() -> str:
+    """The instruction-set caps in effect for lowbit and the peers, in words ('' if none)."""
+    caps = [f"{k}={os.environ[k]}" for k in ("LOWBIT_ISA", *PEER_ISA_SWITCHES) if os.environ.get(k)]
+    if not caps:
+        return ""
+    return "ISA caps: " + ", ".join(caps) + " (ONNX Runtime cannot be capped: it uses the best ISA)"
+
+
 def cpu_description() -> str:
     name = platform.processor() or platform.machine()
     try:
@@ -367,7 +384,8 @@ def run(
     if json_path:
         files.check_output(json_path)  # before minutes of measuring
     cpu = cpu_description()
-    print(f"lowbit bench models: batch 1, {cpu}", flush=True)
+    caps = isa_caps()
+    print(f"lowbit bench models: batch 1, {cpu}" + (f"; {caps}" if caps else ""), flush=True)
     records: list[dict[str, Any]] = []
     notes: list[str] = []
     with contextlib.suppress(RuntimeError):  # only possible before the first parallel region
@@ -408,7 +426,7 @@ def run(
                         "model": name, "impl": c.impl, "threads": t, "median_ms": m * 1e3,
                         "spread": (max(reps) - min(reps)) / m if m > 0 else math.nan,
                         "rel_l2": agree.get(c.impl, math.nan), "rounds": n_rounds, "repeats": repeats,
-                        "cpu": cpu, "load": load.mean,
+                        "cpu": cpu, "isa_caps": caps, "load": load.mean,
                     })
                 if progress:
                     print(f"  {name} @ {t} thread(s): {n_rounds} rounds x {repeats} repeats, "
