@@ -14,6 +14,7 @@ void register_int8(py::module_& m);
 void register_w46(py::module_& m);
 void register_binary(py::module_& m);
 void register_qops(py::module_& m);
+void register_runtime(py::module_& m);
 }  // namespace lowbit
 
 PYBIND11_MODULE(_native, m) {
@@ -49,4 +50,5 @@ PYBIND11_MODULE(_native, m) {
     lowbit::register_w46(m);
     lowbit::register_binary(m);
     lowbit::register_qops(m);
+    lowbit::register_runtime(m);
 }

@@ -8,6 +8,8 @@ and residual adds, with static shapes and no data-dependent control flow, so eve
   channels) with 2x2 max-pooling, flattened at 4x4 into Linear(1024, 256) -> ReLU -> Linear. The number
   of pools depends on the input (8x8: 1, 28x28 and 32x32: 3; the 7 -> 4 step on 28x28 uses
   ``ceil_mode``) so the flatten size, and hence the parameter count (~0.33 M), is the same everywhere.
+* ``tiny_cnn``: ``small_cnn`` with 2, 4, 4, 8 channels and a 16-unit hidden layer (~2.8 k parameters): a
+  net with little redundancy, where 4-bit quantization costs points even on MNIST (the ``adapt`` study).
 * ``resnet20``: He et al.'s CIFAR ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels) with
   option-B shortcuts (1x1 conv + BN) where the shape changes; ~0.27 M parameters.
 * ``mobilenet``: MobileNet-v1 style depthwise-separable blocks (3x3 depthwise conv + BN + ReLU6,
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "available_models", "build", "SmallCNN", "ResNet20", "MobileNet"]
+__all__ = ["MODELS", "available_models", "build", "SmallCNN", "TinyCNN", "ResNet20", "MobileNet"]
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -76,6 +78,13 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(self.features(x))
         return self.fc2(self.relu(self.fc1(x)))
+
+
+class TinyCNN(SmallCNN):
+    """:class:`SmallCNN` with very few channels (module docstring)."""
+
+    widths = (2, 4, 4, 8)
+    hidden = 16
 
 
 # ----------------------------------------------------------------------------------------- resnet20
@@ -171,6 +180,7 @@ class MobileNet(nn.Module):
 
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "small_cnn": SmallCNN,
+    "tiny_cnn": TinyCNN,
     "resnet20": ResNet20,
     "mobilenet": MobileNet,
 }
