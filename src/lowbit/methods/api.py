@@ -12,6 +12,7 @@ from torch import nn
 from lowbit.graph import layer_names, prepare
 from lowbit.graph.attrs import set_preserved
 from lowbit.graph.capture import input_checks, restore_input_checks
+from lowbit.kernels.threads import guard_model
 
 from .base import (
     METHODS,
@@ -92,6 +93,7 @@ def quantize(
     restore_input_checks(gm, checks, meta.get("input"))
     set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
+    guard_model(gm)  # torch single-threaded while it runs, lowbit's pool at the user's count
     _check_runs(gm, example_input, cls.name)
     set_preserved(gm, "lowbit_example", _small(example_input))
     return gm
