@@ -291,8 +291,7 @@ def test_integer_model_end_to_end(digits_cnn, tmp_path):
 
 
 def test_bm_layers_save_and_load(digits_cnn, tmp_path):
-    """Float BM layers (left float by the float16 method) and integer BM convolutions (8-bit codes stored
-    as int8) round-trip through the model file."""
+    """Integer BM convolutions (8-bit codes stored as int8) round-trip through the model file."""
     model, splits, _ = digits_cnn
     bmm = bm.convert(model, ["features.0", "fc2"]).eval()
     x = splits.test.tensors[0][:8]

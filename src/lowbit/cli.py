@@ -146,14 +146,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.evaluate import accuracy
     from lowbit.methods import get_method
 
-    get_method(args.method)
+    cls = get_method(args.method)
     cfg = _method_configs(args, [args.method])[args.method]
     files.check_output(args.out, inputs=_inputs(args))
     _check_model_spec(args)
     splits = _load_data(args)
     model = _resolve_model(args, splits)
     t0 = time.perf_counter()
-    qm = lowbit.quantize(model, args.method, calib=splits.calib, config=cfg)
+    trains = cls.accepts_training_data or cls.needs_training_data  # w46: gradual freezing; lsq, ...: QAT
+    data = {"train": splits.train, "test": splits.test} if trains else {}
+    qm = lowbit.quantize(model, args.method, calib=splits.calib, config=cfg, **data)
     took = time.perf_counter() - t0
     acc = accuracy(qm, splits.test)  # the model runs before its file is written
     path = lowbit.save(qm, args.out, inputs=_inputs(args))

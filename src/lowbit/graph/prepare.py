@@ -267,14 +267,14 @@ _DROPOUT_FNS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropou
 
 
 def _identity_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The input when ``node`` is a no-op at inference (dropout, identity, contiguous)."""
+    """The input when ``node`` is a no-op at inference (dropout, identity, contiguous, an input check)."""
     x: Any = None
     if node.op == "call_module":
         mod = _mod(gm, node)
         if isinstance(mod, nn.modules.dropout._DropoutNd) and len(node.args) == 1 and not node.kwargs:
             x = node.args[0]
-        elif type(mod) is nn.Identity and node.args:
-            x = node.args[0]
+        elif (type(mod) is nn.Identity or type(mod).__name__ == "CheckShape") and node.args:
+            x = node.args[0]  # an entry check of a loaded .pt2: lowbit.quantize puts it back after quantizing
     elif node.op == "call_function" and node.target in _DROPOUT_FNS:
         a = _bind(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
         if a is not None and a["training"] is False:
