@@ -400,7 +400,7 @@ def int8_conv2d(
     if add is not None:
         if not isinstance(add, ResidualAdd):
             raise TypeError(f"add must be a lowbit.kernels.ResidualAdd, got {type(add).__name__}")
-        if kind != 1:
+        if kind != EPI_KIND["requant_u8"]:
             raise ValueError("a fused residual add needs a uint8 Requant epilogue")
         r = add.residual
         if tuple(r.shape) != (bsz, n, ho, wo) or not r.is_cpu:
