@@ -4,10 +4,12 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import apot, dynamic, float16, full_integer, lsq, lsq_plus, static  # noqa: F401  (registration)
+from . import apot, binary_ste, dynamic, float16, full_integer, lsq, lsq_plus, static, ubq  # noqa: F401  (registration)
 from .api import available_methods, quantize
 from .apot import APoTConfig
 from .base import CONFIGS, METHODS, LayerSettings, Method, QuantConfig, TrainingData, get_method, register
+from .binary import BinaryConfig, BinaryMethod
+from .binary_ste import BinarySTEConfig
 from .dynamic import DynamicConfig
 from .float16 import Float16Config
 from .full_integer import FullIntegerConfig
@@ -15,9 +17,13 @@ from .lsq import LSQConfig
 from .lsq_plus import LSQPlusConfig
 from .qat import QATConfig, QATMethod
 from .static import StaticConfig
+from .ubq import UBQConfig
 
 __all__ = [
     "APoTConfig",
+    "BinaryConfig",
+    "BinaryMethod",
+    "BinarySTEConfig",
     "CONFIGS",
     "LSQConfig",
     "LSQPlusConfig",
@@ -28,6 +34,7 @@ __all__ = [
     "FullIntegerConfig",
     "METHODS",
     "StaticConfig",
+    "UBQConfig",
     "TrainingData",
     "LayerSettings",
     "Method",

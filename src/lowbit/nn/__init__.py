@@ -1,6 +1,8 @@
-"""Inference modules holding packed integer (or float16) weights; they call lowbit.kernels."""
+"""Inference modules holding packed integer (or float16) weights, and binary ones passing packed signs;
+they call lowbit.kernels."""
 
 from .base import MODULES, LowbitModule
+from .binary import QBinaryConv, QBinaryLinear, QBitMaxPool2d, QSignBits, QUnpackBits
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
 
@@ -15,10 +17,15 @@ __all__ = [
     "LowbitModule",
     "QAdd",
     "QAvgPool2d",
+    "QBinaryConv",
+    "QBinaryLinear",
+    "QBitMaxPool2d",
     "QClamp",
     "QMaxPool2d",
     "QConv",
     "QLinear",
     "QLookup",
+    "QSignBits",
+    "QUnpackBits",
     "Quantize",
 ]

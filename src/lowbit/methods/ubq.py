@@ -1,0 +1,64 @@
+"""ubq — the uncertainty-based binary quantizer (Trusov, Putintsev, Limonova, Computer Optics 2024, 48(4)),
+as lowbit reads it, trained with gradual freezing and BatchNorm replacement.
+
+The paper's [paper]: a binary quantizer meant for stable training and good results with few parameters,
+trained with gradual network freezing and replacement of BatchNorm so that the trained network turns
+smoothly into its execution form; better than earlier binarizations on small networks (MNIST, CIFAR-10).
+Its formulas are not public to us; lowbit's reading [ours]:
+
+* the sign of a value near zero is uncertain: the forward pass is the *expected* sign under noise of width
+  ``δ`` (``noise="uniform"``: ``clip(v/δ, -1, 1)``; ``"gauss"``: ``erf(v/(δ√2))``), weights measured in units
+  of their channel's mean ``|W|``; the backward pass is that function's derivative;
+* ``δ`` goes from ``delta_start`` to ``delta_end`` = 0 over each layer's stage by ``delta_schedule``
+  (linear, cosine, exponential), so every layer ends on the exact sign;
+* gradual freezing in network order (``freeze="gradual"``, the default here): stage ``k`` binarizes layer
+  ``k`` (its weights and its input), trains it and every later layer, then freezes it — its BatchNorm keeps
+  its running statistics from then on, i.e. it *is* the threshold the integer model computes;
+* after ``δ`` reaches 0 the backward pass is the straight-through window (the exact sign's derivative is 0).
+
+See docs/methods.md and :mod:`lowbit.binary`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .base import register
+from .binary import BinaryConfig, BinaryMethod, check_noise_options
+
+
+@dataclass
+class UBQConfig(BinaryConfig):
+    """Options of :class:`UBQ`: those of :class:`~lowbit.methods.binary.BinaryConfig` and
+
+    noise: ``"uniform"`` or ``"gauss"`` (the noise whose expected sign is the forward pass).
+    delta_start, delta_end: noise width at the start and the end of each annealing (end 0: exact sign;
+        above 0 is warned about: the model would not be exactly binary).
+    delta_schedule: ``"linear"``, ``"cosine"`` or ``"exponential"``.
+    """
+
+    freeze: Literal["gradual", "none"] = "gradual"
+    noise: str = "uniform"
+    delta_start: float = 1.0
+    delta_end: float = 0.0
+    delta_schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_noise_options(self.noise, self.delta_start, self.delta_end, self.delta_schedule)
+
+
+@register
+class UBQ(BinaryMethod):
+    name = "ubq"
+    order = 61
+    summary = "binary network, UBQ (annealed expected sign) with gradual freezing, packed execution"
+    config_cls = UBQConfig
+    kind = "ubq"
+
+    def binarizer_options(self) -> dict[str, Any]:
+        c = self.config
+        assert isinstance(c, UBQConfig)
+        return {"kind": "ubq", "noise": c.noise, "delta_start": c.delta_start, "delta_end": c.delta_end,
+                "schedule": c.delta_schedule}
