@@ -147,7 +147,8 @@ def int_threshold(scale: torch.Tensor, bias: torch.Tensor | None, bn: SignBatchN
 
 
 def float_threshold(bn: SignBatchNorm | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(thr, flip)`` in float32 with ``(y >= thr) XOR flip == (a·y + c > 0)`` for float32 ``y``."""
+    """``(thr, flip)`` in float32 with ``(y >= thr) XOR flip == (a·y + c > 0)`` for every float32 ``y`` (the
+    affine map evaluated in float64): ``thr`` is the smallest float32 on the side the comparison selects."""
     a, c = _affine(bn, n)
     thr = torch.empty(n, dtype=torch.float32)
     for i in range(n):
@@ -155,9 +156,21 @@ def float_threshold(bn: SignBatchNorm | None, n: int) -> tuple[torch.Tensor, tor
         if A == 0.0:
             thr[i] = -math.inf if C > 0 else math.inf
             continue
+
+        def above(y: torch.Tensor, A: float = A, C: float = C) -> bool:
+            """Whether ``y`` is on the ``>= thr`` side: ``z > 0`` for A > 0, ``z <= 0`` for A < 0 (flipped)."""
+            z = A * float(y) + C
+            return z > 0 if A > 0 else z <= 0
+
         t = torch.tensor(-C / A, dtype=torch.float32)
-        # A > 0: y > t  <=>  y >= nextafter(t, +inf);  A < 0: y < t  <=>  not (y >= t)
-        thr[i] = torch.nextafter(t, torch.tensor(math.inf)) if A > 0 else t
+        up, down = torch.tensor(math.inf), torch.tensor(-math.inf)
+        if above(t):
+            while not torch.isinf(t) and above(torch.nextafter(t, down)):
+                t = torch.nextafter(t, down)
+        else:
+            while not torch.isinf(t) and not above(t):
+                t = torch.nextafter(t, up)
+        thr[i] = t
     return thr, a < 0
 
 
@@ -326,7 +339,8 @@ class _Builder:
         elif isinstance(dom, QSpec) and isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
             pool = QMaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
             self.env[n.name] = (self.add(str(n.target), pool, self.env[n.args[0].name][0]), dom)
-        elif isinstance(dom, Bits) and n.op == "call_function" and n.target is torch.flatten and dom.map:
+        elif isinstance(dom, Bits) and n.op == "call_function" and n.target is torch.flatten and dom.map \
+                and len(self.shapes[n.args[0].name]) == 4 and dom.flat is None:
             c, h, w = self.shapes[n.args[0].name][1:]
             self.env[n.name] = (self.env[n.args[0].name][0], Bits(dom.channels, True, (c, h, w)))
         else:

@@ -26,13 +26,15 @@ __all__ = ["BinaryLayer", "SignBatchNorm"]
 class BinaryLayer(QATLayer):
     """``act(layer(x, ŵ, b̂))`` with ``ŵ = weight_quantizer(W)``. A conv whose input is binarized pads with
     ``pad_value`` (±1) while its input binarizer is on (zero padding before: the float layer of a network not
-    yet binarized). The bias is rounded to the accumulator grid ``s_in * s_w`` only where the integer layer
-    adds it in int32 (8-bit weights); a binary layer's bias goes into its threshold or float epilogue as is."""
+    yet binarized). The bias is rounded to the accumulator grid ``s_in * s_w`` where the integer layer adds it
+    in int32 (``int8_kernel``: 8-bit weights or inputs, or a layer the binary kernels cannot run); a layer on
+    the binary kernels takes its bias into its threshold or float epilogue as is."""
 
     def __init__(self, layer: nn.Conv1d | nn.Conv2d | nn.Linear, act: str | None,
-                 weight_quantizer: FakeQuantizer, pad_value: int | None = None) -> None:
+                 weight_quantizer: FakeQuantizer, pad_value: int | None = None, int8_kernel: bool = False) -> None:
         super().__init__(layer, act, weight_quantizer)
         self.pad_value = pad_value
+        self.int8_kernel = int8_kernel  # runs on the int8 kernels, which add the bias in int32
 
     @property
     def binary_weights(self) -> bool:
@@ -50,7 +52,7 @@ class BinaryLayer(QATLayer):
     def _bias(self, s_w: torch.Tensor) -> torch.Tensor | None:
         b = self.layer.bias
         q = self.input_quantizer
-        if b is None or self.binary_weights or q is None or q.step.dynamic or not bool(q.initialized):
+        if b is None or not self.int8_kernel or q is None or q.step.dynamic or not bool(q.initialized):
             return b
         if isinstance(q, Binarizer) and not bool(q.enabled):
             return b
@@ -123,9 +125,9 @@ class SignBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, c)`` in float64 with ``bn(y) = a * y + c`` per channel (running statistics)."""
-        inv = 1.0 / torch.sqrt(self.running_var.double() + self.eps)
-        a = self.weight.double() * inv
-        return a, self.bias.double() - self.running_mean.double() * a
+        inv = 1.0 / torch.sqrt(self.running_var.detach().double() + self.eps)
+        a = self.weight.detach().double() * inv
+        return a, self.bias.detach().double() - self.running_mean.detach().double() * a
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", frozen" if bool(self.frozen) else "")

@@ -143,7 +143,8 @@ def _bnn_graph(prepared: Prepared, method: BinaryMethod, batch: torch.Tensor) ->
         why = _fallback_reason(layer, signs_in[t], binary_w, cfg.pad_value)
         if why is not None:
             fallback.append({"layer": t, "reason": why})
-        set_submodule(gm, t, BinaryLayer(layer, act, wq, pad))
+        int8_kernel = not (binary_w and signs_in[t]) or why is not None
+        set_submodule(gm, t, BinaryLayer(layer, act, wq, pad, int8_kernel))
 
     # --- BatchNorm before the signs ------------------------------------------------------------------
     bn_nodes: list[fx.Node] = []

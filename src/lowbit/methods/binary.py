@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import fx
 
+from lowbit.formats.levels import IntRange
 from lowbit.quantizers import DELTA_SCHEDULES, NOISES, Binarizer, FakeQuantizer
 
 from .base import TrainingData
@@ -84,6 +85,7 @@ class BinaryMethod(QATMethod):
 
     config_cls: ClassVar[type[BinaryConfig]] = BinaryConfig
     kind: ClassVar[str] = "ste"
+    default_init = "minmax"
     weight_bits = (1,)
     act_bits = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -102,9 +104,24 @@ class BinaryMethod(QATMethod):
                          **self.binarizer_options())
 
     def weight_quantizer(self, weight: torch.Tensor, bits: int, name: str) -> FakeQuantizer:
+        """±1 for ``bits == 1``; else (the first and last layers) ``bits``-bit levels with a step recomputed
+        from the weights on every call (per channel, the clip at max |W|: the latent weights move a lot while
+        the network around them becomes binary, and a learned step would have to follow) [ours]."""
         if bits == 1:
             return self.binarizer("weight", name, tuple(weight.shape))
-        return super().weight_quantizer(weight, bits, name)
+        g = self.config.layer(name).weight_granularity
+        return FakeQuantizer(IntRange.signed_bits(bits, narrow=True), role="weight", granularity=g,
+                             param_shape=g.param_shape(weight.shape), step="dynamic", init=self.inits()[0], name=name)
+
+    def act_quantizer(self, bits: int, signed: bool, name: str) -> FakeQuantizer:
+        """8-bit activations (the model input): a step fixed on the calibration batch; fewer bits (binary
+        weights with low-bit activations): the method's learned step."""
+        if bits == 1:
+            raise ValueError(f"{self.name} with binary activations builds its model with lowbit.binary.prepare (signs "
+                             "after BatchNorms), not lowbit.qat.prepare")
+        if bits < 8:
+            return super().act_quantizer(bits, signed, name)
+        return FakeQuantizer(self.act_format(bits, signed), role="act", step="fixed", init=self.inits()[1], name=name)
 
     # --- the recipe for lowbit.quantize / compare -----------------------------------------------------
     def convert(self, prepared: Any, calib: list[torch.Tensor], data: TrainingData | None = None) -> fx.GraphModule:
