@@ -242,7 +242,8 @@ def test_binary_model_file_roundtrip_and_one_bit_weights(ste_model, digits_cnn, 
     assert copy.deepcopy(bm)(x).equal(bm(x))
 
 
-@pytest.mark.parametrize("options", [{"bits": (1, 4)}, {"first_last_bits": None}, {"pad_value": 1, "xnor_scale": False}])
+@pytest.mark.parametrize("options", [{"bits": (1, 4)}, {"first_last_bits": None},
+                                     {"pad_value": 1, "xnor_scale": False}])
 def test_variants_convert_exactly(digits_cnn, options):
     model, splits, _ = digits_cnn
     qm = _trained(model, splits, "ubq", steps=20, freeze="none", **options)
