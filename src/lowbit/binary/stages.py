@@ -1,11 +1,11 @@
 """Gradual freezing: the stages in which the layers of a fake-binary model become binary.
 
-A stage belongs to one layer that has a binarizer (±1 weights, or a sign on its input). At its start the
-layer's binarizers switch on (a UBQ binarizer anneals ``δ`` to 0 over the stage's training steps); during
+A stage belongs to one layer that has a binarizer: its ±1 weights, or the sign taken of its output. At its
+start the layer's binarizers switch on (a UBQ binarizer anneals ``δ`` to 0 over the stage's training steps); during
 it the layer and everything not yet frozen train; at its end the layer freezes: its weights (and
 quantizer steps) stop training and the :class:`~lowbit.binary.modules.SignBatchNorm` after it keeps its
 running statistics — from then on that part of the network computes exactly what the integer model
-will. Layers without a binarizer (the 8-bit first layer) freeze with the next stage. ``order`` (config)
+will. Layers without a binarizer (the 8-bit last layer) freeze with the next stage, or the last. ``order`` (config)
 chooses the sequence: network order (``forward``), ``reverse``, or explicit layer names.
 
 With ``freeze="none"`` there is a single phase: every binarizer is on from the start (annealing over the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from lowbit.quantizers import Binarizer, FakeQuantizer
@@ -33,26 +34,56 @@ def _path_of(gm: nn.Module, target: nn.Module) -> str | None:
     return None
 
 
-def _layer_parts(gm: fx.GraphModule, t: str) -> tuple[list[str], list[str]]:
-    """(binarizers, modules to freeze) of layer ``t``."""
-    mod = gm.get_submodule(t)
-    bins: list[str] = []
-    freeze = [t]
-    wq = getattr(mod, "weight_quantizer", None)
-    if isinstance(wq, Binarizer):
-        bins.append(f"{t}.weight_quantizer")
-    iq = getattr(mod, "input_quantizer", None)
-    path = _path_of(gm, iq) if iq is not None else None
-    if isinstance(iq, Binarizer) and path is not None:
-        bins.append(path)
-    elif isinstance(iq, FakeQuantizer) and path is not None:
-        freeze.append(path)
+def _owner(gm: fx.GraphModule, node: fx.Node, layers: set[str]) -> str | None:
+    """The layer whose output ``node`` carries (back through BatchNorm, ReLU, pooling, flattening), or None."""
+    from lowbit.qat.prepare import is_passthrough
+
+    while isinstance(node, fx.Node) and node.op == "call_module" and str(node.target) not in layers and (
+            is_passthrough(gm, node) or isinstance(gm.get_submodule(str(node.target)), SignBatchNorm)):
+        node = node.args[0]
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.flatten:
+        node = node.args[0]
+        while isinstance(node, fx.Node) and node.op == "call_module" and str(node.target) not in layers and (
+                is_passthrough(gm, node) or isinstance(gm.get_submodule(str(node.target)), SignBatchNorm)):
+            node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "call_module" and str(node.target) in layers:
+        return str(node.target)
+    return None
+
+
+def _layer_parts(gm: fx.GraphModule, layers: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """Per layer: (its binarizers, the modules to freeze with it). A layer's binarizers are its weights' and
+    the signs taken of its output (so the BatchNorm before them trains with the sign on and then freezes as a
+    threshold) [ours]; a sign of a value no layer produces (the model input, a residual add) belongs to the
+    first layer that reads it."""
+    names = set(layers)
+    parts: dict[str, tuple[list[str], list[str]]] = {t: ([], [t]) for t in layers}
+    for t in layers:
+        mod = gm.get_submodule(t)
+        wq = getattr(mod, "weight_quantizer", None)
+        if isinstance(wq, Binarizer):
+            parts[t][0].append(f"{t}.weight_quantizer")
+        iq = getattr(mod, "input_quantizer", None)
+        path = _path_of(gm, iq) if iq is not None else None
+        if isinstance(iq, FakeQuantizer) and not isinstance(iq, Binarizer) and path is not None:
+            parts[t][1].append(path)
     for n in gm.graph.nodes:
-        if n.op == "call_module" and str(n.target) == t:
-            for u in n.users:
-                if u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), SignBatchNorm):
-                    freeze.append(str(u.target))
-    return bins, freeze
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(str(n.target))
+        if isinstance(m, SignBatchNorm):
+            owner = _owner(gm, n.args[0], names)
+            if owner is not None:
+                parts[owner][1].append(str(n.target))
+        elif isinstance(m, Binarizer):
+            owner = _owner(gm, n.args[0], names)
+            if owner is None:
+                owner = next((str(u.target) for u in n.users if u.op == "call_module" and str(u.target) in names),
+                             None)
+            if owner is None:
+                raise ValueError(f"sign {n.target!r} is neither after a layer nor read by one: no stage can own it")
+            parts[owner][0].append(str(n.target))
+    return parts
 
 
 def _resolve_order(order: tuple[str, ...], staged: list[str]) -> list[str]:
@@ -69,7 +100,7 @@ def plan_stages(gm: fx.GraphModule, layers: list[str], cfg: Any) -> list[dict[st
     """The stages of ``gm`` (one per layer with a binarizer, in ``cfg.order``), each
     ``{"layer", "binarizers", "freeze", "epochs"}``; a binarizer shared by several layers (one input) switches
     on in the first of their stages."""
-    parts = {t: _layer_parts(gm, t) for t in layers}
+    parts = _layer_parts(gm, layers)
     staged = [t for t in layers if parts[t][0]]
     if not staged:
         raise ValueError("no layer of this model is binarized (all are kept float or at first_last_bits)")

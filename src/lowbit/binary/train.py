@@ -2,8 +2,9 @@
 
 ``freeze="gradual"``: for each stage (:mod:`lowbit.binary.stages`) switch its binarizers on, train for its
 ``stage_epochs`` with :func:`lowbit.trainer.fit` (a fresh optimizer and learning-rate schedule over the
-parameters that still train; UBQ's ``δ`` anneals over exactly the stage's steps), then freeze the layer.
-``freeze="none"``: every binarizer on, one run of ``epochs`` (``δ`` annealed over all of it).
+parameters that still train; UBQ's ``δ`` anneals over the first ``anneal_fraction`` of the stage's steps), then
+freeze the layer. ``freeze="none"``: every binarizer on, one run of ``epochs`` (``δ`` annealed over the first
+``anneal_fraction`` of it).
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def train(model: nn.Module, train_data: Any, test_data: Any = None, **overrides:
     cfg = config_of(model)
     base = FitOptions.from_config(cfg, **overrides)
     spe = -(-(_n_samples(train_data) // world_size()) // base.batch_size)
+    frac = float(getattr(cfg, "anneal_fraction", 1.0))
     result = BinaryTrainResult()
     t0 = time.perf_counter()
     if cfg.freeze == "none":
-        begin_all(model, round(cfg.epochs * spe))
+        begin_all(model, max(1, round(frac * cfg.epochs * spe)))
         res = fit(model, train_data, test_data, base)
         result.history = [{**r, "stage": None} for r in res.history]
         for b in _binarizers(model):
@@ -79,7 +81,7 @@ def train(model: nn.Module, train_data: Any, test_data: Any = None, **overrides:
         offset = 0.0
         for k, stage in enumerate(info["stages"]):
             e = float(stage["epochs"])
-            begin_stage(model, k, round(e * spe))
+            begin_stage(model, k, max(1, round(frac * e * spe)))
             acc = None
             if e > 0:
                 opts = FitOptions.from_config(cfg, **{**overrides, "epochs": e, "seed": cfg.seed + k})

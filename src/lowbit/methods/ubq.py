@@ -36,6 +36,9 @@ class UBQConfig(BinaryConfig):
     delta_start, delta_end: noise width at the start and the end of each annealing (end 0: exact sign;
         above 0 is warned about: the model would not be exactly binary).
     delta_schedule: ``"linear"``, ``"cosine"`` or ``"exponential"``.
+    anneal_fraction: the part of each stage (of the whole training with ``freeze="none"``) over which ``δ``
+        reaches ``delta_end``; the rest trains on the exact sign [ours: the network adapts to the exact sign
+        before the layer freezes, while the learning rate is still above 0].
     """
 
     freeze: Literal["gradual", "none"] = "gradual"
@@ -43,10 +46,13 @@ class UBQConfig(BinaryConfig):
     delta_start: float = 1.0
     delta_end: float = 0.0
     delta_schedule: str = "cosine"
+    anneal_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_noise_options(self.noise, self.delta_start, self.delta_end, self.delta_schedule)
+        if not 0 < self.anneal_fraction <= 1:
+            raise ValueError(f"anneal_fraction must be in (0, 1], got {self.anneal_fraction!r}")
 
 
 @register
