@@ -21,11 +21,11 @@ demo: $(STAMP)
 	$(BIN)/lowbit demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
 	$(BIN)/python -m pytest -q -n 2 tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/lowbit/*.so report runs

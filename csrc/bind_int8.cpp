@@ -7,11 +7,13 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cpu_features.h"
+#include "epilogue.h"
 #include "int8_common.h"
 
 namespace py = pybind11;
@@ -20,7 +22,6 @@ namespace lowbit {
 
 namespace {
 
-using int8::EpiKind;
 using int8::Packed;
 
 template <class T>
@@ -34,36 +35,31 @@ const T* cptr(std::uintptr_t p) {
         if (!(cond)) throw std::invalid_argument(msg);          \
     } while (0)
 
-// Builds and validates the epilogue for `n` output channels starting at 0.
+// Builds and validates the epilogue for `n` output channels starting at 0 (kinds: epilogue.h).
 int8::Epi make_epi(int kind, std::uintptr_t out, int64_t rows, int64_t ldo, int64_t n, std::uintptr_t m0,
                    std::uintptr_t rshift, int out_zp, int qmin, int qmax, std::uintptr_t scale, std::uintptr_t fbias) {
-    LB_REQUIRE(kind >= 0 && kind <= 3, "epilogue kind must be 0 (none), 1 (requant u8), 2 (requant s8), 3 (float)");
+    EpiArgs a;
+    a.kind = kind;
+    const bool requant = kind == static_cast<int>(EpiKind::requant_u8) || kind == static_cast<int>(EpiKind::requant_s8);
+    a.p0 = requant ? m0 : scale;
+    a.p1 = requant ? rshift : fbias;
+    a.zp = out_zp;
+    a.qmin = qmin;
+    a.qmax = qmax;
+    check_epilogue("int8", a, n, epi_mask(EpiKind::none) | epi_mask(EpiKind::float_out) |
+                                     epi_mask(EpiKind::requant_u8) | epi_mask(EpiKind::requant_s8));
     LB_REQUIRE(out != 0 || rows * n == 0, "null output pointer");
     int8::Epi e;
     e.kind = static_cast<EpiKind>(kind);
     e.out = reinterpret_cast<void*>(out);
     e.ldo = ldo;
-    if (e.kind == EpiKind::requant_u8 || e.kind == EpiKind::requant_s8) {
-        LB_REQUIRE(m0 != 0 && rshift != 0, "requantization needs m0 and rshift");
-        const int lo = e.kind == EpiKind::requant_u8 ? 0 : -128, hi = e.kind == EpiKind::requant_u8 ? 255 : 127;
-        LB_REQUIRE(lo <= qmin && qmin <= qmax && qmax <= hi,
-                "requantization clamp [" + std::to_string(qmin) + ", " + std::to_string(qmax) +
-                    "] is outside the output range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-        // Any zero point works with the clamp; bounded so that int32 arithmetic in the kernels cannot overflow.
-        LB_REQUIRE(out_zp >= -(1 << 24) && out_zp <= (1 << 24),
-                   "output zero point " + std::to_string(out_zp) + " out of range");
-        const int32_t* rs = cptr<int32_t>(rshift);
-        for (int64_t i = 0; i < n; ++i)
-            if (rs[i] < 1 || rs[i] > 62)
-                throw std::invalid_argument("rshift[" + std::to_string(i) + "] = " + std::to_string(rs[i]) +
-                                            " outside [1, 62]");
+    if (requant) {
         e.m0 = cptr<int32_t>(m0);
-        e.rshift = rs;
+        e.rshift = cptr<int32_t>(rshift);
         e.out_zp = out_zp;
         e.qmin = qmin;
         e.qmax = qmax;
     } else if (e.kind == EpiKind::float_out) {
-        LB_REQUIRE(scale != 0, "float epilogue needs a scale");
         e.scale = cptr<float>(scale);
         e.fbias = fbias ? cptr<float>(fbias) : nullptr;
     }
@@ -94,8 +90,13 @@ void register_int8(py::module_& m) {
             LB_REQUIRE(n >= 0 && k >= 0, "negative weight shape");
             LB_REQUIRE(w != 0 || n * k == 0, "null weight pointer");
             LB_REQUIRE(k < (int64_t(1) << 31) && n < (int64_t(1) << 31), "weight matrix too large");
-            py::gil_scoped_release rel;
-            return int8::pack(cptr<int8_t>(w), n, k, k);
+            std::unique_ptr<Packed> p;
+            {
+                py::gil_scoped_release rel;
+                p = int8::pack(cptr<int8_t>(w), n, k, k);
+            }
+            check_acc_bound("int8_pack", 255, p->l1.data(), nullptr, n);
+            return p;
         },
         py::arg("w"), py::arg("n"), py::arg("k"), "Pack int8 weights [n, k] (row-major, contiguous).");
 
@@ -114,6 +115,7 @@ void register_int8(py::module_& m) {
             LB_REQUIRE(x != 0 || mrows * k == 0, "null activation pointer");
             check_zp(x_zp);
             int8::Epi e = make_epi(kind, out, mrows, w.n, w.n, m0, rshift, out_zp, qmin, qmax, scale, fbias);
+            check_acc_bound("int8_gemm", 255, w.l1.data(), cptr<int32_t>(bias), w.n);
             if (mrows == 0 || w.n == 0) return;
             int8::DenseRows rows;
             rows.k = k;
@@ -170,6 +172,11 @@ void register_int8(py::module_& m) {
             if (weights.size() == 0) {
                 LB_REQUIRE(groups == s.c && s.n == s.c && dw_weight != 0,
                         "depthwise path needs groups == in == out channels and a weight pointer");
+                const int64_t taps = s.kh * s.kw;
+                std::vector<int64_t> l1(static_cast<size_t>(s.c), 0);
+                const int8_t* dw = cptr<int8_t>(dw_weight);
+                for (int64_t i = 0; i < s.c * taps; ++i) l1[static_cast<size_t>(i / taps)] += dw[i] < 0 ? -dw[i] : dw[i];
+                check_acc_bound("int8_conv2d", 255, l1.data(), cptr<int32_t>(bias), s.c);
                 if (s.b == 0) return;
                 py::gil_scoped_release rel;
                 int8::conv2d_depthwise(cptr<uint8_t>(x), s, x_zp, cptr<int8_t>(dw_weight), cptr<int32_t>(bias), e);
@@ -182,6 +189,8 @@ void register_int8(py::module_& m) {
                 LB_REQUIRE(p.n == ng && p.k == s.kh * s.kw * cg,
                         "packed group weight has shape [" + std::to_string(p.n) + ", " + std::to_string(p.k) +
                             "], expected [" + std::to_string(ng) + ", " + std::to_string(s.kh * s.kw * cg) + "]");
+                const int32_t* bg = bias ? cptr<int32_t>(bias) + static_cast<int64_t>(ws.size()) * ng : nullptr;
+                check_acc_bound("int8_conv2d", 255, p.l1.data(), bg, ng);
                 ws.push_back(&p);
             }
             if (s.b == 0) return;

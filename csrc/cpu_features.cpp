@@ -66,6 +66,7 @@ Isa best_isa() {
 
 namespace {
 std::atomic<int> g_cap{-1};
+thread_local int t_cap = -1;
 
 int initial_cap() {
     const char* env = std::getenv("LOWBIT_ISA");
@@ -73,14 +74,28 @@ int initial_cap() {
     if (env && *env && parse_isa(env, &isa)) return static_cast<int>(isa);
     return static_cast<int>(Isa::vnni);
 }
-}  // namespace
 
-Isa active_isa() {
+int process_cap() {
     int cap = g_cap.load(std::memory_order_relaxed);
     if (cap < 0) {
         cap = initial_cap();
         g_cap.store(cap, std::memory_order_relaxed);
     }
+    return cap;
+}
+}  // namespace
+
+Isa isa_cap() { return static_cast<Isa>(process_cap()); }
+
+int set_thread_isa_cap(int cap) {
+    const int prev = t_cap;
+    t_cap = cap < 0 ? -1 : cap;
+    return prev;
+}
+
+Isa active_isa() {
+    int cap = process_cap();
+    if (t_cap >= 0 && t_cap < cap) cap = t_cap;
     const Isa best = best_isa();
     if (best == Isa::neon) return cap >= static_cast<int>(Isa::neon) ? Isa::neon : Isa::portable;
     return static_cast<int>(best) < cap ? best : static_cast<Isa>(cap);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "epilogue.h"
 
 namespace lowbit {
 namespace int8 {
@@ -33,6 +34,7 @@ struct Packed {
     int64_t n = 0, k = 0, k4 = 0, nblocks = 0;
     AlignedPtr<int8_t> data;  // [nblocks][k4][16][4]
     std::vector<int32_t> colsum;  // [nblocks * 16], sum_k w[n, k] (0 for padding channels)
+    std::vector<int64_t> l1;      // [n], sum_k |w[n, k]|: |acc - bias| <= 255 * l1[n] (accumulator bound)
     const int8_t* block(int64_t b) const { return data.get() + b * k4 * (kBlockN * kGroupK); }
     size_t nbytes() const { return static_cast<size_t>(nblocks * k4 * kBlockN * kGroupK); }
 };
@@ -40,9 +42,7 @@ struct Packed {
 // w: int8 [n, k] with row stride ldw (elements).
 std::unique_ptr<Packed> pack(const int8_t* w, int64_t n, int64_t k, int64_t ldw);
 
-enum class EpiKind : int { none = 0, requant_u8 = 1, requant_s8 = 2, float_out = 3 };
-
-// What happens to acc[m, n] (already including bias and the zero-point correction) before it is
+// What happens to acc[m, n] (the kinds: epilogue.h; bits is not an int8 epilogue) (already including bias and the zero-point correction) before it is
 // stored at out[m * ldo + col_off + n]. Per-channel arrays are indexed [col_off + n].
 struct Epi {
     EpiKind kind = EpiKind::none;

@@ -49,15 +49,18 @@ std::unique_ptr<Packed> pack(const int8_t* w, int64_t n, int64_t k, int64_t ldw)
     p->data.reset(static_cast<int8_t*>(aligned_alloc64(p->nbytes())));
     std::memset(p->data.get(), 0, p->nbytes());
     p->colsum.assign(static_cast<size_t>(p->nblocks * kBlockN), 0);
+    p->l1.assign(static_cast<size_t>(n), 0);
     for (int64_t i = 0; i < n; ++i) {
         const int8_t* src = w + i * ldw;
         int8_t* dst = p->data.get() + (i / kBlockN) * p->k4 * (kBlockN * kGroupK) + (i % kBlockN) * kGroupK;
-        int32_t s = 0;
+        int64_t s = 0, a = 0;
         for (int64_t kk = 0; kk < k; ++kk) {
             dst[(kk / kGroupK) * (kBlockN * kGroupK) + (kk % kGroupK)] = src[kk];
             s += src[kk];
+            a += src[kk] < 0 ? -int64_t(src[kk]) : int64_t(src[kk]);
         }
-        p->colsum[static_cast<size_t>(i)] = s;
+        p->colsum[static_cast<size_t>(i)] = static_cast<int32_t>(static_cast<uint32_t>(s));  // wraps like acc
+        p->l1[static_cast<size_t>(i)] = a;
     }
     return p;
 }

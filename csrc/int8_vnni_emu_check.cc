@@ -1,10 +1,10 @@
 // Check of the AVX-512 VNNI int8 path on machines without AVX-512: compiles csrc/int8_vnni.cpp with the
 // few AVX-512 intrinsics it uses replaced by scalar emulations, runs chunk_vnni (packing, K blocking,
 // tiles, zero-point correction, epilogue) and compares with chunk_portable bit for bit.
-// Not part of the extension (setup.py builds csrc/*.cpp only); tests/test_kernels_int8.py builds and runs
-// it in a test marked slow:
+// Not part of the extension (setup.py builds csrc/*.cpp only); tests/test_emulation.py builds and runs
+// it (cached by source hash):
 //   g++ -std=c++17 -O1 -ffp-contract=off -Icsrc csrc/int8_vnni_emu_check.cc csrc/int8_driver.cpp \
-//       csrc/int8_portable.cpp csrc/int8_avx2.cpp csrc/parallel.cpp csrc/cpu_features.cpp -pthread
+//       csrc/int8_portable.cpp csrc/int8_avx2.cpp csrc/parallel.cpp csrc/cpu_features.cpp csrc/epilogue.cpp -pthread
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
@@ -36,6 +36,9 @@ static inline emu512 emu_dpbusd(emu512 src, emu512 a, emu512 b) {
 
 #include "int8_common.h"
 using namespace lowbit::int8;
+using lowbit::EpiKind;
+// epilogue kinds by the loop index ek (1 and 2 write bytes)
+static const EpiKind kKinds[4] = {EpiKind::none, EpiKind::requant_u8, EpiKind::requant_s8, EpiKind::float_out};
 int main() {
   std::mt19937 rng(1);
   int fails = 0, runs = 0;
@@ -51,7 +54,7 @@ int main() {
     size_t esz = (ek == 1 || ek == 2) ? 1 : 4;
     std::vector<uint8_t> out_v(M*N*esz), out_p(M*N*esz);
     for (int variant = 0; variant < 2; ++variant) {
-      Epi e; e.kind = EpiKind(ek); e.m0 = m0.data(); e.rshift = rs.data(); e.out_zp = ek == 2 ? -5 : 5; e.qmin = ek == 2 ? -128 : 0; e.qmax = ek == 2 ? 127 : 255;
+      Epi e; e.kind = kKinds[ek]; e.m0 = m0.data(); e.rshift = rs.data(); e.out_zp = ek == 2 ? -5 : 5; e.qmin = ek == 2 ? -128 : 0; e.qmax = ek == 2 ? 127 : 255;
       e.scale = sc.data(); e.fbias = fb.data(); e.ldo = N; e.out = variant ? out_v.data() : out_p.data();
       std::vector<int32_t> corr(P->nblocks * 16, 0);
       for (int n = 0; n < N; ++n) corr[n] = variant ? int32_t(uint32_t(bias[n]) - uint32_t(zp) * uint32_t(P->colsum[n])) : bias[n];

@@ -3,71 +3,89 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
+#include <shared_mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define LOWBIT_HAVE_ATFORK 1
+#endif
 
 namespace lowbit {
 
 namespace {
 
+// One parallel_for call: its chunks, how many workers are inside it, its first error. Lives on the
+// caller's stack; the caller unlinks it from the pool and waits for helpers == 0 before returning.
+struct Job {
+    const std::function<void(int)>* task = nullptr;
+    int nchunks = 0;
+    std::atomic<int> next{0};
+    int helpers = 0;            // workers working on this job (guarded by Pool::mu_)
+    std::exception_ptr error;   // first exception (guarded by err_mu)
+    std::mutex err_mu;
+
+    bool has_work() const { return next.load(std::memory_order_relaxed) < nchunks; }
+
+    // Claims and runs chunks until none is left. Never throws: the first exception is kept and the
+    // chunks not yet claimed are cancelled.
+    void work() {
+        for (;;) {
+            const int c = next.fetch_add(1);
+            if (c >= nchunks) return;
+            try {
+                (*task)(c);
+            } catch (...) {
+                {
+                    std::lock_guard<std::mutex> lk(err_mu);
+                    if (!error) error = std::current_exception();
+                }
+                next.store(nchunks);
+            }
+        }
+    }
+};
+
 class Pool {
    public:
-    ~Pool() { stop(); }
+    explicit Pool(int n) { start(n); }
+    Pool(const Pool&) = delete;
+    Pool& operator=(const Pool&) = delete;
 
     void resize(int n) {
-        std::lock_guard<std::mutex> run_lock(run_mu_);
+        std::unique_lock<std::shared_mutex> rl(resize_mu_);  // waits for the calls in flight
         stop();
-        stopping_ = false;
-        for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
-        size_ = std::max(1, n);
+        start(n);
     }
 
-    int size() const { return size_; }
-
     void run(int nchunks, const std::function<void(int)>& task) {
-        std::lock_guard<std::mutex> run_lock(run_mu_);
+        std::shared_lock<std::shared_mutex> rl(resize_mu_);
+        Job job;
+        job.task = &task;
+        job.nchunks = nchunks;
         if (nchunks <= 1 || workers_.empty()) {
-            for (int c = 0; c < nchunks; ++c) task(c);
-            return;
+            job.work();
+        } else {
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                jobs_.push_back(&job);
+            }
+            cv_.notify_all();
+            job.work();
+            std::unique_lock<std::mutex> lk(mu_);
+            jobs_.erase(std::find(jobs_.begin(), jobs_.end(), &job));  // no new helper can join now
+            done_cv_.wait(lk, [&] { return job.helpers == 0; });
         }
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            task_ = &task;
-            nchunks_ = nchunks;
-            next_.store(0);
-            pending_ = static_cast<int>(workers_.size());
-            ++generation_;
-        }
-        cv_.notify_all();
-        work();
-        std::unique_lock<std::mutex> lk(mu_);
-        done_cv_.wait(lk, [this] { return pending_ == 0; });
-        task_ = nullptr;
+        if (job.error) std::rethrow_exception(job.error);
     }
 
    private:
-    void work() {
-        for (;;) {
-            int c = next_.fetch_add(1);
-            if (c >= nchunks_) break;
-            (*task_)(c);
-        }
-    }
-
-    void loop(int) {
-        uint64_t seen = 0;
-        for (;;) {
-            {
-                std::unique_lock<std::mutex> lk(mu_);
-                cv_.wait(lk, [&] { return stopping_ || generation_ != seen; });
-                if (stopping_) return;
-                seen = generation_;
-            }
-            work();
-            std::lock_guard<std::mutex> lk(mu_);
-            if (--pending_ == 0) done_cv_.notify_one();
-        }
+    void start(int n) {
+        stopping_ = false;
+        for (int i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
     }
 
     void stop() {
@@ -78,53 +96,97 @@ class Pool {
         cv_.notify_all();
         for (auto& t : workers_) t.join();
         workers_.clear();
-        size_ = 1;
     }
 
-    std::mutex run_mu_, mu_;
+    Job* find_job() const {
+        for (Job* j : jobs_)
+            if (j->has_work()) return j;
+        return nullptr;
+    }
+
+    void loop() {
+        std::unique_lock<std::mutex> lk(mu_);
+        for (;;) {
+            Job* j = nullptr;
+            cv_.wait(lk, [&] { return stopping_ || (j = find_job()) != nullptr; });
+            if (stopping_) return;
+            ++j->helpers;
+            lk.unlock();
+            j->work();
+            lk.lock();
+            if (--j->helpers == 0) done_cv_.notify_all();
+        }
+    }
+
+    std::shared_mutex resize_mu_;  // shared: run; exclusive: resize
+    std::mutex mu_;                // jobs_, helpers counts, stopping_
     std::condition_variable cv_, done_cv_;
     std::vector<std::thread> workers_;
-    const std::function<void(int)>* task_ = nullptr;
-    std::atomic<int> next_{0};
-    int nchunks_ = 0, pending_ = 0, size_ = 1;
-    uint64_t generation_ = 0;
+    std::vector<Job*> jobs_;
     bool stopping_ = false;
 };
 
+std::atomic<int> g_threads{1};
+std::mutex g_pool_mu;      // guards g_pool (creation, and the fork handlers)
+Pool* g_pool = nullptr;    // created on first use, never destroyed (see the fork handlers)
+thread_local bool t_inside = false;
+
+#ifdef LOWBIT_HAVE_ATFORK
+// fork() copies only the calling thread: in the child the workers of g_pool do not exist and its
+// mutexes may be held by threads that vanished. The child abandons it (a small leak) and creates a
+// new pool at the next parallel_for. g_pool_mu is held across fork() so that g_pool is consistent.
+void atfork_prepare() { g_pool_mu.lock(); }
+void atfork_parent() { g_pool_mu.unlock(); }
+void atfork_child() {
+    g_pool = nullptr;
+    g_pool_mu.unlock();
+}
+struct AtforkRegistration {
+    AtforkRegistration() { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+} g_atfork_registration;
+#endif
+
 Pool& pool() {
-    static Pool p;
-    return p;
+    std::lock_guard<std::mutex> lk(g_pool_mu);
+    if (!g_pool) g_pool = new Pool(g_threads.load());
+    return *g_pool;
 }
 
-std::atomic<int> g_threads{1};
-thread_local bool t_inside = false;
+// Marks the current thread as inside a chunk for the lifetime of the guard (exception-safe).
+struct InsideGuard {
+    bool prev;
+    InsideGuard() : prev(t_inside) { t_inside = true; }
+    ~InsideGuard() { t_inside = prev; }
+};
 
 }  // namespace
 
 void set_num_threads(int n) {
     n = std::max(1, n);
+    std::lock_guard<std::mutex> lk(g_pool_mu);
     if (n == g_threads.load()) return;
     g_threads.store(n);
-    pool().resize(n);
+    if (g_pool) g_pool->resize(n);
 }
 
 int num_threads() { return g_threads.load(); }
 
+bool in_parallel_region() { return t_inside; }
+
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) return;
     grain = std::max<int64_t>(1, grain);
-    int nt = num_threads();
-    int64_t nchunks = std::min<int64_t>(nt, (n + grain - 1) / grain);
+    const int nt = num_threads();
+    const int64_t nchunks = std::min<int64_t>(nt, (n + grain - 1) / grain);
     if (nchunks <= 1 || t_inside) {
         fn(0, n);
         return;
     }
     const int64_t step = (n + nchunks - 1) / nchunks;
     pool().run(static_cast<int>(nchunks), [&](int c) {
-        t_inside = true;
-        int64_t b = c * step, e = std::min(n, b + step);
+        InsideGuard g;
+        const int64_t b = c * step, e = std::min(n, b + step);
         if (b < e) fn(b, e);
-        t_inside = false;
     });
 }
 

@@ -52,11 +52,17 @@ std::shared_ptr<Packed> pack(const int8_t* w, int64_t N, int64_t K, int K_x, int
     p->flush = flush_interval(K_x, K_w);
     p->raw.assign(w, w + N * K);
     p->colsum.assign(N, 0);
+    p->l1.assign(N, 0);
     for (int64_t n = 0; n < N; ++n) {
-        int32_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += w[n * K + k];
-        p->colsum[n] = s;
+        int64_t s = 0, a = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            s += w[n * K + k];
+            a += w[n * K + k] < 0 ? -int64_t(w[n * K + k]) : int64_t(w[n * K + k]);
+        }
+        p->colsum[n] = static_cast<int32_t>(s);  // |s| <= l1 < 2^31 after the check below
+        p->l1[n] = a;
     }
+    check_acc_bound("4.6-bit pack", K_x, p->l1.data(), nullptr, N);
     p->panels.alloc(static_cast<size_t>(groups * p->PG * p->Kq * 64));
     int8_t* dst = reinterpret_cast<int8_t*>(p->panels.data());
     for (int64_t g = 0; g < groups; ++g)
@@ -78,10 +84,12 @@ std::shared_ptr<Packed> pack(const int8_t* w, int64_t N, int64_t K, int K_x, int
 // Plain C++ on the row-major codes (w.raw): one int32 dot product per output, a loop the compiler
 // vectorizes with the baseline instruction set (SSE2 / NEON). tile == nullptr selects it in gemm().
 
+// sum_k a*w in wrapping 32-bit arithmetic (well defined for any K; exact when the accumulator bound
+// checked at pack time holds, since then the centred result fits int32).
 static int32_t dot_u8s8(const uint8_t* a, const int8_t* w, int64_t K) {
-    int32_t s = 0;
-    for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
-    return s;
+    uint32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += static_cast<uint32_t>(static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]));
+    return static_cast<int32_t>(s);
 }
 
 static void rows_portable(const Packed& w, int64_t g, const uint8_t* A, int64_t lda, int64_t m0, int64_t m1, int64_t p0,
@@ -120,23 +128,34 @@ const char* active_path() { return select_kernel().name; }
 
 // -------------------------------------------------------------------------------------------- driver
 
-std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias) {
+int act_zero_point(const Packed& w, int zp) {
+    if (zp < 0) return w.K_x;
+    if (zp > 2 * w.K_x)
+        throw std::invalid_argument("4.6-bit: activation zero point " + std::to_string(zp) + " outside [0, 2*K_x] = [0, " +
+                                    std::to_string(2 * w.K_x) + "]");
+    return zp;
+}
+
+std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias, int zp) {
+    // sum_k (a - zp) * w = sum_k a * w - zp * colsum: the SIMD paths multiply the raw codes a in
+    // [0, 2*K_x] (the flush bound does not depend on zp) and start from corr.
     // int32 arithmetic wrapping like the accumulator (exact whenever the final value fits int32)
+    const uint32_t z = static_cast<uint32_t>(act_zero_point(w, zp));
     std::vector<int32_t> corr(static_cast<size_t>(w.PG * NR + ACC_LD), 0);
     for (int64_t n = 0; n < w.Ng; ++n) {
         const uint32_t b = bias ? static_cast<uint32_t>(bias[n]) : 0u;
-        corr[n] = static_cast<int32_t>(b - static_cast<uint32_t>(w.K_x) * static_cast<uint32_t>(w.colsum[g * w.Ng + n]));
+        corr[n] = static_cast<int32_t>(b - z * static_cast<uint32_t>(w.colsum[g * w.Ng + n]));
     }
     return corr;
 }
 
 void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const int32_t* bias, const wb::Epi& e,
-          const wb::Out& o) {
+          const wb::Out& o, int zp) {
     if (M <= 0) return;
     const Kernel kn = select_kernel();
     const int64_t Ng = w.Ng, PG = w.PG, Kp = w.Kp, Kq = w.Kq;
     const int64_t nbase = g * Ng;
-    const std::vector<int32_t> corr = make_corr(w, g, bias);
+    const std::vector<int32_t> corr = make_corr(w, g, bias, zp);
     const wb::Plan pl = wb::make_plan(M, PG, Kp, kn.mr, num_threads());
     parallel_for(pl.tasks(), 1, [&](int64_t tb, int64_t te) {
         thread_local std::vector<uint8_t> buf;
@@ -177,8 +196,9 @@ static void check_codes(uint8_t mx, const Packed& w) {
 }
 
 void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int32_t* bias, const wb::Epi& e,
-            const wb::Out& o) {
+            const wb::Out& o, int zp) {
     if (w.G != 1) throw std::invalid_argument("4.6-bit linear: weights packed with groups != 1");
+    zp = act_zero_point(w, zp);
     const int64_t K = w.K, Kp = w.Kp;
     uint8_t mx = 0;
     if (ldx == K) {
@@ -204,7 +224,7 @@ void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int
             return buf;
         };
     }
-    gemm(w, 0, M, fill, bias, e, o);
+    gemm(w, 0, M, fill, bias, e, o, zp);
 }
 
 // ---------------------------------------------------------------------------------------------- conv
@@ -215,7 +235,7 @@ static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w
     // element (b, c, h, w) of the input at b*sB + c*sC + h*sH + w*sW
     const int64_t sB = gm.C * gm.H * gm.W;
     const int64_t sC = gm.nhwc ? 1 : gm.H * gm.W, sH = gm.nhwc ? gm.W * gm.C : gm.W, sW = gm.nhwc ? gm.C : 1;
-    const int32_t Kx = w.K_x;
+    const int32_t Kx = act_zero_point(w, gm.zp);
     parallel_for(gm.B * N, 1, [&](int64_t b0, int64_t b1) {
         std::vector<int32_t> row(static_cast<size_t>(gm.Wo));
         for (int64_t bn = b0; bn < b1; ++bn) {
@@ -226,7 +246,7 @@ static void conv_depthwise(const uint8_t* x, const ConvGeom& gm, const Packed& w
                 std::fill(row.begin(), row.end(), 0);
                 for (int64_t i = 0; i < gm.kh; ++i) {
                     const int64_t ih = oh * gm.sh - gm.ph + i * gm.dh;
-                    if (ih < 0 || ih >= gm.H) continue;  // padding: (K_x - K_x) * w = 0
+                    if (ih < 0 || ih >= gm.H) continue;  // padding holds the zero point: (zp - zp) * w = 0
                     const uint8_t* xr = x + b * sB + c * sC + ih * sH;
                     for (int64_t j = 0; j < gm.kw; ++j) {
                         const int32_t wv = wn[i * gm.kw + j];
@@ -275,13 +295,14 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
     if (G != w.G || C % G != 0 || w.K != gm.kh * gm.kw * Cg)
         throw std::invalid_argument("4.6-bit conv2d: weight does not match the input channels / groups");
     check_codes(max_code(x, gm.B * C * H * W), w);
-    if (Cg == 1) {
+    const int zp = act_zero_point(w, gm.zp);
+    if (Cg == 1 && G > 1) {
         conv_depthwise(x, gm, w, bias, e, o);
         return;
     }
-    // NCHW -> padded NHWC (padding = K_x, real zero), so that a patch row (K order (i, j, c)) is
+    // NCHW -> padded NHWC (padding = zp, real zero), so that a patch row (K order (i, j, c)) is
     // kh*kw runs of Cg bytes and, for dilation 1 and one group, kh runs of kw*Cg bytes.
-    const uint8_t Kx = static_cast<uint8_t>(w.K_x);
+    const uint8_t Kx = static_cast<uint8_t>(zp);
     const int64_t Hp = H + 2 * gm.ph, Wp = W + 2 * gm.pw;
     const int64_t nimg = gm.B * Hp * Wp * C, slack = (8 * gm.sw + gm.kw + 8) * C + 64;
     std::vector<uint8_t> xp(static_cast<size_t>(nimg + slack), Kx);
@@ -302,12 +323,14 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
         }
     });
     const Kernel kn = select_kernel();
-    if (kn.conv && kn.conv(xp.data(), Hp, Wp, gm, w, bias, e, o)) return;
+    ConvGeom gz = gm;
+    gz.zp = zp;
+    if (kn.conv && kn.conv(xp.data(), Hp, Wp, gz, w, bias, e, o)) return;
     const int64_t HWo = gm.Ho * gm.Wo, M = gm.B * HWo, K = w.K, Kp = w.Kp;
     const uint8_t* xpp = xp.data();
     const ConvGeom g2 = gm;
     for (int64_t g = 0; g < G; ++g) {
-        AFill fill = [xpp, g2, g, Cg, C, Hp, Wp, HWo, K, Kp](int64_t m0, int64_t m1, uint8_t* buf,
+        AFill fill = [xpp, g2, g, G, Cg, C, Hp, Wp, HWo, K, Kp](int64_t m0, int64_t m1, uint8_t* buf,
                                                            int64_t* lda) -> const uint8_t* {
             *lda = Kp;
             for (int64_t m = m0; m < m1; ++m) {
@@ -315,13 +338,23 @@ void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t
                 uint8_t* d = buf + (m - m0) * Kp;
                 for (int64_t i = 0; i < g2.kh; ++i) {
                     const uint8_t* srow = xpp + ((b * Hp + oh * g2.sh + i * g2.dh) * Wp + ow * g2.sw) * C + g * Cg;
+                    if (g2.dw == 1 && G == 1) {  // the kernel row is one run of kw*C bytes
+                        const int64_t run = g2.kw * C;
+                        if (run <= 16) {
+                            for (int64_t t = 0; t < run; ++t) d[t] = srow[t];  // few bytes: no memcpy call
+                        } else {
+                            std::memcpy(d, srow, run);
+                        }
+                        d += run;
+                        continue;
+                    }
                     for (int64_t j = 0; j < g2.kw; ++j, d += Cg) std::memcpy(d, srow + j * g2.dw * C, Cg);
                 }
-                std::memset(d, 0, Kp - K);
+                for (int64_t t = K; t < Kp; ++t) *d++ = 0;
             }
             return buf;
         };
-        gemm(w, g, M, fill, bias ? bias + g * w.Ng : nullptr, e, o);
+        gemm(w, g, M, fill, bias ? bias + g * w.Ng : nullptr, e, o, zp);
     }
 }
 

@@ -30,6 +30,7 @@ struct Packed {
     int flush = 64;  // k-quads accumulated in int16 before widening (see w46.cpp)
     wb::AlignedBuf panels;
     std::vector<int32_t> colsum;  // [N]
+    std::vector<int64_t> l1;      // [N], sum_k |w[n, k]|: |acc - bias| <= K_x * l1[n] (checked <= 2^31 - 1)
     std::vector<int8_t> raw;      // [N, K] as given
     const int8_t* panel(int64_t g, int64_t p) const {
         return reinterpret_cast<const int8_t*>(panels.data()) + (g * PG + p) * Kq * 64;
@@ -56,8 +57,11 @@ struct Kernel {
     ConvFn conv = nullptr;
     const char* name = "portable";
 };
-// corr[n] = bias[n] - K_x * colsum[g*Ng + n] for the group's channels, padded with 0 to PG*NR + ACC_LD.
-std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias);
+// corr[n] = bias[n] - zp * colsum[g*Ng + n] for the group's channels, padded with 0 to PG*NR + ACC_LD.
+// zp: the activation zero point, any code in [0, 2*K_x] (negative: K_x, the centred default).
+std::vector<int32_t> make_corr(const Packed& w, int64_t g, const int32_t* bias, int zp = -1);
+// The activation zero point a call uses: zp in [0, 2*K_x], or K_x for zp < 0 (throws otherwise).
+int act_zero_point(const Packed& w, int zp);
 Kernel kernel_portable();
 #ifdef LOWBIT_X86
 Kernel kernel_avx2();
@@ -74,22 +78,23 @@ using AFill = std::function<const uint8_t*(int64_t m0, int64_t m1, uint8_t* buf,
 // GEMM of group g: M rows from `fill`, the group's Ng channels. bias: [Ng] or null. Epilogue
 // parameters and outputs are indexed by the global channel g*Ng + n.
 void gemm(const Packed& w, int64_t g, int64_t M, const AFill& fill, const int32_t* bias, const wb::Epi& e,
-          const wb::Out& o);
+          const wb::Out& o, int zp = -1);
 
 // Max activation code in x[0..n) (for the range check a <= 2*K_x).
 uint8_t max_code(const uint8_t* x, int64_t n);
 
-// x uint8 [M, K] (row stride ldx) -> epilogue. Checks codes <= 2*K_x (throws).
+// x uint8 [M, K] (row stride ldx) -> epilogue of sum_k (x - zp) * w + bias. Checks codes <= 2*K_x (throws).
 void linear(const uint8_t* x, int64_t M, int64_t ldx, const Packed& w, const int32_t* bias, const wb::Epi& e,
-            const wb::Out& o);
+            const wb::Out& o, int zp = -1);
 
 struct ConvGeom {
     int64_t B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, groups;
     bool nhwc = false;  // input memory layout: false NCHW, true NHWC (channels_last)
+    int zp = -1;        // activation zero point in [0, 2*K_x] (real zero; padding holds it); < 0: K_x
 };
 // x uint8 with NCHW semantics (memory NCHW or NHWC, gm.nhwc); weight packed from [N, kh, kw, C/groups]
-// (K order (i, j, c)). Padded positions hold K_x (real zero). Depthwise layers (C/groups == 1) take a
-// direct path. The output goes where `o` says (the binding uses NHWC rows: o.ldo = N).
+// (K order (i, j, c)). Padded positions hold the zero point gm.zp (real zero). Depthwise layers
+// (C/groups == 1, groups > 1) take a direct path. The output goes where `o` says (the binding uses NHWC rows: o.ldo = N).
 void conv2d(const uint8_t* x, const ConvGeom& gm, const Packed& w, const int32_t* bias, const wb::Epi& e,
             const wb::Out& o);
 

@@ -233,7 +233,7 @@ static bool conv_avx2(const uint8_t* xp, int64_t Hp, int64_t Wp, const ConvGeom&
     const int64_t pg = (PG + ngroups - 1) / ngroups;
     ngroups = (PG + pg - 1) / pg;
     const int64_t rblocks = (rows + rb - 1) / rb;
-    const std::vector<int32_t> corr = make_corr(w, 0, bias);
+    const std::vector<int32_t> corr = make_corr(w, 0, bias, gm.zp);
     ConvTask ct;
     ct.xp = xp;
     ct.Hp = Hp;

@@ -3,10 +3,10 @@
 // emulations (same semantics: saturation, lane structure, masks), runs their tile / panel kernels over
 // many shapes and extreme values and compares with scalar int64 references bit for bit. Checks the
 // logic (layouts, flush intervals, remainders, lane order), not the instruction encodings.
-// Not part of the extension (setup.py builds csrc/*.cpp only); tests/test_kernels_w46.py builds and
-// runs it:
+// Not part of the extension (setup.py builds csrc/*.cpp only); tests/test_emulation.py builds and
+// runs it (cached by source hash):
 //   g++ -std=c++17 -O1 -Icsrc csrc/wb_avx512_emu_check.cc csrc/w46.cpp csrc/w46_avx2.cpp csrc/binary.cpp \
-//       csrc/binary_avx2.cpp csrc/parallel.cpp csrc/cpu_features.cpp -pthread
+//       csrc/binary_avx2.cpp csrc/parallel.cpp csrc/cpu_features.cpp csrc/epilogue.cpp -pthread
 #include <immintrin.h>
 
 #include <cstdint>
@@ -228,6 +228,28 @@ static void check_binary(std::mt19937_64& rng, PanelFn panel, bool planes, int m
         panel(planes ? lo.data() : x.data(), planes ? hi.data() : x.data(), KW, M, P0 + pi * ps, P1 + pi * ps, ps, np,
               KW, static_cast<int32_t>(p->Kbits), 0, pi * binary::NR, cnt, e, o);
     }
+    // the same panels with the threshold-bits epilogue (bit-packed output, flips)
+    const int64_t NW = (N + 63) / 64;
+    std::vector<int32_t> thr(N);
+    std::vector<uint8_t> flip(N);
+    for (int64_t n = 0; n < N; ++n) {
+        thr[n] = static_cast<int32_t>(rng() % (2 * K + 3)) - static_cast<int32_t>(K) - 1;
+        flip[n] = static_cast<uint8_t>(rng() & 1);
+    }
+    std::vector<uint64_t> bits(M * NW, 0);
+    wb::Epi eb;
+    eb.kind = wb::EPI_BITS;
+    eb.thr = thr.data();
+    eb.flip = flip.data();
+    wb::Out ob;
+    ob.ptr = bits.data();
+    ob.ldo = NW;
+    for (int64_t pi = 0; pi < p->PG; pi += mr_np) {
+        const int np = static_cast<int>(std::min<int64_t>(mr_np, p->PG - pi));
+        const int cnt = static_cast<int>(std::min<int64_t>(np * binary::NR, N - pi * binary::NR));
+        panel(planes ? lo.data() : x.data(), planes ? hi.data() : x.data(), KW, M, P0 + pi * ps, P1 + pi * ps, ps, np,
+              KW, static_cast<int32_t>(p->Kbits), 0, pi * binary::NR, cnt, eb, ob);
+    }
     ++g_cases;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
@@ -242,6 +264,14 @@ static void check_binary(std::mt19937_64& rng, PanelFn panel, bool planes, int m
                 if (g_mismatch < 10)
                     std::printf("binary %s M=%ld N=%ld K=%ld: (%ld,%ld) %d != %d\n", name, (long)M, (long)N, (long)K,
                                 (long)m, (long)n, out[m * N + n], dot);
+                ++g_mismatch;
+            }
+            const unsigned want = (dot >= thr[n] ? 1u : 0u) ^ flip[n];
+            const unsigned got = static_cast<unsigned>((bits[m * NW + n / 64] >> (n % 64)) & 1u);
+            if (want != got) {
+                if (g_mismatch < 10)
+                    std::printf("binary bits %s M=%ld N=%ld K=%ld: (%ld,%ld) %u != %u\n", name, (long)M, (long)N,
+                                (long)K, (long)m, (long)n, got, want);
                 ++g_mismatch;
             }
         }

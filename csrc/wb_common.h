@@ -2,17 +2,15 @@
 // Shared pieces of the 4.6-bit (w46_*.cpp) and binary (binary_*.cpp) kernel families:
 // epilogue descriptions, output addressing, aligned buffers and the portable / AVX2 epilogues.
 //
-// Epilogues (bit-exact with lowbit/kernels/reference.py::apply_epilogue):
-//   i32    : out = acc (int32)
-//   f32    : out = float32(acc) * scale[n] (+ fbias[n]); two roundings, never fused (no FMA)
-//   requant: out = clamp(((int64(acc) * m0[n] + 2^(rshift[n]-1)) >> rshift[n]) + zp, qmin, qmax),
-//            arithmetic shift, stored as uint8 or int8
-//   bits   : (binary only) bit = (acc >= thr[n]) XOR flip[n], packed 64 per uint64 word, bit n%64
-//            of word n/64 (little-endian), padding bits beyond N left 0.
+// Epilogues: the shared description in epilogue.h (bit-exact with lowbit/kernels/reference.py::
+// apply_epilogue); EPI_* below are its kinds as plain ints. For bits, bit n%64 of word n/64
+// (little-endian), padding bits beyond N left 0.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+
+#include "epilogue.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -22,7 +20,11 @@
 namespace lowbit {
 namespace wb {
 
-enum EpiKind : int { EPI_I32 = 0, EPI_F32 = 1, EPI_REQ_U8 = 2, EPI_REQ_S8 = 3, EPI_BITS = 4 };
+constexpr int EPI_I32 = static_cast<int>(EpiKind::none);
+constexpr int EPI_F32 = static_cast<int>(EpiKind::float_out);
+constexpr int EPI_REQ_U8 = static_cast<int>(EpiKind::requant_u8);
+constexpr int EPI_REQ_S8 = static_cast<int>(EpiKind::requant_s8);
+constexpr int EPI_BITS = static_cast<int>(EpiKind::bits);
 
 struct Epi {
     int kind = EPI_I32;
@@ -92,6 +94,13 @@ struct AlignedBuf {
 
 // ---------------------------------------------------------------- scalar epilogue (one value)
 
+// The byte stored for a requantized code: saturated to the output type, as the SIMD paths' packs do
+// (the bindings keep [qmin, qmax] inside that range, so this only matters for direct C++ callers).
+inline uint8_t code_byte(int32_t q, bool is_signed) {
+    if (is_signed) return static_cast<uint8_t>(static_cast<int8_t>(q < -128 ? -128 : (q > 127 ? 127 : q)));
+    return static_cast<uint8_t>(q < 0 ? 0 : (q > 255 ? 255 : q));
+}
+
 inline int32_t requant_one(int32_t acc, int32_t m0, int32_t rshift, int32_t zp, int32_t qmin, int32_t qmax) {
     int64_t v = static_cast<int64_t>(acc) * m0 + (int64_t(1) << (rshift - 1));
     v >>= rshift;  // arithmetic (C++20 guarantees it; GCC/Clang/MSVC always did)
@@ -124,9 +133,10 @@ inline void epi_row_scalar(const int32_t* acc, int64_t m, int64_t n0, int64_t no
         case EPI_REQ_U8:
         case EPI_REQ_S8: {
             uint8_t* p = static_cast<uint8_t*>(o.ptr);
+            const bool sgn = e.kind == EPI_REQ_S8;
             for (int c = 0; c < cnt; ++c) {
                 int32_t q = requant_one(acc[c], e.m0[n0 + c], e.rshift[n0 + c], e.zp, e.qmin, e.qmax);
-                p[ra.base + (nout + c) * ra.cs] = static_cast<uint8_t>(q & 0xff);
+                p[ra.base + (nout + c) * ra.cs] = code_byte(q, sgn);
             }
             break;
         }
@@ -267,7 +277,7 @@ LB_AVX2 static inline void epi_row_avx2(const int32_t* acc, int64_t m, int64_t n
             }
             for (; c < cnt; ++c) {
                 int32_t q = requant_one(acc[c], e.m0[n0 + c], e.rshift[n0 + c], e.zp, e.qmin, e.qmax);
-                p[ra.base + (nout + c) * ra.cs] = static_cast<uint8_t>(q & 0xff);
+                p[ra.base + (nout + c) * ra.cs] = code_byte(q, sgn);
             }
             break;
         }

@@ -1,47 +1,56 @@
-"""``lowbit bench kernels`` (lowbit.bench.kernels.run) on its quick configuration."""
+"""``lowbit bench kernels`` (lowbit.bench.kernels.run) on its quick configuration.
+
+Benchmarks are not timed tests: nothing here asserts a duration; the records must be complete and
+consistent, and every lowbit path this CPU runs must be measured. The test skips only when the native
+module is really absent.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import time
+import math
 
+import pytest
 import torch
 
 from lowbit.bench.kernels import QUICK_CASES, run
 
-KEYS = {"case", "impl", "path", "threads", "median_ms", "gops"}
+native = pytest.importorskip("lowbit.kernels.native")
+if not native.available():  # pragma: no cover - depends on the build
+    pytest.skip("lowbit._native is not built: the benchmark compares its kernels", allow_module_level=True)
+
+KEYS = {"case", "impl", "path", "threads", "median_ms", "gops", "repeats", "kernel", "vs_torch_fp32", "vs_torch_int8"}
+_RANK = {"portable": 0, "avx2": 2, "avx512bw": 3, "vnni": 4}
 
 
 def test_bench_quick(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
+    native_before = (native.num_threads(), native.isa_cap())
     records = run(threads=1, json_path=str(out), quick=True)
-    assert time.perf_counter() - t0 < 20
     assert torch.get_num_threads() == threads_before
-    on_disk = json.loads(out.read_text())
-    assert on_disk == records
+    assert (native.num_threads(), native.isa_cap()) == native_before  # restored
+    assert json.loads(out.read_text()) == records
     assert {r["case"] for r in records} == {c.name for c in QUICK_CASES}
     for r in records:
         assert KEYS <= set(r)
-        assert r["threads"] == 1 and r["median_ms"] > 0 and r["gops"] > 0
-        assert isinstance(r["path"], str)
-    impls = {r["impl"] for r in records}
-    expected = {"torch_fp32", "torch_int_mm", "torch_ao_int8"}
+        assert r["threads"] == 1 and r["repeats"] >= 1
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        case = next(c for c in QUICK_CASES if c.name == r["case"])
+        assert r["gops"] == pytest.approx(case.ops / (r["median_ms"] * 1e-3) / 1e9, rel=1e-9)
+    expected = {"torch_fp32", "torch_int_mm", "torch_ao_int8", "lowbit_int8", "lowbit_w46", "lowbit_binary"}
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
         expected.add("onnxruntime_int8")
-    try:
-        from lowbit import _native  # noqa: F401
-
-        expected |= {"lowbit_int8", "lowbit_w46", "lowbit_binary"}
-    except ImportError:  # pragma: no cover - depends on the build
-        pass
-    assert expected <= impls
     for case in QUICK_CASES:  # every implementation on every case
         assert expected <= {r["impl"] for r in records if r["case"] == case.name}
-    lowbit_paths = {r["path"] for r in records if r["impl"].startswith("lowbit_")}
-    assert "portable" in lowbit_paths or not lowbit_paths
+    best = native.best_isa()
+    runnable = {p for p in _RANK if best != "neon" and _RANK[p] <= _RANK.get(best, 0)} | {"portable"}
+    for fam in ("lowbit_int8", "lowbit_w46", "lowbit_binary"):
+        paths = {r["path"] for r in records if r["impl"] == fam}
+        assert "portable" in paths and paths <= runnable, (fam, paths)
+        kernels = [r["kernel"] for r in records if r["impl"] == fam and r["case"] == QUICK_CASES[0].name]
+        assert len(kernels) == len(set(kernels)), (fam, kernels)  # a cap running the same kernel is not repeated
     assert all(r["path"] == "" for r in records if not r["impl"].startswith("lowbit_"))
     table = capsys.readouterr().out
     assert "lowbit_w46" in table and "median ms" in table
@@ -49,4 +58,7 @@ def test_bench_quick(tmp_path, capsys):
 
 def test_bench_paths_filter():
     records = run(threads=1, quick=True, paths=["portable"])
-    assert {r["path"] for r in records if r["impl"].startswith("lowbit_")} <= {"portable"}
+    lb = [r for r in records if r["impl"].startswith("lowbit_")]
+    assert lb and {r["path"] for r in lb} == {"portable"}
+    with pytest.raises(ValueError, match="unknown dispatch path"):
+        run(threads=1, quick=True, paths=["sse9"])

@@ -285,14 +285,21 @@ def test_stages_of_gradual_freezing(digits_cnn):
     model, splits, _ = digits_cnn
     qm = lb.prepare(model, "ubq", calib=splits.calib, stage_epochs=(1, 1, 1, 1, 0.5))
     stages = lb.binary_info(qm)["stages"]
-    assert [s["layer"] for s in stages] == ["features.3", "features.7", "features.10", "fc1", "fc2"]
-    assert "features.0" in stages[0]["freeze"] and [s["epochs"] for s in stages] == [1, 1, 1, 1, 0.5]
+    # a sign belongs to the layer whose output it takes: the 8-bit first layer's stage switches on the sign of
+    # its output, the 8-bit last layer (no binarizer) freezes with the stage before it
+    assert [s["layer"] for s in stages] == ["features.0", "features.3", "features.7", "features.10", "fc1"]
+    assert stages[0]["binarizers"] == ["ab_features_0_bn"] and "features_0_bn" in stages[0]["freeze"]
+    assert stages[1]["binarizers"] == ["features.3.weight_quantizer", "ab_features_6"]
+    assert "fc2" in stages[4]["freeze"] and [s["epochs"] for s in stages] == [1, 1, 1, 1, 0.5]
     bins = {n: m for n, m in qm.named_modules() if isinstance(m, Binarizer)}
     assert not any(bool(b.enabled) for b in bins.values())  # gradual: nothing binary before its stage
     bn = qm.get_submodule("features_3_bn")
     lb.begin_stage(qm, 0, 10)
-    assert [n for n, b in bins.items() if b.enabled] == sorted(stages[0]["binarizers"], key=list(bins).index)
     lb.end_stage(qm, 0)
+    lb.begin_stage(qm, 1, 10)
+    on = stages[0]["binarizers"] + stages[1]["binarizers"]
+    assert [n for n, b in bins.items() if b.enabled] == sorted(on, key=list(bins).index)
+    lb.end_stage(qm, 1)
     assert not any(p.requires_grad for p in qm.get_submodule("features.3").parameters())
     assert not any(p.requires_grad for p in qm.get_submodule("features.0").parameters())
     assert any(p.requires_grad for p in qm.get_submodule("fc1").parameters())
@@ -300,10 +307,10 @@ def test_stages_of_gradual_freezing(digits_cnn):
     qm.train()(splits.train.tensors[0][:32])
     assert torch.equal(bn.running_mean, stats) and bool(bn.frozen)  # a frozen BatchNorm is a fixed threshold
     rev = lb.prepare(model, "ubq", calib=splits.calib, order=("reverse",))
-    assert [s["layer"] for s in lb.binary_info(rev)["stages"]] == ["fc2", "fc1", "features.10", "features.7",
-                                                                     "features.3"]
+    assert [s["layer"] for s in lb.binary_info(rev)["stages"]] == ["fc1", "features.10", "features.7",
+                                                                     "features.3", "features.0"]
     named = lb.prepare(model, "ubq", calib=splits.calib, order=("fc1", "features.3", "features.7", "features.10",
-                                                                "fc2"))
+                                                                "features.0"))
     assert lb.binary_info(named)["stages"][0]["layer"] == "fc1"
     with pytest.raises(ValueError, match="every binarized layer"):
         lb.prepare(model, "ubq", calib=splits.calib, order=("fc1",))

@@ -1,12 +1,15 @@
 """The lowbit command end to end on digits, and its errors (non-zero exit, one clear line)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import lowbit
 from lowbit.cli import main
+from lowbit.evaluate import FloatIO
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -23,19 +26,46 @@ def ckpt(digits_cnn, tmp_path, monkeypatch):
     return path
 
 
-def test_quantize_then_eval(ckpt, tmp_path, capsys):
+def _accuracy(model, splits) -> float:
+    """Top-1 accuracy in percent, counted here: the saved model on the test split, inputs quantized as its
+    meta says (the integer arithmetic itself is checked in tests/test_exact_models.py)."""
+    x, y = splits.test.tensors
+    with torch.no_grad():
+        pred = FloatIO(model)(x).argmax(-1)
+    return 100.0 * int((pred == y).sum()) / len(y)
+
+
+def _printed_accuracy(text: str, after: str) -> float:
+    m = re.search(re.escape(after) + r"\s*([0-9.]+)%", text)
+    assert m, text
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def digits_splits():
+    from lowbit.data import load_dataset
+
+    return load_dataset("digits")  # what the CLI loads by default
+
+
+def test_quantize_then_eval(ckpt, tmp_path, capsys, digits_cnn, digits_splits):
     out = tmp_path / "q.lowbit"
     rc = main(["quantize", "small_cnn", "--checkpoint", str(ckpt), "--method", "full_integer",
                "--option", "io_dtype=int8", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "full_integer: test accuracy" in text and "input  int8" in text
-    assert lowbit.load(out).lowbit_meta["input"]["dtype"] == "int8"
+    assert "input  int8" in text
+    q = lowbit.load(out)
+    assert q.lowbit_meta["input"]["dtype"] == "int8"
+    acc = _accuracy(q, digits_splits)
+    assert _printed_accuracy(text, "full_integer: test accuracy") == round(acc, 2)
+    assert abs(acc - _accuracy(digits_cnn[0], digits_splits)) <= 0.5  # the quality bar of issue 2
     assert main(["eval", str(out), "--repeats", "3"]) == 0
-    assert "method full_integer" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "method full_integer" in text and _printed_accuracy(text, "test accuracy") == round(acc, 2)
 
 
-def test_compare_writes_report_and_chosen_model(ckpt, tmp_path, capsys):
+def test_compare_writes_report_and_chosen_model(ckpt, tmp_path, capsys, digits_cnn, digits_splits):
     rc = main(["compare", "small_cnn", "--checkpoint", str(ckpt), "--methods", "dynamic,static,float16",
                "--repeats", "3", "--report-dir", str(tmp_path / "rep"), "--out", str(tmp_path / "best.lowbit")])
     assert rc == 0
@@ -49,8 +79,15 @@ def test_compare_writes_report_and_chosen_model(ckpt, tmp_path, capsys):
         assert (tmp_path / "rep" / name).stat().st_size > 0
     best = lowbit.load(tmp_path / "best.lowbit")
     assert best.lowbit_meta["method"] == data["chosen"]
+    acc = {r["method"]: r["accuracy"] for r in data["results"]}
+    assert acc["float"] == pytest.approx(_accuracy(digits_cnn[0], digits_splits), abs=1e-9)
+    assert acc[data["chosen"]] == pytest.approx(_accuracy(best, digits_splits), abs=1e-9)
+    for method, bar in (("dynamic", 1.5), ("static", 0.5), ("float16", 0.1)):  # points below float
+        assert acc["float"] - acc[method] <= bar, (method, acc)
+    sizes = {r["method"]: r["size_bytes"] for r in data["results"]}
+    assert sizes["static"] <= 0.27 * sizes["float"] and sizes["float16"] <= 0.51 * sizes["float"]
     for r in data["results"]:
-        assert r["size_bytes"] > 0 and r["latency_ms"] > 0 and 0 <= r["accuracy"] <= 100
+        assert r["latency_ms"] > 0
 
 
 def test_select_seed_study(capsys):

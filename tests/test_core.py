@@ -12,6 +12,7 @@ import lowbit
 from lowbit import kernels
 from lowbit.evaluate import model_input
 from lowbit.formats import BinaryFormat, IntRange, PerTensor, QSpec, apot_levels, odd_levels
+from lowbit.formats.packing import radix_group, storage_scheme
 from lowbit.kernels import PackedInt8, pack_weights, weights_from_storage
 from lowbit.kernels.binary import PackedBinary, binary_linear_ref
 from lowbit.kernels.reference import int8_gemm_ref
@@ -45,7 +46,10 @@ def test_packed_weight_protocol(fmt, kernel, extra):
     assert (p.out_features, p.in_features) == (6, 70)
     attrs, tensors = p.storage()
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    assert nbytes == (6 * 70 * fmt.bits + 7) // 8  # stored at the format's width
+    if storage_scheme(fmt) == "radix":  # 21 levels: 7 codes per 32-bit word, 4.57 bits each
+        assert nbytes == 4 * -(-6 * 70 // radix_group(fmt)) < (6 * 70 * fmt.bits + 7) // 8
+    else:
+        assert nbytes == (6 * 70 * fmt.bits + 7) // 8  # stored at the format's width
     for clone in (weights_from_storage(attrs, tensors), copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
         assert type(clone) is type(p) and torch.equal(clone.codes, p.codes) and clone.format == p.format
     g = torch.Generator().manual_seed(1)
@@ -57,8 +61,9 @@ def test_packed_weight_protocol(fmt, kernel, extra):
     elif kernel == "w46":
         x = torch.randint(0, 25, (5, 70), dtype=torch.uint8, generator=g)
         assert torch.equal(p.linear(x, 12), w46_linear_ref(x, 12, codes))
+        assert torch.equal(p.linear(x, 3), w46_linear_ref(x, 12, codes, zp=3))  # any zero point in [0, 2 K_x]
         with pytest.raises(ValueError, match="zero point"):
-            p.linear(x, 3)
+            p.linear(x, 25)
     else:
         x = torch.randint(0, 256, (5, 70), dtype=torch.uint8, generator=g)
         assert torch.equal(pickle.loads(pickle.dumps(p)).linear(x, 7), int8_gemm_ref(x, 7, codes))

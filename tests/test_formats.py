@@ -1,4 +1,4 @@
-"""Quantization math against hand computations (methods.md §0)."""
+"""Quantization math against hand computations (docs/methods.md)."""
 
 import math
 
@@ -106,6 +106,26 @@ def test_requantize_matches_real_arithmetic():
     exact = torch.floor(acc.double() * mult + 0.5) + 7
     assert (out.double() - exact).abs().max() <= 1  # only ties at the mantissa's last bit differ
     assert (out.double() == exact).float().mean() > 0.99
+
+
+def test_requantize_and_multiplier_match_spec():
+    """Bit-exact against tests/_spec.py: multipliers over the whole range (mantissas that round up into the
+    next power of two included) and accumulators up to the int32 extremes."""
+    import numpy as np
+
+    import _spec as S
+
+    g = torch.Generator().manual_seed(1)
+    mult = torch.cat([2.0 ** (torch.rand(500, generator=g, dtype=torch.float64) * 58 - 30),
+                      torch.tensor([1.0 - 2.0**-40, 0.5, 2.0**-30 * (1 - 2.0**-35), 0.999999])])
+    m0, sh = quantize_multiplier(mult)
+    want = [S.multiplier(float(v)) for v in mult]
+    assert m0.tolist() == [w[0] for w in want] and sh.tolist() == [w[1] for w in want]
+    acc = torch.randint(-(2**31), 2**31 - 1, (7, len(mult)), dtype=torch.int32, generator=g)
+    acc[0], acc[1] = 2**31 - 1, -(2**31)
+    out = requantize(acc, m0, sh, 5, -(2**31), 2**31 - 1)
+    spec = S.requant(acc.numpy(), m0.numpy()[None, :], sh.numpy()[None, :], 5, -(2**31), 2**31 - 1)
+    assert np.array_equal(out.numpy().astype(np.int64), spec)
 
 
 def test_requantize_extremes_do_not_overflow():

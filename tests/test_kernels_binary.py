@@ -1,26 +1,31 @@
-"""Binary (±1) kernels (lowbit.kernels.binary, csrc/binary*.cpp) against the plain-PyTorch reference.
+"""Binary (±1) kernels (lowbit.kernels.binary, csrc/binary*.cpp) against the independent specification.
 
-Every dispatch path the machine can run is tested (the others are skipped with the reason); results must
-be bit-identical to ``binary_linear_ref`` / ``binary_conv2d_ref``: padding bits, all epilogues (raw dot,
-float, packed threshold bits), convolution geometry, pad value, chaining and thread count.
+Every dispatch path the machine can run is tested (the others are skipped with the reason; the AVX-512 paths
+also run under emulation in tests/test_emulation.py), and so is the plain-PyTorch fallback
+(``LOWBIT_KERNELS=torch``); results must be bit-identical to tests/_spec.py (NumPy; its bit packing is its
+own): padding bits, all epilogues (raw dot, float, packed threshold bits), convolution geometry, pad value,
+chaining and thread count.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+import _spec as S
+from _spec_modules import spec_epilogue
 from lowbit.kernels.binary import (
     PackedBinary,
     Threshold,
     binary_conv2d,
-    binary_conv2d_ref,
     binary_linear,
-    binary_linear_ref,
     pack_binary,
     pack_bits,
     unpack_bits,
 )
+from lowbit.kernels.binary import binary_conv2d_ref as lib_conv2d_ref
+from lowbit.kernels.binary import binary_linear_ref as lib_linear_ref
 from lowbit.kernels.epilogue import FloatOut, Requant
 
 try:
@@ -31,8 +36,21 @@ except ImportError:  # pragma: no cover - depends on the build
     nat = None
     HAVE_NATIVE = False
 
-ISAS = ["portable", "avx2", "avx512bw", "vnni"]
-_ORDER = {"portable": 0, "neon": 1, "avx2": 2, "avx512bw": 3, "vnni": 4}
+
+
+def _signs_np(x: torch.Tensor) -> np.ndarray:
+    """+1 where x > 0 (True for bool), else -1, as int64."""
+    return np.where(x.numpy() > 0, 1, -1).astype(np.int64)
+
+
+def binary_linear_ref(x, w, epi=None) -> torch.Tensor:
+    """The specification: epi(sum_k sign(x) * sign(w)), NumPy (tests/_spec.py)."""
+    return spec_epilogue(S.linear_acc(_signs_np(x), _signs_np(w)), epi, -1)
+
+
+def binary_conv2d_ref(x, w, epi=None, stride=1, padding=0, dilation=1, groups=1, pad_value=-1) -> torch.Tensor:
+    dot = S.conv_acc(_signs_np(x.contiguous()), _signs_np(w), None, stride, padding, dilation, groups, pad_value)
+    return spec_epilogue(dot, epi, 1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,19 +59,6 @@ def _torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest):
-    if not HAVE_NATIVE:
-        pytest.skip("lowbit._native is not built")
-    best = nat.best_isa()
-    if request.param != "portable" and (best == "neon" or _ORDER[request.param] > _ORDER[best]):
-        pytest.skip(f"this CPU cannot run the {request.param} path (best ISA here: {best})")
-    prev = nat.active_isa()
-    nat.set_isa_cap(request.param)
-    yield request.param
-    nat.set_isa_cap(prev)
 
 
 @pytest.fixture
@@ -102,12 +107,30 @@ def test_pack_bits_layout():
         assert torch.equal(unpack_bits(pack_bits(s), K), s.to(torch.int8))
 
 
-def test_pack_bits_native_matches_torch(monkeypatch: pytest.MonkeyPatch):
+def test_pack_bits_native_and_torch_match_spec(monkeypatch: pytest.MonkeyPatch):
     g = torch.Generator().manual_seed(1)
-    s = _signs((7, 200), g)
-    a = pack_bits(s)
-    monkeypatch.setenv("LOWBIT_KERNELS", "torch")
-    assert torch.equal(pack_bits(s), a)
+    for K in (1, 63, 64, 65, 200):
+        s = _signs((7, K), g)
+        want = torch.from_numpy(S.pack_bits(s.numpy() > 0))
+        assert torch.equal(pack_bits(s), want)
+        monkeypatch.setenv("LOWBIT_KERNELS", "torch")
+        assert torch.equal(pack_bits(s), want)
+        monkeypatch.delenv("LOWBIT_KERNELS")
+
+
+def test_reference_matches_spec():
+    """lowbit's own plain-PyTorch reference (the fallback) is the specification too."""
+    g = torch.Generator().manual_seed(9)
+    x = _signs((5, 130), g)
+    w = _signs((70, 130), g)
+    for epi in _epilogues(70, 130, g):
+        assert torch.equal(lib_linear_ref(x, w, epi), binary_linear_ref(x, w, epi)), epi
+    xc = _signs((2, 6, 7, 8), g)
+    wc = _signs((8, 3, 3, 3), g)
+    for pad_value in (-1, 1):
+        for epi in _epilogues(8, 27, g):
+            got = lib_conv2d_ref(xc, wc, epi, 2, 1, 1, 2, pad_value)
+            assert torch.equal(got, binary_conv2d_ref(xc, wc, epi, 2, 1, 1, 2, pad_value)), epi
 
 
 # --------------------------------------------------------------------------------------------- linear

@@ -7,19 +7,18 @@ import torch
 from torch import nn
 
 import lowbit
+from _spec_modules import check_layers
 from lowbit.evaluate import FloatIO, accuracy, model_input
 from lowbit.io import ModelFileError, file_size
 from lowbit.methods.integer_graph import UnsupportedForIntegerError
-from lowbit.models import build
 from lowbit.nn import DynamicQConv, DynamicQLinear, F16Layer, QAdd, QAvgPool2d, QConv, QLinear
 
 MODES = ["dynamic", "static", "full_integer", "float16"]
 
 
 @pytest.fixture(scope="module")
-def quantized(digits_cnn):
-    model, splits, _ = digits_cnn
-    return {m: lowbit.quantize(model, m, calib=splits.calib) for m in MODES}
+def quantized(digits_quantized):
+    return {m: digits_quantized[m] for m in MODES}
 
 
 def _float_file(model, splits):
@@ -74,6 +73,12 @@ def test_static_runs_integer_arithmetic(quantized, digits_cnn):
     assert all(s[1:] == (torch.uint8, torch.uint8, torch.int8) for s in seen)
 
 
+# Relative output error against the float model on 200 digits test images, measured (CPU-independent:
+# integer layers are bit-exact, tests/test_exact_models.py) and given about twice that as the bar:
+# dynamic 0.0048, static / full_integer 0.0107, float16 0.00012.
+REL_ERROR_BAR = {"dynamic": 0.01, "static": 0.02, "full_integer": 0.02, "float16": 0.0003}
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_close_to_float(mode, digits_cnn, quantized):
     model, splits, _ = digits_cnn
@@ -83,9 +88,28 @@ def test_close_to_float(mode, digits_cnn, quantized):
         out = FloatIO(quantized[mode])(x)
     assert out.dtype == torch.float32
     agree = (ref.argmax(1) == out.argmax(1)).float().mean().item()
-    assert agree >= 0.97
+    assert agree >= 0.99  # measured 0.995 (static) to 1.0
     rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < (0.002 if mode == "float16" else 0.15)
+    assert rel < REL_ERROR_BAR[mode], rel
+
+
+def test_float16_weights_are_rounded_float32(digits_cnn, quantized):
+    """float16 layers hold exactly the float16 rounding (round to nearest even) of the folded float weights."""
+    import numpy as np
+
+    from lowbit.graph import Fused, prepare
+
+    model, splits, _ = digits_cnn
+    gm = prepare(model, splits.calib.tensors[0][:1]).gm
+    n = 0
+    for name, mod in quantized["float16"].named_modules():
+        if isinstance(mod, F16Layer):
+            ref = gm.get_submodule(name)
+            ref = ref.layer if isinstance(ref, Fused) else ref
+            want = ref.weight.detach().numpy().astype(np.float16)
+            assert np.array_equal(mod.weight.numpy().reshape(want.shape), want), name
+            n += 1
+    assert n >= 5
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -138,16 +162,9 @@ class _Unsupported(nn.Module):
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet"])
-def test_residual_and_depthwise_models(name, digits_cnn):
+def test_residual_and_depthwise_models(name, digits_cnn, residual_models):
     _, splits, _ = digits_cnn
-    torch.manual_seed(0)
-    model = build(name, 1, 10, 8).eval()
-    # give BatchNorm realistic statistics
-    model.train()
-    with torch.no_grad():
-        model(splits.train.tensors[0][:256])
-    model.eval()
-    q = lowbit.quantize(model, "static", calib=splits.calib)
+    q, model = residual_models[0][name]
     kinds = {type(m) for m in q.modules()}
     assert QConv in kinds
     if name == "resnet20":
@@ -155,20 +172,26 @@ def test_residual_and_depthwise_models(name, digits_cnn):
     if any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)) for m in model.modules()):
         assert QAvgPool2d in kinds
     x = splits.test.tensors[0][:64]
-    with torch.no_grad():
+    with torch.no_grad():  # every integer module is exact (tests/test_exact_models.py); here the float error
         ref, out = model(x), q(x)
-    cos = torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0).item()
-    assert cos > 0.97, cos
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < {"resnet20": 0.02, "mobilenet": 0.006}[name], rel  # measured 0.0116 / 0.0032: about 2x
     assert not q.lowbit_meta["float_ops"]
 
 
 def test_static_leaves_unsupported_float_and_lists_it(digits_cnn):
     _, splits, _ = digits_cnn
+    torch.manual_seed(0)  # the bound below was measured on seeded models; unseeded, it depended on test order
     model = _Unsupported().eval()
     q = lowbit.quantize(model, "static", calib=splits.calib)
     assert any("sigmoid" in s for s in q.lowbit_meta["float_ops"])
     x = splits.test.tensors[0][:32]
-    assert torch.allclose(q(x), model(x), atol=0.1)
+    out, n = check_layers(q, x)  # the integer modules around the float sigmoid are exact
+    assert n >= 4
+    s_out = next(m.out_scale for m in q.modules() if isinstance(m, QLinear))
+    with torch.no_grad():
+        err = (out - model(x)).abs().max().item()
+    assert err <= 2 * s_out, err / s_out  # within two output codes (measured 1.0-1.6 over three seeds)
 
 
 def test_full_integer_rejects_unsupported_layer(digits_cnn):
@@ -271,7 +294,8 @@ def test_conv1d_models(mode, tmp_path):
     q = lowbit.quantize(m, mode, calib=x)
     with torch.no_grad():
         ref, out = m(x), FloatIO(q)(x)
-        assert ((out - ref).norm() / ref.norm()).item() < 0.05
+        # measured 0.0054-0.0090 (int8 modes), 0.0002-0.0003 (float16) over three seeds
+        assert ((out - ref).norm() / ref.norm()).item() < (0.0005 if mode == "float16" else 0.015)
         r = lowbit.load(lowbit.save(q, tmp_path / "c1.lowbit"))
         xi = model_input(q, x)
         assert torch.equal(q(xi), r(xi))

@@ -1,4 +1,4 @@
-"""Objective, selection and report (methods.md §1): the seed-study vector, CLI, errors, report files."""
+"""Objective, selection and report (docs/methods.md): the seed-study vector, CLI, errors, report files."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lowbit.select import (
 
 SEED_CSV = Path(__file__).resolve().parents[1] / "examples" / "seed_study.csv"
 
-# methods.md §1: L per variant, lowbit's sign and the seed study's printed sign
+# docs/methods.md, "Choosing a method": L per variant, lowbit's sign and the seed study's printed sign
 EXPECTED = {"U0-float": 0.00, "U1-dynamic": 0.39, "U2-static": 19.31, "U3-full-integer": 19.44,
             "U4-float16": -0.50}
 EXPECTED_PAPER = dict(EXPECTED, **{"U1-dynamic": 0.21})

@@ -21,6 +21,9 @@ EXIT_ERROR = 2
 #: command of its own is its module plus one line here (this file stays out of every feature's diff).
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
+    "lowbit.export.cli",
+    "lowbit.qat.cli",
+    "lowbit.study.cli",
 )
 
 
@@ -184,6 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
         save_chosen=args.out, meta={"model": args.model, "dataset": splits.name},
+        train=splits.train, test=splits.test,
     )
     print()
     print(res.table())
@@ -201,10 +205,12 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import lowbit
+    from lowbit.eval_custom import cmd_eval_metric, load_file
     from lowbit.evaluate import accuracy, measure_latency, model_input
 
-    model = lowbit.load(args.file, verify=not args.no_verify)
+    model = load_file(args)
+    if args.metric:
+        return cmd_eval_metric(args, model)
     splits = _load_data(args)
     acc = accuracy(model, splits.test)
     x = model_input(model, splits.test.tensors[0][: args.batch_size])
@@ -232,6 +238,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit import kernels
 
+    if getattr(args, "file", None):
+        from lowbit.fileinfo import describe_file, format_file_info
+
+        print(format_file_info(describe_file(args.file, verify=not args.no_verify)))
+        return 0
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     try:
         from lowbit import _native
@@ -309,11 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(sp)
     sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check (its fields are "
                                                              "still validated)")
+    sp.add_argument("--metric", default=None, metavar="PKG.MOD:FN",
+                    help="score with your function (called with the model, returns a number or a dict of numbers) "
+                         "instead of accuracy on --data; latency on inputs like the model's recorded example")
+    sp.add_argument("--model", default=None, metavar="PKG.MOD:FN",
+                    help="builds the float model a weights-only file is loaded into")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
-    sp = sub.add_parser("info", help="CPU features and kernel backend")
+    sp = sub.add_parser("info", help="CPU features and kernel backend; with FILE: what a saved model holds "
+                                     "(layers, kernels, bits per weight)")
+    sp.add_argument("file", nargs="?", default=None, help="a lowbit model file")
+    sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")
@@ -335,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse printed the usage and the bad argument: a return code, as for errors
         return e.code if isinstance(e.code, int) else EXIT_ERROR
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the exact command, for reports
     try:
         from lowbit import kernels
 

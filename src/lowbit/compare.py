@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 import lowbit
@@ -78,18 +79,31 @@ def compare(
     save_chosen: str | os.PathLike[str] | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    train: Any = None,
+    test: Any = None,
+    models: dict[str, nn.Module] | None = None,
 ) -> CompareResult:
     """Quantize ``model`` by each method, measure file size, latency and accuracy, choose by L.
 
     eval_fn(model) -> accuracy in percent; it receives float-in/float-out models (full-integer ones
     are wrapped to quantize their input), so one function serves every method. The float model
-    (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``.
+    (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``. Training-aware methods
+    (``lsq``, ...) take part when named and given labelled ``train`` data (``test`` is only reported
+    during their training). ``models``: candidates already quantized (name -> lowbit model, e.g. from
+    ``lowbit qat``), measured and scored beside the methods.
     """
     lam = Lambdas.parse(lambdas) if isinstance(lambdas, str) else lambdas
+    models = dict(models or {})
     # by default every post-training method; training-aware ones (they train for minutes) when named
-    methods = list(methods) if methods else [m for m in available_methods() if not get_method(m).needs_training_data]
+    if methods is None:
+        methods = [m for m in available_methods() if not get_method(m).needs_training_data]
+    methods = list(methods)
     for name in methods:
-        get_method(name)  # unknown names fail before any work
+        if get_method(name).needs_training_data and train is None:  # unknown names fail here too, before work
+            raise ValueError(f"method {name!r} trains the model: pass labelled training data (train=)")
+    clash = sorted(set(models) & (set(methods) | {BASELINE}))
+    if clash:
+        raise ValueError(f"candidate name(s) {clash} given both as a method and as a ready model")
     if len(set(methods)) != len(methods):
         raise ValueError("a method is listed twice")
     check_counts(batch_size=batch_size, repeats=repeats, threads=threads, warmup=warmup)
@@ -115,14 +129,14 @@ def compare(
     bench_input = bench[0] if len(bench) == 1 else bench
 
     candidates: dict[str, nn.Module] = {}
-    float_gm: fx.GraphModule = prepare(model, example_input).gm
-    float_gm.lowbit_meta = {"method": BASELINE, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
-    candidates[BASELINE] = float_gm
+    candidates[BASELINE] = _baseline(model, example_input, methods)
     bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
+        extra = {"train": train, "test": test} if get_method(name).needs_training_data else {}
         candidates[name] = quantize(model, name, calib=calib, config=configs.get(name),
-                                    example_input=example_input)
+                                    example_input=example_input, **extra)
+    candidates.update(models)
 
     rows: list[dict[str, Any]] = []
     tmpdir = Path(tempfile.mkdtemp(prefix="lowbit-compare-"))
@@ -171,6 +185,24 @@ def compare(
         }
         report = write_report(rows, report_dir, chosen, lam, info)
     return CompareResult(rows, chosen, candidates, report, saved)
+
+
+def _baseline(model: nn.Module, example: Any, methods: list[str]) -> nn.Module:
+    """The float model as lowbit prepares it (BatchNorm folded; through torch.export when torch.fx cannot
+    trace it), or, for a model no graph captures (control flow on tensor values), the model itself when
+    every method compared needs no graph."""
+    meta = {"method": BASELINE, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
+    try:
+        base: nn.Module = prepare(model, example).gm
+    except ValueError as e:
+        graph_methods = [m for m in methods if get_method(m).needs_graph]
+        if graph_methods:
+            raise ValueError(f"{e} (methods that need one: {', '.join(graph_methods)})") from e
+        base = copy.deepcopy(model).eval().requires_grad_(False)
+        meta["graph"] = "module"
+    base.lowbit_meta = meta
+    base.lowbit_example = example
+    return base
 
 
 class _CallableModule(types.ModuleType):

@@ -92,22 +92,31 @@ class Latency:
         return self.median_ms / self.batch_size
 
 
+def _native_kernels() -> Any:
+    try:
+        from lowbit.kernels import native
+    except ImportError:  # pragma: no cover - the wrappers ship with the package
+        return None
+    return native if native.available() else None
+
+
 @contextmanager
 def torch_threads(n: int | None):
+    """Run the block with ``n`` threads for torch and for lowbit's kernels (None: leave both as they are);
+    both counts are restored on exit, also after an exception."""
     old = torch.get_num_threads()
+    nat = _native_kernels() if n else None
+    old_nat = nat.num_threads() if nat is not None else None
     if n:
         torch.set_num_threads(n)
-        try:
-            from lowbit.kernels import native
-
-            if native.available():
-                native.set_num_threads(n)
-        except ImportError:
-            pass
+        if nat is not None:
+            nat.set_num_threads(n)
     try:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(old)
+        if nat is not None and old_nat is not None:
+            nat.set_num_threads(old_nat)
 
 
 def measure_latency(

@@ -1,4 +1,4 @@
-"""Choosing a quantization method by a weighted objective (methods.md §1).
+"""Choosing a quantization method by a weighted objective (docs/methods.md, "Choosing a method").
 
 Every candidate is measured against the float model (the *baseline*, ``U0``) on three axes: file size
 ``S``, latency ``T`` and accuracy ``A``. The objective is the weighted sum of relative changes

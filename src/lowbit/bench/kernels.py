@@ -241,6 +241,18 @@ def _set_threads(n: int) -> None:
         nat.set_num_threads(n)
 
 
+def _native_settings() -> tuple[str, int]:
+    """The process-wide ISA cap and lowbit's thread count, to restore after a run."""
+    nat = _native()
+    cap = str(nat.isa_cap()) if hasattr(nat, "isa_cap") else "vnni"
+    try:
+        from lowbit.kernels import native as nv
+
+        return cap, nv.num_threads()
+    except ImportError:  # pragma: no cover
+        return cap, int(nat.num_threads())
+
+
 def _paths(paths: list[str] | None) -> list[str]:
     nat = _native()
     if nat is None:
@@ -261,6 +273,7 @@ def _paths(paths: list[str] | None) -> list[str]:
 def _kernel_name(family: str, path: str) -> str:
     """Kernel the family runs at this ISA cap (to drop caps that run the same kernel as a higher one)."""
     nat = _native()
+    prev = str(nat.isa_cap()) if hasattr(nat, "isa_cap") else "vnni"
     _set_isa(path)
     try:
         if family == "int8":
@@ -269,7 +282,7 @@ def _kernel_name(family: str, path: str) -> str:
             return str(nat.w46_path())
         return str(nat.binary_path())
     finally:
-        _set_isa("vnni")
+        _set_isa(prev)
 
 
 def _lowbit_impls(case: Case, paths: list[str], g: torch.Generator) -> list[Impl]:
@@ -384,9 +397,10 @@ def run(
     if quick:
         repeats, warmup = min(repeats, 3), min(warmup, 1)
     budget = 0.3 if quick else 3.0
+    lb_paths = _paths(paths)
+    prev_cap, prev_threads = _native_settings() if lb_paths else ("vnni", 0)
     prev_torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    lb_paths = _paths(paths)
     if lb_paths:
         _set_threads(threads)
     records: list[dict] = []
@@ -420,7 +434,8 @@ def run(
     finally:
         torch.set_num_threads(prev_torch_threads)
         if lb_paths:
-            _set_isa("vnni")
+            _set_isa(prev_cap)
+            _set_threads(prev_threads)
     _print_table(records)
     if json_path:
         files.write_text(json_path, json.dumps(records, indent=1))

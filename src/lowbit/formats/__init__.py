@@ -22,7 +22,7 @@ from .affine import (
 )
 from .granularity import Granularity, PerAxis, PerGroup, PerTensor, parse_granularity
 from .levels import BinaryFormat, Codebook, Format, IntRange, apot_levels, format_from_dict, odd_levels
-from .packing import pack_codes, unpack_codes
+from .packing import pack_codes, pack_codes_radix, storage_bits, storage_scheme, unpack_codes, unpack_codes_radix
 from .qspec import QSpec, as_spec
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "format_from_dict",
     "odd_levels",
     "pack_codes",
+    "pack_codes_radix",
     "parse_granularity",
     "quantize",
     "quantize_bias",
@@ -53,4 +54,7 @@ __all__ = [
     "qrange",
     "requantize",
     "unpack_codes",
+    "unpack_codes_radix",
+    "storage_bits",
+    "storage_scheme",
 ]

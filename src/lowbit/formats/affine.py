@@ -1,6 +1,7 @@
 """Affine integer formats: what numbers a quantized tensor can hold, and the exact integer math.
 
-``real = scale * (q - zero_point)`` (methods.md §0). Pure functions on tensors, no state.
+``real = scale * (q - zero_point)`` (docs/methods.md, "Formats and the integer scheme"). Pure functions
+on tensors, no state.
 
 Requantization follows Jacob et al. (CVPR 2018): a real multiplier ``M`` (``s_in * s_w / s_out``) is
 stored as a Q31 fixed-point mantissa ``m0`` in ``[2^30, 2^31)`` (i.e. ``M0 = m0 / 2^31`` in
@@ -35,6 +36,7 @@ __all__ = [
     "fake_quantize",
     "quantize_multiplier",
     "requantize",
+    "add_multipliers",
     "quantize_bias",
 ]
 
@@ -92,9 +94,9 @@ class QFormat(Format):
         return torch.int8 if self.signed else torch.uint8
 
 
-#: methods.md §0: weights int8 symmetric in [-127, 127], zero point 0.
+#: docs/methods.md: weights int8 symmetric in [-127, 127], zero point 0.
 INT8_WEIGHT = QFormat(bits=8, signed=True, symmetric=True, narrow=True)
-#: methods.md §0: activations per tensor, asymmetric uint8.
+#: docs/methods.md: activations per tensor, asymmetric uint8.
 UINT8_ACT = QFormat(bits=8, signed=False, symmetric=False, narrow=False)
 
 
@@ -112,6 +114,26 @@ def _as_tensor(v: torch.Tensor | float) -> torch.Tensor:
     return v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
 
 
+def _choose_qparams_one(min_val: float, max_val: float, fmt: QFormat, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose_qparams` of one range given as Python floats: the same float64 operations in the same
+    order (Python's ``round`` rounds half to even like ``torch.round``), without tensor overhead."""
+    lo, hi = min(min_val, 0.0), max(max_val, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("cannot choose quantization parameters for a range with NaN or Inf")
+    qmin, qmax = fmt.qmin, fmt.qmax
+    if fmt.symmetric:
+        amax = max(-lo, hi)
+        if fmt.signed:
+            scale, zp = amax / float(min(-qmin, qmax)), 0.0
+        else:
+            scale, zp = 2 * amax / float(qmax - qmin), float((qmin + qmax + 1) // 2)
+    else:
+        scale = (hi - lo) / float(qmax - qmin)
+        zp = float(min(max(round(qmin - lo / max(scale, eps)), qmin), qmax))
+    scale = max(scale, eps) if hi - lo > 0 else 1.0
+    return torch.tensor(scale, dtype=torch.float32), torch.tensor(int(zp), dtype=torch.int32)
+
+
 def choose_qparams(
     min_val: torch.Tensor | float,
     max_val: torch.Tensor | float,
@@ -126,6 +148,8 @@ def choose_qparams(
     real zero. ``fmt`` may be any level set: its extreme levels ``qmin`` and ``qmax`` map onto the range.
     Returns (scale float32, zero_point int32).
     """
+    if type(min_val) is float and type(max_val) is float and type(fmt) is QFormat:
+        return _choose_qparams_one(min_val, max_val, fmt, eps)  # per call (dynamic layers): no tensor ops
     lo = torch.minimum(_as_tensor(min_val), torch.zeros(()))
     hi = torch.maximum(_as_tensor(max_val), torch.zeros(()))
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
@@ -245,6 +269,29 @@ def requantize(
     v = acc.to(torch.int64) * m + torch.bitwise_left_shift(torch.ones_like(r), r - 1)
     out = torch.bitwise_right_shift(v, r) + zero_point
     return torch.clamp(out, qmin, qmax).to(torch.int32)
+
+
+def add_multipliers(s_a: float, s_b: float, s_out: float) -> tuple[int, int, int]:
+    """Integer multipliers of a residual add ``out = a + b`` (scales ``s_a``, ``s_b`` -> ``s_out``).
+
+    ``M_a = s_a / s_out``, ``M_b = s_b / s_out``; ``rshift`` is the shift :func:`quantize_multiplier` gives
+    for ``max(M_a, M_b)`` (so the larger multiplier's mantissa is below ``2^31``), and
+    ``m = round(M * 2^rshift)`` in float64 (exact products; Python ``round``, i.e. half to even). Returns
+    ``(m_a, m_b, rshift)``; both multipliers must be >= 1, otherwise the scales differ by more than
+    ``2^31`` and the add is refused. The arithmetic is :func:`lowbit.kernels.reference.add_ref`.
+    """
+    m_a, m_b = float(s_a) / float(s_out), float(s_b) / float(s_out)
+    if not all(math.isfinite(v) and v > 0 for v in (m_a, m_b)):
+        raise ValueError(f"residual add scales must be finite and positive, got {s_a}, {s_b} -> {s_out}")
+    _, rs = quantize_multiplier(max(m_a, m_b))
+    rshift = int(rs)
+    ma, mb = round(m_a * 2.0**rshift), round(m_b * 2.0**rshift)
+    if min(ma, mb) < 1:
+        raise ValueError(
+            f"residual add input scales {s_a:g} and {s_b:g} differ by more than 2^31 relative to the output "
+            f"scale {s_out:g}: the smaller input would vanish"
+        )
+    return ma, mb, rshift
 
 
 def quantize_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,8 @@ class Format:
         lv = torch.tensor(self.levels, dtype=torch.float64)
         grid = torch.arange(self.qmin, self.qmax + 1, dtype=torch.float64)
         d = (grid[:, None] - lv[None, :]).abs()
-        # ties: prefer the level of smaller magnitude (a tiny penalty on |level|)
-        d = d + lv.abs()[None, :] * 1e-9
+        # ties: prefer the level of smaller magnitude, |level - center| (a tiny penalty on it)
+        d = d + (lv - float(getattr(self, "center", 0))).abs()[None, :] * 1e-9
         return lv[d.argmin(1)].to(torch.int64)
 
     def index(self, codes: torch.Tensor) -> torch.Tensor:
@@ -241,6 +241,7 @@ class Codebook(Format):
     values: tuple[int, ...]
     zero_fixed: bool = True
     name: str = field(default="", compare=False)
+    center: int = 0  # ties of the projection go to the level nearer this code (the shifted real zero)
     kind: ClassVar[str] = "codebook"
 
     def __post_init__(self) -> None:
@@ -264,11 +265,13 @@ class Codebook(Format):
         return self.zero_fixed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "levels": list(self.values), "zero_fixed": self.zero_fixed, "name": self.name}
+        return {"kind": self.kind, "levels": list(self.values), "zero_fixed": self.zero_fixed, "name": self.name,
+                "center": self.center}
 
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> Codebook:
-        return cls(tuple(int(v) for v in d["levels"]), bool(d.get("zero_fixed", True)), str(d.get("name", "")))
+        return cls(tuple(int(v) for v in d["levels"]), bool(d.get("zero_fixed", True)), str(d.get("name", "")),
+                   int(d.get("center", 0)))
 
     def __str__(self) -> str:
         return f"{self.name or 'codebook'}{{{', '.join(map(str, self.values))}}}"

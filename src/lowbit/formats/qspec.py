@@ -120,7 +120,7 @@ class QSpec:
         if self.format.uniform:
             fmt: Format = IntRange(0, levels[-1], False)
         else:
-            fmt = Codebook(levels, False, getattr(self.format, "name", ""))
+            fmt = Codebook(levels, False, getattr(self.format, "name", ""), getattr(self.format, "center", 0) - lo)
         return QSpec(fmt, self.scale, tuple(z - lo for z in self.zero_point), self.granularity, self.layout)
 
     # --- serialization --------------------------------------------------------------------------

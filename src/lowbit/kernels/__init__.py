@@ -21,8 +21,10 @@ from . import pooling, torch_backend
 from .epilogue import Epilogue, FloatOut, Requant
 from .packed import PACKINGS, PackedWeights, pack_weights, weights_from_storage
 from .pooling import PoolGeometry
+from .reference import INT32_MAX, AccumulatorOverflowError, add_ref
 
 __all__ = [
+    "AccumulatorOverflowError",
     "Epilogue",
     "FloatOut",
     "Requant",
@@ -34,6 +36,7 @@ __all__ = [
     "weights_from_storage",
     "int8_linear",
     "int8_conv2d",
+    "qadd",
     "max_pool2d_codes",
     "PoolGeometry",
     "backend_name",
@@ -126,6 +129,14 @@ class PackedInt8(PackedWeights):
         elif not self.accepts(self.fmt):
             raise ValueError(f"the int8 kernels cannot run weights of {self.fmt}")
         w2 = w.reshape(w.shape[0], -1).contiguous()
+        # accumulator bound: |acc - bias[n]| <= 255 * sum_k |w[n, k]| for any uint8 input and zero point
+        self.acc_bound = 255 * w2.to(torch.int64).abs().sum(1)
+        if self.acc_bound.numel() and int(self.acc_bound.max()) > INT32_MAX:
+            n = int(self.acc_bound.argmax())
+            raise AccumulatorOverflowError(
+                f"int8 weights of shape {tuple(w.shape)}: output channel {n} can overflow the int32 accumulator "
+                f"(255 * sum|w| = {int(self.acc_bound[n])} > 2^31 - 1 for K = {w2.shape[1]}); split the layer along K"
+            )
         self.w_t = w2.t().contiguous()
         self.colsum = w2.to(torch.int32).sum(1, dtype=torch.int32)
         nat = _native_module()
@@ -192,6 +203,7 @@ def int8_linear(
     x2 = x.reshape(-1, K).contiguous()
     if bias is not None:
         bias = bias.to(torch.int32).contiguous()
+        w.check_bias(bias)
     if w.native is not None and _use_native():
         y = _native_module().int8_gemm(x2, int(x_zp), w.native, bias, epi)
     else:
@@ -219,11 +231,25 @@ def int8_conv2d(
         raise ValueError(f"input has {x.shape[1]} channels, the layer expects {Cg * groups}")
     if bias is not None:
         bias = bias.to(torch.int32).contiguous()
+        w.check_bias(bias)
     if w.native is not None and _use_native():
         return _native_module().int8_conv2d(x, int(x_zp), w, bias, epi, stride, padding, dilation, groups)
     return torch_backend.int8_conv2d(
         x, int(x_zp), w.weight, w.w_t, w.colsum, bias, epi, stride, padding, dilation, groups
     )
+
+
+def qadd(
+    a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, m_a: int, m_b: int, rshift: int, out_zp: int,
+    lo: int = 0, hi: int = 255,
+) -> torch.Tensor:
+    """Integer residual add of uint8 codes, rounded once (the specification: :func:`reference.add_ref`):
+    ``clamp(((m_a (a - a_zp) + m_b (b - b_zp) + 2^(rshift-1)) >> rshift) + out_zp, lo, hi)`` as uint8;
+    ``lowbit.formats.affine.add_multipliers`` derives ``m_a, m_b, rshift`` from the scales."""
+    nat = _native_module() if _use_native() else None
+    if nat is not None and hasattr(nat, "qadd"):
+        return nat.qadd(a, a_zp, b, b_zp, m_a, m_b, rshift, out_zp, lo, hi)
+    return add_ref(a, a_zp, b, b_zp, m_a, m_b, rshift, out_zp, lo, hi)
 
 
 def max_pool2d_codes(x: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:

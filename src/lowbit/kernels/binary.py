@@ -1,4 +1,4 @@
-"""Binary (±1) kernels (methods.md §3): XNOR/popcount arithmetic on bit-packed operands.
+"""Binary (±1) kernels (docs/methods.md, "4.6-bit and binary kernels"): XNOR/popcount arithmetic on bit-packed operands.
 
 Bit packing (:func:`pack_bits`)
     A sign vector of length K becomes ``ceil(K/64)`` 64-bit words (stored as int64): element k is bit
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from lowbit.formats.levels import BinaryFormat, Format
 
-from .epilogue import EpilogueBase, FloatOut
+from .epilogue import EPI_KIND, EpilogueBase, FloatOut
 from .packed import PackedWeights
 from .reference import apply_epilogue
 from .w46 import _epi_args, _native, _pair
@@ -125,8 +125,15 @@ def pack_bits(x_sign: torch.Tensor) -> torch.Tensor:
         out = torch.empty(src.shape[0], KW, dtype=torch.int64)
         nat.pack_bits_u8(src.data_ptr(), src.shape[0], K, K, out.data_ptr())
         return out.reshape(*lead, KW)
+    return _pack_bits_torch(b).reshape(*lead, KW)
+
+
+def _pack_bits_torch(b: torch.Tensor) -> torch.Tensor:
+    """Bool [R, K] -> int64 words [R, ceil(K/64)] in plain PyTorch (the reference never uses native code)."""
+    K = b.shape[-1]
+    KW = (K + 63) // 64
     bb = F.pad(b.to(torch.int64), (0, KW * 64 - K)).reshape(-1, KW, 64)
-    return (bb * _POW2).sum(-1).reshape(*lead, KW)  # distinct powers of two: the sum never carries
+    return (bb * _POW2).sum(-1)  # distinct powers of two: the sum never carries
 
 
 def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
@@ -241,7 +248,8 @@ def _ref_epi(dot: torch.Tensor, epi: BinaryEpilogue | None, channel_axis: int) -
         bit = dot >= epi.thr.reshape(shape)
         if epi.flip is not None:
             bit = bit ^ epi.flip.reshape(shape)
-        return pack_bits(bit.movedim(ax, -1))
+        bit = bit.movedim(ax, -1)
+        return _pack_bits_torch(bit.reshape(-1, bit.shape[-1])).reshape(*bit.shape[:-1], -1)
     raise TypeError(f"binary kernels support FloatOut and Threshold epilogues, got {type(epi).__name__}")
 
 
@@ -302,7 +310,7 @@ def _epi_native(epi: BinaryEpilogue | None, n: int) -> tuple[int, int, int, torc
                 raise ValueError(f"Threshold.flip has {cached[1].numel()} entries, expected {n}")
             keep.append(cached[1])
             p1 = cached[1].data_ptr()
-        return 4, thr.data_ptr(), p1, torch.int64, keep
+        return EPI_KIND["bits"], thr.data_ptr(), p1, torch.int64, keep
     raise TypeError(f"binary kernels support FloatOut and Threshold epilogues, got {type(epi).__name__}")
 
 
@@ -333,8 +341,9 @@ def binary_linear(x: torch.Tensor, w: PackedBinary, epi: BinaryEpilogue | None =
     if nat is None:
         return binary_linear_ref(unpack_bits(w2, K), w.weight, epi).reshape(*lead, -1)
     kind, p0, p1, dt, keep = _epi_native(epi, N)
-    ncol = (N + 63) // 64 if kind == 4 else N
-    out = (torch.zeros if kind == 4 else torch.empty)(w2.shape[0], ncol, dtype=dt)
+    bits = kind == EPI_KIND["bits"]
+    ncol = (N + 63) // 64 if bits else N
+    out = (torch.zeros if bits else torch.empty)(w2.shape[0], ncol, dtype=dt)
     nat.binary_linear(w2.data_ptr(), w2.shape[0], KW, w.native(1), kind, p0, p1, out.data_ptr())
     del keep
     return out.reshape(*lead, ncol)
@@ -400,7 +409,7 @@ def binary_conv2d(
         signs = unpack_bits(x, C) if packed else _bits(x).permute(0, 2, 3, 1)  # [B, H, W, C]
         xw = pack_bits(signs.reshape(B, H, W, groups, Cg)).contiguous()
     kind, p0, p1, dt, keep = _epi_native(epi, N)
-    if kind == 4:
+    if kind == EPI_KIND["bits"]:
         out = torch.zeros(B, Ho, Wo, (N + 63) // 64, dtype=torch.int64)
     else:
         out = torch.empty((B, N, Ho, Wo), dtype=dt, memory_format=torch.channels_last)

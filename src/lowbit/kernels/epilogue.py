@@ -1,4 +1,8 @@
-"""What a kernel does with its int32 accumulator before writing the output."""
+"""What a kernel does with its int32 accumulator before writing the output.
+
+The native kernels of every family (int8, 4.6-bit, binary) share one description of these epilogues
+(csrc/epilogue.h); :data:`EPI_KIND` is its numbering, the ``kind`` argument of every binding.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+#: csrc/epilogue.h's epilogue kinds (checked against ``lowbit._native.epilogue_kinds()`` by the tests).
+EPI_KIND = {"none": 0, "float_out": 1, "requant_u8": 2, "requant_s8": 3, "bits": 4}
 
 
 class EpilogueBase:
@@ -18,10 +25,11 @@ class EpilogueBase:
 
 @dataclass
 class Requant(EpilogueBase):
-    """Per-channel integer requantization to 8-bit codes (see lowbit.formats.affine.requantize)."""
+    """Integer requantization to 8-bit codes (see lowbit.formats.affine.requantize), per output channel
+    (``m0``, ``rshift`` of length N) or per tensor (length 1, the same for every channel)."""
 
-    m0: torch.Tensor  # int32 [N], Q31 mantissa
-    rshift: torch.Tensor  # int32 [N], in [1, 62]
+    m0: torch.Tensor  # int32 [N] or [1], Q31 mantissa
+    rshift: torch.Tensor  # int32 [N] or [1], in [1, 62]
     out_zp: int
     qmin: int
     qmax: int
@@ -35,6 +43,29 @@ class Requant(EpilogueBase):
             raise TypeError(f"requantized output must be uint8 or int8, got {self.out_dtype}")
         if not lo <= self.qmin <= self.qmax <= hi:
             raise ValueError(f"clamp [{self.qmin}, {self.qmax}] is outside the {self.out_dtype} range")
+        if self.m0.numel() != self.rshift.numel() and 1 not in (self.m0.numel(), self.rshift.numel()):
+            raise ValueError(f"Requant has {self.m0.numel()} multipliers but {self.rshift.numel()} shifts")
+
+    @property
+    def kind(self) -> int:
+        return EPI_KIND["requant_u8" if self.out_dtype == torch.uint8 else "requant_s8"]
+
+    def per_channel(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m0, rshift) as contiguous int32 [n] (per-tensor parameters repeated); cached per n."""
+        cached = getattr(self, "_lb_per_channel", None)
+        key = (n, self.m0.data_ptr(), self.m0._version, self.rshift.data_ptr(), self.rshift._version)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pair = []
+        for t, what in ((self.m0, "multipliers"), (self.rshift, "shifts")):
+            if t.numel() == 1 and n != 1:
+                t = t.expand(n).contiguous()
+            if t.numel() != n:
+                raise ValueError(f"Requant has {t.numel()} {what}, the layer has {n} output channels")
+            pair.append(t)
+        out = (pair[0], pair[1])
+        object.__setattr__(self, "_lb_per_channel", (key, out))
+        return out
 
 
 @dataclass

@@ -5,8 +5,14 @@ outputs with torch and pass raw data pointers. The compute runs with the GIL rel
 thread pool (default size: ``torch.get_num_threads()`` at first use; see :func:`set_num_threads`).
 
 ISA dispatch happens at run time in C++: ``vnni`` (AVX-512 VNNI), ``avx2`` and ``portable`` int8 paths
-exist; an ``avx512bw`` cap runs the AVX2 path. The cap (:func:`set_isa`, :func:`isa`, env ``LOWBIT_ISA``)
-lowers the level for testing or comparisons. Packed weights do not depend on the ISA.
+exist; an ``avx512bw`` cap runs the AVX2 path. A cap lowers the level for testing or comparisons: the
+process-wide one (:func:`set_isa`, env ``LOWBIT_ISA``) and, on top of it, a per-thread one scoped to a
+block (:func:`isa`). Packed weights do not depend on the ISA.
+
+Threads: independent kernel calls from several Python threads run concurrently (the GIL is released and
+each call is its own task group in the pool; the pool's workers help every call in flight). The thread
+count (:func:`set_num_threads`, :func:`threads`) is process-wide. A process forked from one that used
+the kernels (DataLoader workers, multiprocessing) gets a fresh pool on its first call.
 
 Convolution takes NCHW-semantics input in any memory format and returns an NCHW-semantics tensor in
 ``torch.channels_last`` memory format (the kernels work on NHWC). Feeding that output to the next
@@ -21,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .epilogue import FloatOut, Requant
+from .epilogue import EPI_KIND, FloatOut, Requant
 
 try:
     from lowbit import _native as _C
@@ -38,8 +44,10 @@ __all__ = [
     "best_isa",
     "int8_isa",
     "set_isa",
+    "isa_cap",
     "isa",
     "set_num_threads",
+    "threads",
     "num_threads",
     "pack_int8",
     "pack_weight",
@@ -83,35 +91,61 @@ def int8_isa() -> str:
     return str(_require().int8_isa())
 
 
+def _check_isa_name(name: str) -> None:
+    if name not in _ISA_ORDER and name != "avx512vnni":
+        raise ValueError(f"unknown ISA {name!r}; use one of {', '.join(_ISA_ORDER)}")
+
+
 def set_isa(name: str | None) -> None:
-    """Cap the instruction set (``portable``, ``neon``, ``avx2``, ``avx512bw``, ``vnni``); None = best."""
+    """Cap the instruction set for the whole process (``portable``, ``neon``, ``avx2``, ``avx512bw``,
+    ``vnni``); None = best. Prefer :func:`isa`, which is scoped to a block and a thread."""
     c = _require()
     if name is None:
         name = "vnni"
-    if name not in _ISA_ORDER and name != "avx512vnni":
-        raise ValueError(f"unknown ISA {name!r}; use one of {', '.join(_ISA_ORDER)}")
+    _check_isa_name(name)
     c.set_isa_cap(name)
+
+
+def isa_cap() -> str:
+    """The process-wide cap (:func:`set_isa` or ``LOWBIT_ISA``; ``vnni`` when uncapped)."""
+    return str(_require().isa_cap())
 
 
 @contextlib.contextmanager
 def isa(name: str | None) -> Iterator[str]:
-    """Temporarily cap the ISA; yields the resulting :func:`active_isa`."""
-    prev = active_isa()
-    set_isa(name)
+    """Cap the ISA for the kernel calls this thread makes inside the block (on top of the process-wide
+    cap; other threads are not affected); None removes this thread's cap. Restored on exit, also after
+    an exception. Yields the resulting :func:`active_isa`."""
+    c = _require()
+    if name is not None:
+        _check_isa_name(name)
+    prev = c.set_thread_isa_cap(name or "")
     try:
         yield active_isa()
     finally:
-        set_isa(prev)
+        c.set_thread_isa_cap(prev)
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by lowbit's kernels (the caller's thread counts as one)."""
+    """Threads used by lowbit's kernels, process-wide (the caller's thread counts as one). Waits for the
+    kernel calls in flight on other threads. Prefer :func:`threads`, which restores the count."""
     global _threads_set
     n = int(n)
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _require().set_num_threads(n)
     _threads_set = True
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[int]:
+    """Run the block with ``n`` kernel threads; the previous count is restored on exit."""
+    prev = num_threads()
+    set_num_threads(n)
+    try:
+        yield n
+    finally:
+        set_num_threads(prev)
 
 
 def num_threads() -> int:
@@ -180,21 +214,21 @@ def _check_vec(t: torch.Tensor | None, n: int, dtype: torch.dtype, what: str) ->
     raise ValueError(f"{what} must be a contiguous CPU tensor")
 
 
-# (kind, out dtype, m0, rshift, out_zp, qmin, qmax, scale, fbias) for the C++ side.
+# (kind, out dtype, m0, rshift, out_zp, qmin, qmax, scale, fbias) for the C++ side (kinds: EPI_KIND).
 def _epilogue(epi: Requant | FloatOut | None, n: int) -> tuple[int, torch.dtype, int, int, int, int, int, int, int]:
     if epi is None:
-        return 0, torch.int32, 0, 0, 0, 0, 0, 0, 0
+        return EPI_KIND["none"], torch.int32, 0, 0, 0, 0, 0, 0, 0
     if isinstance(epi, Requant):
         if epi.out_dtype not in (torch.uint8, torch.int8):
             raise TypeError(f"requantized output must be uint8 or int8, got {epi.out_dtype}")
-        m0 = _check_vec(epi.m0, n, torch.int32, "Requant.m0")
-        rs = _check_vec(epi.rshift, n, torch.int32, "Requant.rshift")
-        kind = 1 if epi.out_dtype == torch.uint8 else 2
-        return kind, epi.out_dtype, m0, rs, int(epi.out_zp), int(epi.qmin), int(epi.qmax), 0, 0
+        m0v, rsv = epi.per_channel(n)  # per-tensor parameters repeated per channel
+        m0 = _check_vec(m0v, n, torch.int32, "Requant.m0")
+        rs = _check_vec(rsv, n, torch.int32, "Requant.rshift")
+        return epi.kind, epi.out_dtype, m0, rs, int(epi.out_zp), int(epi.qmin), int(epi.qmax), 0, 0
     if isinstance(epi, FloatOut):
         sc = _check_vec(epi.scale, n, torch.float32, "FloatOut.scale")
         fb = _check_vec(epi.bias, n, torch.float32, "FloatOut.bias")
-        return 3, torch.float32, 0, 0, 0, 0, 0, sc, fb
+        return EPI_KIND["float_out"], torch.float32, 0, 0, 0, 0, 0, sc, fb
     raise TypeError(f"unknown epilogue {type(epi).__name__}")
 
 

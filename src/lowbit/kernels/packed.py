@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from lowbit.formats.levels import Format
-from lowbit.formats.packing import pack_codes, unpack_codes
+from lowbit.formats.packing import pack_codes, pack_codes_radix, storage_scheme, unpack_codes, unpack_codes_radix
 
 __all__ = [
     "PackedWeights", "PACKINGS", "codes_storage", "decode_storage", "family", "pack_weights", "weights_from_storage"
@@ -84,9 +84,34 @@ class PackedWeights:
     def in_features(self) -> int:
         return int(self.codes[0].numel())
 
+    #: int64 [N]: the largest ``|acc[n] - bias[n]|`` any activation codes can produce (set by the families
+    #: that accumulate in int32; refused at packing when it exceeds 2^31 - 1, see lowbit.kernels.reference).
+    acc_bound: torch.Tensor | None = None
+
+    def check_bias(self, bias: torch.Tensor | None) -> None:
+        """Raise :class:`~lowbit.kernels.AccumulatorOverflowError` unless ``acc_bound[n] + |bias[n]|`` fits
+        int32 for every channel (then no input can overflow the accumulator). Cached per bias tensor."""
+        if bias is None or self.acc_bound is None:
+            return
+        key = (id(bias), bias._version)
+        if getattr(self, "_bias_checked", None) == key:
+            return
+        worst = self.acc_bound + bias.to(torch.int64).reshape(-1).abs()
+        if worst.numel() and int(worst.max()) > 2**31 - 1:
+            from .reference import AccumulatorOverflowError
+
+            n = int(worst.argmax())
+            raise AccumulatorOverflowError(
+                f"output channel {n}: the worst-case accumulator plus |bias| ({int(worst[n])}) exceeds 2^31 - 1; "
+                "split the layer along K or lower the bias scale"
+            )
+        self._bias_checked = key
+
     def storage(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """``(attrs, tensors)`` for a model file: 8-bit codes as they are (tensor ``q``), narrower codes
-        bit-packed (tensor ``packed``, :func:`~lowbit.formats.packing.pack_codes`)."""
+        bit-packed (tensor ``packed``, :func:`~lowbit.formats.packing.pack_codes`) or, where that takes fewer
+        bits (level counts that are not powers of two, e.g. 21 levels: 4.57 bits instead of 5), in radix
+        words (tensor ``radix``, :func:`~lowbit.formats.packing.pack_codes_radix`)."""
         return codes_storage(self.kernel, self.codes, self.format, self.extra_attrs())
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -97,8 +122,11 @@ def codes_storage(kernel: str, codes: torch.Tensor, fmt: Format, extra: dict[str
                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """:meth:`PackedWeights.storage` of ``codes`` (of any shape) without packing them for a kernel."""
     attrs = {"kernel": kernel, "format": fmt.to_dict(), "shape": list(codes.shape), **extra}
-    if fmt.bits >= 8 and fmt.dtype == torch.int8:
+    scheme = storage_scheme(fmt)
+    if scheme == "q":
         return attrs, {"q": codes.to(torch.int8).contiguous()}
+    if scheme == "radix":
+        return attrs, {"radix": pack_codes_radix(codes, fmt)}
     return attrs, {"packed": pack_codes(codes, fmt)}
 
 
@@ -149,8 +177,10 @@ def decode_storage(attrs: dict[str, Any], tensors: dict[str, torch.Tensor]
             raise ValueError(f"stored weight codes have shape {tuple(codes.shape)}, expected {shape}")
     elif "packed" in tensors:
         codes = unpack_codes(tensors["packed"], fmt, shape)
+    elif "radix" in tensors:
+        codes = unpack_codes_radix(tensors["radix"], fmt, shape)
     else:
-        raise ValueError("weight storage holds neither 'q' nor 'packed' codes")
+        raise ValueError("weight storage holds none of 'q', 'packed' or 'radix' codes")
     extra = {k: v for k, v in attrs.items() if k not in ("kernel", "format", "shape")}
     return kernel, codes, fmt, extra
 

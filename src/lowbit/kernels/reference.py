@@ -9,6 +9,11 @@ Conventions shared with the native kernels (csrc/):
   ``rshift``), output zero point, clamp to [qmin, qmax] (a fused ReLU/ReLU6 is a tighter clamp).
 - Float epilogue: ``out = float32(acc) * scale[n] + fbias[n]``, two float32 roundings, no FMA.
 - Convolution: NCHW semantics; padded positions hold ``x_zp`` (i.e. real zero).
+- Accumulator bound: with uint8 activations ``|acc[m, n] - bias[n]| <= 255 * sum_k |w[n, k]|``; weights (and
+  biases) for which that bound (plus ``|bias|``) exceeds ``2^31 - 1`` are refused when they are packed, so
+  no kernel ever wraps around (:class:`AccumulatorOverflowError`).
+- Residual add (:func:`add_ref`): both inputs rescaled to the output scale by integer multipliers sharing
+  one shift, summed in int64 and rounded once (half up).
 """
 
 from __future__ import annotations
@@ -39,9 +44,16 @@ def apply_epilogue(acc: torch.Tensor, epi: Epilogue | None, channel_axis: int = 
     raise TypeError(f"unknown epilogue {type(epi).__name__}")
 
 
+INT32_MAX = 2**31 - 1
+
+
+class AccumulatorOverflowError(ValueError, OverflowError):
+    """The int32 accumulator of a layer could overflow (K too large for its weights and bias)."""
+
+
 def _check_int32(acc64: torch.Tensor) -> torch.Tensor:
-    if acc64.numel() and (acc64.max() > 2**31 - 1 or acc64.min() < -(2**31)):
-        raise OverflowError("int32 accumulator overflow (K too large for these values)")
+    if acc64.numel() and (acc64.max() > INT32_MAX or acc64.min() < -(2**31)):
+        raise AccumulatorOverflowError("int32 accumulator overflow (K too large for these values)")
     return acc64.to(torch.int32)
 
 
@@ -73,3 +85,23 @@ def int8_conv2d_ref(
     if bias is not None:
         acc = acc + bias.to(torch.int64).reshape(1, -1, 1, 1)
     return apply_epilogue(_check_int32(acc), epi, channel_axis=1)
+
+
+def add_ref(
+    a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, m_a: int, m_b: int, rshift: int, out_zp: int,
+    lo: int = 0, hi: int = 255,
+) -> torch.Tensor:
+    """Residual add of uint8 codes, the specification (one rounding):
+
+    ``acc = m_a (a - a_zp) + m_b (b - b_zp)`` in int64, ``out = clamp(((acc + 2^(rshift-1)) >> rshift) + out_zp,
+    lo, hi)`` with an arithmetic shift (rounds half up), as uint8. ``lo = max(0, out_zp)`` fuses a ReLU.
+    ``m_a, m_b, rshift`` come from :func:`lowbit.formats.affine.add_multipliers`. a and b broadcast."""
+    if a.dtype != torch.uint8 or b.dtype != torch.uint8:
+        raise TypeError(f"residual add takes uint8 codes, got {a.dtype} and {b.dtype}")
+    if not 1 <= int(rshift) <= 62:
+        raise ValueError(f"residual add shift {rshift} outside [1, 62]")
+    if not 0 <= int(lo) <= int(hi) <= 255:
+        raise ValueError(f"residual add clamp [{lo}, {hi}] outside [0, 255]")
+    acc = (a.to(torch.int64) - int(a_zp)) * int(m_a) + (b.to(torch.int64) - int(b_zp)) * int(m_b)
+    out = torch.bitwise_right_shift(acc + (1 << (int(rshift) - 1)), int(rshift)) + int(out_zp)
+    return torch.clamp(out, int(lo), int(hi)).to(torch.uint8)

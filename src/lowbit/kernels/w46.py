@@ -1,4 +1,5 @@
-"""4.6-bit integer kernels (methods.md §2; Trusov, Limonova, Nikolaev, Arlazarov, Mathematics 2024).
+"""4.6-bit integer kernels (docs/methods.md, "4.6-bit and binary kernels"; Trusov, Limonova, Nikolaev,
+Arlazarov, Mathematics 2024).
 
 Operands
     activation codes ``a``: uint8 in ``[0, 2*K_x]`` with zero point ``K_x`` (centred code ``a - K_x``);
@@ -7,9 +8,12 @@ Operands
     weight levels, ``K_w = N_w // 2`` and ``K_x = 127 // K_w`` (:func:`w46_levels`).
 
 Arithmetic (the specification: :func:`w46_linear_ref`, :func:`w46_conv2d_ref`)
-    ``acc[m, n] = sum_k (a[m, k] - K_x) * w[n, k] + bias[n]`` in int32, then the same epilogues as the
+    ``acc[m, n] = sum_k (a[m, k] - zp) * w[n, k] + bias[n]`` in int32, then the same epilogues as the
     int8 kernels (:class:`~lowbit.kernels.Requant`, :class:`~lowbit.kernels.FloatOut`, or the raw int32).
-    Convolution has NCHW semantics; padded positions hold ``K_x`` (real zero).
+    ``zp`` is the activation zero point, any code in ``[0, 2 K_x]`` (default ``K_x``): the kernels multiply
+    the raw codes (the int16 bound above holds for every code in range) and subtract ``zp * sum_k w`` once,
+    so an activation range from calibration min/max (e.g. ``[0, max]`` after a ReLU, zero point 0) uses all
+    its ``N_x`` levels. Convolution has NCHW semantics; padded positions hold ``zp`` (real zero).
 
 Native kernels (``lowbit._native``, csrc/w46*.cpp), chosen at run time by CPU features and capped by
 ``lowbit._native.set_isa_cap`` / ``LOWBIT_ISA``: ``avx2`` (vpmaddubsw pair sums, which cannot saturate
@@ -30,9 +34,9 @@ import torch.nn.functional as F
 
 from lowbit.formats.levels import Format, IntRange
 
-from .epilogue import Epilogue, FloatOut, Requant
+from .epilogue import EPI_KIND, Epilogue, FloatOut, Requant
 from .packed import PackedWeights
-from .reference import _check_int32, apply_epilogue
+from .reference import INT32_MAX, AccumulatorOverflowError, _check_int32, apply_epilogue
 
 __all__ = [
     "PackedW46",
@@ -55,12 +59,22 @@ _Pair = int | tuple[int, int]
 _NAT: list[Any] = []  # [lowbit._native with the 4.6-bit / binary kernels, or None], resolved once
 
 
+def env(name: str) -> str:
+    """``os.environ.get(name, "")``, read from the environment's own dict where it has one (on every call,
+    so a changed variable counts, at a fraction of ``os.environ.get``'s cost: this runs on every layer call)."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        v = data.get(name.encode() if data and isinstance(next(iter(data)), bytes) else name)
+        return "" if v is None else (v.decode() if isinstance(v, bytes) else str(v))
+    return os.environ.get(name, "")
+
+
 def _native() -> Any:
     """lowbit._native when it is built with these kernels and not disabled (``LOWBIT_KERNELS=torch`` or
     ``lowbit.kernels.set_backend("torch")``), else None."""
     pkg = sys.modules.get("lowbit.kernels")
     forced = getattr(pkg, "_forced", None) if pkg is not None else None
-    choice = forced or os.environ.get("LOWBIT_KERNELS", "").strip().lower() or None
+    choice = forced or env("LOWBIT_KERNELS").strip().lower() or None
     if choice == "torch":
         return None
     if not _NAT:
@@ -98,7 +112,7 @@ def check_w46_levels(K_x: int, K_w: int) -> None:
     if int(K_x) * int(K_w) > 127:
         raise ValueError(
             f"K_x * K_w = {int(K_x) * int(K_w)} exceeds 127: a centred activation code times a weight code "
-            "must fit in int8 (methods.md §2)"
+            "must fit in int8 (docs/methods.md, 4.6-bit kernels)"
         )
 
 
@@ -109,6 +123,15 @@ def _pair(v: _Pair, name: str) -> tuple[int, int]:
     if len(t) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {v!r}")
     return t  # type: ignore[return-value]
+
+
+def _zero_point(zp: int | None, K_x: int) -> int:
+    """The activation zero point of a call: ``K_x`` for None, else an int in ``[0, 2 K_x]``."""
+    if zp is None:
+        return int(K_x)
+    if isinstance(zp, bool) or not 0 <= int(zp) <= 2 * int(K_x):
+        raise ValueError(f"4.6-bit activation zero point {zp!r} outside [0, 2*K_x] = [0, {2 * int(K_x)}]")
+    return int(zp)
 
 
 def _check_acts(x: torch.Tensor, K_x: int) -> None:
@@ -144,7 +167,7 @@ def _epi_args(epi: Epilogue | None, n: int) -> tuple[int, int, int, int, int, in
     Validated once per epilogue object and cached on it (keyed by its tensors' identity and version),
     so a layer that reuses its epilogue pays for the checks only on the first call."""
     if epi is None:
-        return 0, 0, 0, 0, 0, 0, torch.int32, []
+        return EPI_KIND["none"], 0, 0, 0, 0, 0, torch.int32, []
     if isinstance(epi, FloatOut):
         sig: tuple[Any, ...] = (n, id(epi.scale), epi.scale._version,
                                 None if epi.bias is None else (id(epi.bias), epi.bias._version))
@@ -174,34 +197,18 @@ def _epi_args_uncached(epi: Epilogue, n: int) -> tuple[int, int, int, int, int, 
                 raise ValueError(f"FloatOut.bias has {b.numel()} entries, expected {n}")
             keep.append(b)
             p1 = b.data_ptr()
-        return 1, s.data_ptr(), p1, 0, 0, 0, torch.float32, keep
+        return EPI_KIND["float_out"], s.data_ptr(), p1, 0, 0, 0, torch.float32, keep
     assert isinstance(epi, Requant)
-    m0 = epi.m0.to(torch.int32).reshape(-1).contiguous()
-    rs = epi.rshift.to(torch.int32).reshape(-1).contiguous()
-    if m0.numel() == 1 and n > 1:
-        m0 = m0.expand(n).contiguous()
-    if rs.numel() == 1 and n > 1:
-        rs = rs.expand(n).contiguous()
-    if m0.numel() != n or rs.numel() != n:
-        raise ValueError(f"Requant has {m0.numel()} multipliers / {rs.numel()} shifts, expected {n}")
-    if rs.numel() and (int(rs.min()) < 1 or int(rs.max()) > 62):
-        raise ValueError("Requant.rshift must be in [1, 62]")
-    kind = 2 if epi.out_dtype == torch.uint8 else 3
+    m0, rs = epi.per_channel(n)  # the binding checks rshift in [1, 62] and the clamp range
     lims = (int(epi.out_zp), int(epi.qmin), int(epi.qmax))
-    return kind, m0.data_ptr(), rs.data_ptr(), *lims, epi.out_dtype, [m0, rs]
+    return epi.kind, m0.data_ptr(), rs.data_ptr(), *lims, epi.out_dtype, [m0, rs]
 
 
 def _ref_epilogue(epi: Epilogue | None, n: int) -> Epilogue | None:
     """Requant with per-tensor (one-element) parameters broadcast to n channels, as the native path does."""
     if isinstance(epi, Requant) and (epi.m0.numel() == 1 or epi.rshift.numel() == 1) and n > 1:
-        return Requant(
-            epi.m0.reshape(-1).expand(n).contiguous(),
-            epi.rshift.reshape(-1).expand(n).contiguous(),
-            epi.out_zp,
-            epi.qmin,
-            epi.qmax,
-            epi.out_dtype,
-        )
+        m0, rs = epi.per_channel(n)
+        return Requant(m0, rs, epi.out_zp, epi.qmin, epi.qmax, epi.out_dtype)
     return epi
 
 
@@ -209,11 +216,13 @@ def _ref_epilogue(epi: Epilogue | None, n: int) -> Epilogue | None:
 
 
 def w46_linear_ref(
-    x: torch.Tensor, K_x: int, w: torch.Tensor, bias: torch.Tensor | None = None, epi: Epilogue | None = None
+    x: torch.Tensor, K_x: int, w: torch.Tensor, bias: torch.Tensor | None = None, epi: Epilogue | None = None,
+    zp: int | None = None,
 ) -> torch.Tensor:
     """The specification: x uint8 [M, K] codes in [0, 2K_x], w int8 [N, K] in [-K_w, K_w] (K_w implied by
-    the bound) -> ``epi(sum_k (x - K_x) * w + bias)`` [M, N]. Exact int64 arithmetic, int32 result."""
-    acc = (x.to(torch.int64) - int(K_x)) @ w.to(torch.int64).t()
+    the bound) -> ``epi(sum_k (x - zp) * w + bias)`` [M, N] (``zp``: default K_x). Exact int64 arithmetic,
+    int32 result."""
+    acc = (x.to(torch.int64) - _zero_point(zp, K_x)) @ w.to(torch.int64).t()
     if bias is not None:
         acc = acc + bias.to(torch.int64).reshape(-1)
     return apply_epilogue(_check_int32(acc), _ref_epilogue(epi, w.shape[0]))
@@ -229,10 +238,12 @@ def w46_conv2d_ref(
     padding: _Pair = 0,
     dilation: _Pair = 1,
     groups: int = 1,
+    zp: int | None = None,
 ) -> torch.Tensor:
     """The specification for convolution: x uint8 NCHW, w int8 [N, C/groups, kh, kw] -> epi(NCHW).
-    Padding holds K_x (centred zero). Exact: float64 holds every partial sum (< 2^53)."""
-    xc = x.to(torch.float64) - float(K_x)
+    Padding holds the zero point ``zp`` (default K_x; real zero). Exact: float64 holds every partial sum
+    (< 2^53)."""
+    xc = x.to(torch.float64) - float(_zero_point(zp, K_x))
     acc = F.conv2d(xc, w.to(torch.float64), None, _pair(stride, "stride"), _pair(padding, "padding"),
                    _pair(dilation, "dilation"), groups)
     acc = torch.round(acc).to(torch.int64)
@@ -249,13 +260,18 @@ class PackedW46(PackedWeights):
     """4.6-bit weight codes (int8 in [-K_w, K_w]; [N, K] for linear or [N, C/g, kh, kw] for conv) prepared
     once for the kernels. The native packing is made on first use per (kind, groups) and cached.
     Implements the packed-weight protocol (:mod:`lowbit.kernels.packed`); its activations are codes in
-    ``[0, 2 K_x]`` with zero point ``K_x``."""
+    ``[0, 2 K_x]`` with any zero point in that range. The protocol's :meth:`linear` / :meth:`conv2d` run
+    the 4.6-bit kernel or, where it measures faster for the call's shape, the int8 kernel on the same codes
+    (:mod:`lowbit.kernels.w46_dispatch`; same integers either way); :func:`w46_linear` /
+    :func:`w46_conv2d` always run the 4.6-bit kernel."""
 
     kernel = "w46"
     weight: torch.Tensor
     K_x: int
     K_w: int
     _native: dict[tuple[str, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _int8: Any = field(default=None, init=False, repr=False)
+    _plans: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_w46_levels(self.K_x, self.K_w)
@@ -265,6 +281,15 @@ class PackedW46(PackedWeights):
             raise ValueError(f"4.6-bit weights must be 2-D [N, K] or 4-D [N, C/g, kh, kw], got {shape}")
         _check_weights(self.weight, self.K_w)
         self.weight = self.weight.detach().contiguous()
+        # accumulator bound, on every backend, for any zero point in [0, 2 K_x]:
+        # |acc - bias| <= max(zp, 2 K_x - zp) * sum_k |w[n, k]| <= 2 K_x * sum_k |w[n, k]|
+        self.acc_bound = 2 * self.K_x * self.weight.reshape(self.weight.shape[0], -1).to(torch.int64).abs().sum(1)
+        if self.acc_bound.numel() and int(self.acc_bound.max()) > INT32_MAX:
+            n = int(self.acc_bound.argmax())
+            raise AccumulatorOverflowError(
+                f"4.6-bit weights of shape {tuple(self.weight.shape)}: output channel {n} can overflow the int32 "
+                f"accumulator (2 K_x * sum|w| = {int(self.acc_bound[n])} > 2^31 - 1); split the layer along K"
+            )
         nat = _native()
         if nat is not None:
             self.native("linear" if self.weight.dim() == 2 else "conv", 1)
@@ -292,20 +317,27 @@ class PackedW46(PackedWeights):
     def extra_attrs(self) -> dict[str, Any]:
         return {"K_x": self.K_x}
 
-    def _check_zp(self, x_zp: int | None) -> None:
-        if x_zp is not None and int(x_zp) != self.K_x:
-            raise ValueError(f"4.6-bit activations have zero point K_x = {self.K_x}, got {x_zp}")
+    # --- the protocol's products: the 4.6-bit kernel, or the int8 kernel where it is faster ------------
+    def as_int8(self) -> Any:
+        """The same codes packed for the int8 kernels (made once): what :mod:`.w46_dispatch` may run instead."""
+        if self._int8 is None:
+            from . import pack_int8
+
+            self._int8 = pack_int8(self.weight, self.format)
+        return self._int8
 
     def linear(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None) -> torch.Tensor:
-        self._check_zp(x_zp)
-        return w46_linear(x, self, bias, epi)
+        return _plans().call(self, "linear", x, bias, epi, x_zp, (), True)
 
     def conv2d(self, x: torch.Tensor, x_zp: int | None, bias: torch.Tensor | None = None,
                epi: Epilogue | None = None, stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1,
                groups: int = 1) -> torch.Tensor:
-        self._check_zp(x_zp)
-        return w46_conv2d(x, self, bias, epi, stride, padding, dilation, groups)
+        return _plans().call(self, "conv", x, bias, epi, x_zp, (stride, padding, dilation, groups), True)
+
+    def routes(self) -> dict[str, str]:
+        """The kernel each call shape of these weights took so far (``"w46"`` or ``"int8"``), by input shape."""
+        return {f"{k[0]} {tuple(k[1])}": p.route for k, p in self._plans.items() if k[-1]}
 
     def native(self, kind: str, groups: int) -> Any:
         """The lowbit._native.W46Packed for ``kind`` ("linear" or "conv") and ``groups`` (None if unbuilt)."""
@@ -331,32 +363,27 @@ def pack_w46(w_codes: torch.Tensor, K_x: int, K_w: int) -> PackedW46:
 # ---------------------------------------------------------------------------------------------- ops
 
 
+def _plans() -> Any:
+    if not _PLANS:
+        from . import w46_plan
+
+        _PLANS.append(w46_plan)
+    return _PLANS[0]
+
+
+_PLANS: list[Any] = []
+
+
 def w46_linear(
-    x: torch.Tensor, w: PackedW46, bias: torch.Tensor | None = None, epi: Epilogue | None = None
+    x: torch.Tensor, w: PackedW46, bias: torch.Tensor | None = None, epi: Epilogue | None = None,
+    x_zp: int | None = None,
 ) -> torch.Tensor:
-    """``epi(sum_k (x - K_x) * w + bias)``: x uint8 codes [..., K] in [0, 2 K_x] -> [..., N]."""
+    """``epi(sum_k (x - x_zp) * w + bias)``: x uint8 codes [..., K] in [0, 2 K_x] -> [..., N]; ``x_zp``: the
+    activation zero point in [0, 2 K_x] (default K_x). Always the 4.6-bit kernel (see :mod:`.w46_plan` for
+    how a call is checked once per shape and then run)."""
     if not isinstance(w, PackedW46):
         raise TypeError("w46_linear takes weights from pack_w46()")
-    if w.weight.dim() != 2:
-        raise ValueError("w46_linear needs 2-D [N, K] weights (these are conv weights)")
-    if x.dtype != torch.uint8:
-        raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
-    N, K = w.weight.shape
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"input has {x.shape[-1] if x.dim() else 0} features, the layer expects {K}")
-    b = _check_bias(bias, N)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
-    nat = _native()
-    if nat is None:
-        _check_acts(x2, w.K_x)
-        return w46_linear_ref(x2, w.K_x, w.weight, b, epi).reshape(*lead, N)
-    kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
-    out = torch.empty(x2.shape[0], N, dtype=dt)
-    nat.w46_linear(x2.data_ptr(), x2.shape[0], K, w.native("linear", 1), 0 if b is None else b.data_ptr(),
-                   kind, p0, p1, zp, qmin, qmax, out.data_ptr())
-    del keep
-    return out.reshape(*lead, N)
+    return _plans().call(w, "linear", x, bias, epi, x_zp, (), False)
 
 
 def w46_conv2d(
@@ -368,42 +395,12 @@ def w46_conv2d(
     padding: _Pair = 0,
     dilation: _Pair = 1,
     groups: int = 1,
+    x_zp: int | None = None,
 ) -> torch.Tensor:
     """4.6-bit 2-D convolution, NCHW semantics: x uint8 [B, C, H, W] codes in [0, 2 K_x] (any memory
-    format; channels_last is read as is), weights [N, C/groups, kh, kw]; padded positions hold K_x (real
-    zero). Returns epi(acc) [B, N, Ho, Wo] in ``torch.channels_last`` memory format (as the int8 conv)."""
+    format; channels_last is read as is) with zero point ``x_zp`` (default K_x), weights
+    [N, C/groups, kh, kw]; padded positions hold ``x_zp`` (real zero). Returns epi(acc) [B, N, Ho, Wo] in
+    ``torch.channels_last`` memory format (as the int8 conv). Always the 4.6-bit kernel."""
     if not isinstance(w, PackedW46):
         raise TypeError("w46_conv2d takes weights from pack_w46()")
-    if w.weight.dim() != 4:
-        raise ValueError("w46_conv2d needs 4-D [N, C/groups, kh, kw] weights")
-    if x.dtype != torch.uint8:
-        raise TypeError(f"4.6-bit kernels take uint8 activation codes, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"conv2d input must be 4-D NCHW, got shape {tuple(x.shape)}")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    groups = int(groups)
-    N, Cg, kh, kw = w.weight.shape
-    B, C, H, W = x.shape
-    if groups < 1 or N % groups != 0 or C != Cg * groups:
-        raise ValueError(f"input has {C} channels; the layer expects {Cg} per group x {groups} groups (N={N})")
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError("stride and dilation must be >= 1, padding >= 0")
-    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"input {H}x{W} is too small for this kernel / padding / dilation")
-    b = _check_bias(bias, N)
-    nat = _native()
-    if nat is None:
-        _check_acts(x, w.K_x)
-        return w46_conv2d_ref(x, w.K_x, w.weight, b, epi, (sh, sw), (ph, pw), (dh, dw), groups)
-    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    xc = x if nhwc else x.contiguous()
-    kind, p0, p1, zp, qmin, qmax, dt, keep = _epi_args(epi, N)
-    out = torch.empty((B, N, Ho, Wo), dtype=dt, memory_format=torch.channels_last)
-    nat.w46_conv2d(xc.data_ptr(), B, C, H, W, w.native("conv", groups), kh, kw, sh, sw, ph, pw, dh, dw, groups,
-                   nhwc, 0 if b is None else b.data_ptr(), kind, p0, p1, zp, qmin, qmax, out.data_ptr())
-    del keep
-    return out
+    return _plans().call(w, "conv", x, bias, epi, x_zp, (stride, padding, dilation, groups), False)

@@ -4,7 +4,21 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import apot, binary_ste, dynamic, float16, full_integer, lsq, lsq_plus, static, ubq  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    adapt,
+    apot,
+    binary_ste,
+    dynamic,
+    float16,
+    full_integer,
+    lsq,
+    lsq_plus,
+    static,
+    ubq,
+    w46,
+    weight_only,
+)
+from .adapt import AdaptConfig
 from .api import available_methods, quantize
 from .apot import APoTConfig
 from .base import CONFIGS, METHODS, LayerSettings, Method, QuantConfig, TrainingData, get_method, register
@@ -18,8 +32,11 @@ from .lsq_plus import LSQPlusConfig
 from .qat import QATConfig, QATMethod
 from .static import StaticConfig
 from .ubq import UBQConfig
+from .w46 import W4Config, W8Config, W46Config
+from .weight_only import WeightOnlyConfig
 
 __all__ = [
+    "AdaptConfig",
     "APoTConfig",
     "BinaryConfig",
     "BinaryMethod",
@@ -35,6 +52,10 @@ __all__ = [
     "METHODS",
     "StaticConfig",
     "UBQConfig",
+    "WeightOnlyConfig",
+    "W4Config",
+    "W8Config",
+    "W46Config",
     "TrainingData",
     "LayerSettings",
     "Method",

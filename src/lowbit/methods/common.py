@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from lowbit.formats.affine import INT8_WEIGHT, UINT8_ACT, quantize
 from lowbit.formats.granularity import PerAxis, PerTensor
+from lowbit.kernels import AccumulatorOverflowError
 from lowbit.observers import Observer, make_observer
 
 from .base import Batch, LayerSettings, as_inputs, is_layer, layer_of
@@ -34,6 +35,14 @@ def quantize_weight(w: torch.Tensor, settings: LayerSettings) -> tuple[torch.Ten
     else:
         q = quantize(w, scale, 0, INT8_WEIGHT, axis=0)
     return q, scale
+
+
+def layer_error(e: ValueError, name: str) -> ValueError:
+    """``e`` with layer ``name`` in its message (once); an :class:`~lowbit.kernels.AccumulatorOverflowError`
+    stays one."""
+    msg = str(e)
+    msg = msg if f"'{name}'" in msg else f"layer '{name}': {msg}"
+    return AccumulatorOverflowError(msg) if isinstance(e, AccumulatorOverflowError) else ValueError(msg)
 
 
 def conv_geometry(layer: nn.Module) -> dict[str, Any]:
@@ -68,8 +77,7 @@ def swap_layers(
         try:
             new = make(layer, act, settings, node.target)
         except ValueError as e:
-            msg = str(e)
-            raise ValueError(msg if f"'{node.target}'" in msg else f"layer '{node.target}': {msg}") from None
+            raise layer_error(e, node.target) from None
         _set_submodule(gm, node.target, new)
     gm.recompile()
     return gm, kept

@@ -9,6 +9,7 @@ integer one. See docs/methods.md for each method and its references.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ from torch import fx
 
 from lowbit.formats.levels import Format, IntRange
 from lowbit.quantizers import INITIALIZERS, FakeQuantizer
+from lowbit.trainer import FitOptions
 
 from .base import Method, QuantConfig, TrainingData
 
@@ -86,16 +88,7 @@ class QATConfig(QuantConfig):
         if self.first_last_bits is not None and not (isinstance(self.first_last_bits, int)
                                                      and 2 <= self.first_last_bits <= 8):
             raise ValueError(f"first_last_bits must be in 2..8 or None, got {self.first_last_bits!r}")
-        if not (isinstance(self.epochs, (int, float)) and self.epochs >= 0):
-            raise ValueError(f"epochs must be >= 0, got {self.epochs!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.eval_every is not None and not self.eval_every > 0:
-            raise ValueError(f"eval_every (a fraction of an epoch) must be > 0, got {self.eval_every!r}")
+        FitOptions.from_config(self)  # the training options are checked where they are used
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -135,6 +128,15 @@ class QATMethod(Method):
         base = cfg.init or self.default_init
         return cfg.weight_init or base, cfg.act_init or base
 
+    def precision(self, order: list[str]) -> Callable[[str | None], tuple[int, int]]:
+        """``(weight bits, input bits)`` of each quantized layer (by name, ``order``: all of them in execution
+        order); None: the bits of the other activations (layer outputs, residual adds). The first and the
+        last layer take ``first_last_bits``."""
+        w_bits, a_bits = self.cfg.bits  # type: ignore[misc]
+        fl = self.cfg.first_last_bits
+        edge = {order[0], order[-1]} if fl is not None and order else set()
+        return lambda target: (fl, fl) if target in edge else (w_bits, a_bits)  # type: ignore[return-value]
+
     # --- the quantizers a method places ------------------------------------------------------------
     def weight_quantizer(self, weight: torch.Tensor, bits: int, name: str) -> FakeQuantizer:
         """Default: a learned step (LSQ) on signed ``bits``-bit levels."""
@@ -153,7 +155,7 @@ class QATMethod(Method):
     # --- the recipe for lowbit.quantize / compare -----------------------------------------------------
     def convert(self, prepared: Any, calib: list[torch.Tensor], data: TrainingData | None = None) -> fx.GraphModule:
         from lowbit.qat import convert, prepare_graph
-        from lowbit.trainer import FitOptions, fit
+        from lowbit.trainer import fit
 
         if data is None or data.train is None:
             raise ValueError(f"method {self.name!r} trains the model: it needs labelled training data")

@@ -1,17 +1,24 @@
 """Inference modules holding packed integer (or float16) weights, and binary ones passing packed signs;
 they call lowbit.kernels."""
 
+from .attention import DynamicQMultiheadAttention
 from .base import MODULES, LowbitModule
 from .binary import QBinaryConv, QBinaryLinear, QBitMaxPool2d, QSignBits, QUnpackBits
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
+from .recurrent import DynamicQRNN
+from .shape_check import CheckShape
+from .weight_only import WeightOnly
 
 __all__ = [
     "MODULES",
     "CheckInput",
+    "CheckShape",
     "Dequantize",
     "DynamicQConv",
     "DynamicQLinear",
+    "DynamicQMultiheadAttention",
+    "DynamicQRNN",
     "F16Layer",
     "IOConvert",
     "LowbitModule",
@@ -28,4 +35,5 @@ __all__ = [
     "QSignBits",
     "QUnpackBits",
     "Quantize",
+    "WeightOnly",
 ]

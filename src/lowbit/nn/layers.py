@@ -11,19 +11,19 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
-from lowbit.formats.affine import UINT8_ACT, quantize, quantize_multiplier
+from lowbit.formats.affine import UINT8_ACT, choose_qparams, quantize_multiplier
 from lowbit.formats.levels import Format
 from lowbit.formats.qspec import QSpec, as_spec
 from lowbit.kernels.packed import codes_storage, decode_storage, family
 
 from .base import Act, Geometry, LowbitModule, QParams, act_clamp, float_act, pair
+from .dynamic_act import dynamic_linear, quantize_codes
 
 
 def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any]:
@@ -72,7 +72,8 @@ class _IntWeights(LowbitModule):
         return out
 
     def _weight_spec(self, codes: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Storage of the weights: attrs under ``weight``, tensors ``weight_q`` (8-bit) or ``weight_packed``."""
+        """Storage of the weights: attrs under ``weight``, tensors ``weight_q`` (8-bit), ``weight_packed`` (bit
+        stream) or ``weight_radix`` (radix words)."""
         p = self.packed
         attrs, tensors = codes_storage(p.kernel, p.codes if codes is None else codes, p.format, p.extra_attrs())
         out = {"weight_scale": self.weight_scale}
@@ -87,7 +88,7 @@ def _stored_weights(attrs: dict[str, Any], tensors: dict[str, torch.Tensor], con
         if "weight_q" not in tensors:
             raise ValueError("the layer stores no weights")
         return tensors["weight_q"]
-    sub = {k[len("weight_"):]: v for k, v in tensors.items() if k in ("weight_q", "weight_packed")}
+    sub = {k[len("weight_"):]: v for k, v in tensors.items() if k in ("weight_q", "weight_packed", "weight_radix")}
     kernel, codes, fmt, extra = decode_storage(attrs["weight"], sub)
     if conv1d:
         codes = codes.unsqueeze(2)
@@ -138,12 +139,14 @@ class _StaticInt8(_IntWeights):
         _check_bias(bias_q, n)
         self.register_buffer("bias_q", bias_q.to(torch.int32).reshape(-1).contiguous())
         if self.out_spec is None:
+            self.packed.check_bias(self.bias_q)
             self.out_scale, self.out_zp = None, None
             self.epilogue: kernels.Epilogue = kernels.FloatOut(self.weight_scale * self.in_scale)
             self.register_buffer("snap", None)
             return
         self.out_scale, self.out_zp = self.out_spec.per_tensor_params
         m0, rshift = quantize_multiplier(self.weight_scale.to(torch.float64) * self.in_scale / self.out_scale)
+        self.packed.check_bias(self.bias_q)  # no input can overflow the int32 accumulator
         ofmt = self.out_spec.format
         lo, hi = act_clamp(self.act, self.out_zp, self.out_scale, ofmt.qmin, ofmt.qmax)
         self.epilogue = kernels.Requant(m0, rshift, self.out_zp, lo, hi, torch.uint8)
@@ -178,8 +181,8 @@ class _StaticInt8(_IntWeights):
         return f"weights {self.packed.format}, in={self.in_spec.format}, out={out}, act={self.act}"
 
 
-_STATIC_TENSORS = {"weight_q?": torch.int8, "weight_packed?": torch.uint8, "weight_scale": torch.float32,
-                   "bias_q": torch.int32}
+_STATIC_TENSORS = {"weight_q?": torch.int8, "weight_packed?": torch.uint8, "weight_radix?": torch.uint8,
+                   "weight_scale": torch.float32, "bias_q": torch.int32}
 # "in" / "out": QSpec dicts, "weight": packed-weight storage (both checked by their own from_dict);
 # "in_qparams" / "out_qparams": the uint8 (scale, zero point) of files written before QSpecs
 _STATIC_ATTRS = {"in": dict[str, Any] | None, "out": dict[str, Any] | None, "weight": dict[str, Any] | None,
@@ -251,13 +254,14 @@ class QConv(_StaticInt8):
 
 
 def _dynamic_qparams(x: torch.Tensor) -> tuple[float, int]:
-    """Per-call activation range (TFLite dynamic range: quantized on the fly from the batch)."""
-    lo_t, hi_t = torch.aminmax(x)  # NaN propagates into the extremes
-    lo, hi = min(float(lo_t), 0.0), max(float(hi_t), 0.0)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("input contains NaN or Inf")
-    scale = float(torch.tensor(max((hi - lo) / 255.0, 1e-12), dtype=torch.float32))  # as choose_qparams
-    return scale, int(min(255, max(0, round(-lo / scale))))
+    """Per-call activation range (TFLite dynamic range: quantized on the fly from the batch); scale and zero
+    point by the one rule of :func:`~lowbit.formats.affine.choose_qparams` (float64, as calibration)."""
+    lo, hi = torch.aminmax(x)  # NaN propagates into the extremes
+    try:
+        s, z = choose_qparams(float(lo), float(hi), UINT8_ACT)
+    except ValueError:
+        raise ValueError("input contains NaN or Inf") from None
+    return float(s), int(z)
 
 
 class _DynamicInt8(_IntWeights):
@@ -271,7 +275,7 @@ class _DynamicInt8(_IntWeights):
 
     def _epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, int, kernels.FloatOut]:
         s, z = _dynamic_qparams(x)
-        xq = quantize(x, s, z, UINT8_ACT)
+        xq = quantize_codes(x, s, z, UINT8_ACT.qmin, UINT8_ACT.qmax)
         return xq, z, kernels.FloatOut(self.weight_scale * s, self.bias)
 
     def _spec(self, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -282,19 +286,35 @@ class _DynamicInt8(_IntWeights):
 
 
 class DynamicQLinear(_DynamicInt8):
-    spec_attrs = {"act": Act}
+    """Dynamic-range linear; ``per_token``: one activation scale per input row instead of per tensor
+    (see :mod:`lowbit.nn.dynamic_act`)."""
+
+    spec_attrs = {"act": Act, "per_token": bool | None}
     spec_tensors = _DYNAMIC_TENSORS
 
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act: str | None = None, per_token: bool = False) -> None:
+        super().__init__(weight_q, weight_scale, bias, act)
+        self.per_token = bool(per_token)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, z, epi = self._epilogue(x)
-        return float_act(kernels.int8_linear(xq, z, self.packed, None, epi), self.act)
+        return float_act(dynamic_linear(x, self.packed, self.weight_scale, self.bias, self.per_token), self.act)
+
+    def meta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output's shape and dtype (graph capture, :mod:`lowbit.graph.leaf`)."""
+        return x.new_empty((*x.shape[:-1], self.packed.out_features), dtype=torch.float32)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return self._spec({})
+        return self._spec({"per_token": self.per_token} if self.per_token else {})
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DynamicQLinear:
-        return cls(tensors["weight_q"], tensors["weight_scale"], tensors.get("bias"), attrs["act"])
+        return cls(tensors["weight_q"], tensors["weight_scale"], tensors.get("bias"), attrs["act"],
+                   bool(attrs.get("per_token")))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.packed.in_features}, out_features={self.packed.out_features}, "
+                f"per_token={self.per_token}, act={self.act}")
 
 
 class DynamicQConv(_DynamicInt8):
@@ -313,6 +333,13 @@ class DynamicQConv(_DynamicInt8):
         xq, z, epi = self._epilogue(x)
         y = float_act(kernels.int8_conv2d(xq, z, self.packed, None, epi, **self.geometry), self.act)
         return y.squeeze(2) if self.conv1d else y
+
+    def meta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output's shape and dtype (graph capture, :mod:`lowbit.graph.leaf`)."""
+        w = x.new_empty(tuple(self.weight_q.shape), dtype=torch.float32)
+        if self.conv1d:
+            return F.conv2d(x.unsqueeze(2).to(torch.float32), w, None, **self.geometry).squeeze(2)
+        return F.conv2d(x.to(torch.float32), w, None, **self.geometry)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         g = dict(self.geometry)
@@ -357,6 +384,9 @@ class F16Layer(LowbitModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(torch.float32)
         b = None if self.bias is None else self.bias.to(torch.float32)
+        return self._run(x, w, b)
+
+    def _run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "linear":
             y = F.linear(x, w, b)
         elif self.kind == "conv1d":
@@ -364,6 +394,10 @@ class F16Layer(LowbitModule):
         else:
             y = F.conv2d(x, w, b, **self.geometry)
         return float_act(y, self.act)
+
+    def meta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output's shape and dtype (graph capture, :mod:`lowbit.graph.leaf`)."""
+        return self._run(x, x.new_empty(tuple(self.weight.shape), dtype=torch.float32), None)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         t = {"weight": self.weight}

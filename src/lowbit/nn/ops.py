@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
-from lowbit.formats.affine import UINT8_ACT, quantize_multiplier
+from lowbit.formats.affine import UINT8_ACT, add_multipliers
 from lowbit.formats.qspec import QSpec
 from lowbit.typed import Range
 
-from .base import Code, LowbitModule, Pair, QParams, Scale, pair
+from .base import Act, Code, LowbitModule, Pair, QParams, Scale, act_clamp, pair
 
 
 class Quantize(LowbitModule):
@@ -152,50 +152,47 @@ class QClamp(LowbitModule):
         return cls(attrs["lo"], attrs["hi"])
 
 
-_ADD_FRAC = 16  # fractional bits of the common scale in QAdd
-
-
 class QAdd(LowbitModule):
-    """Integer residual add: ``out = zo + round(Ma (a - za) + Mb (b - zb))``, ``M = s_in / s_out``.
+    """Integer residual add of uint8 codes, rounded once (:func:`lowbit.kernels.qadd`; the specification
+    is :func:`lowbit.kernels.reference.add_ref`): with ``M = s_in / s_out`` for each input,
 
-    Each input is rescaled by its own Q31 multiplier to units of ``s_out / 2^16`` (64-bit
-    integers), the two are summed and rounded once more: integer-only, as in TFLite's ADD.
+    ``out = clamp(((m_a (a - z_a) + m_b (b - z_b) + 2^(R-1)) >> R) + z_out, lo, hi)``,
+
+    ``m_a, m_b, R`` from :func:`~lowbit.formats.affine.add_multipliers` (one shift for both, 64-bit
+    integers). ``[qmin, qmax]`` are the output format's codes; ``act`` fuses a ReLU / ReLU6 as a tighter
+    clamp (``lo = max(qmin, z_out)``). The file stores the scales; the multipliers are derived when the
+    module is built.
     """
 
-    spec_attrs = {"a": QParams, "b": QParams, "out": QParams, "qmin": Code | None, "qmax": Code | None}
+    spec_attrs = {"a": QParams, "b": QParams, "out": QParams, "qmin": Code | None, "qmax": Code | None, "act": Act}
 
     def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int], qmin: int = 0,
-                 qmax: int = 255) -> None:
+                 qmax: int = 255, act: str | None = None) -> None:
         super().__init__()
         self.a, self.b, self.out = (float(a[0]), int(a[1])), (float(b[0]), int(b[1])), (float(out[0]), int(out[1]))
         if not 0 <= qmin < qmax <= 255:
             raise ValueError(f"QAdd output codes [{qmin}, {qmax}] must lie in [0, 255]")
-        self.qmin, self.qmax = int(qmin), int(qmax)  # the output format's levels (e.g. [0, 15] at 4 bits)
-        ma, sa = quantize_multiplier(self.a[0] / self.out[0])
-        mb, sb = quantize_multiplier(self.b[0] / self.out[0])
-        if int(sa) <= _ADD_FRAC or int(sb) <= _ADD_FRAC:
-            raise ValueError("residual add input scale is too large relative to its output scale")
-        self._m = (int(ma), int(sa) - _ADD_FRAC, int(mb), int(sb) - _ADD_FRAC)
-
-    @staticmethod
-    def _scale(x: torch.Tensor, zp: int, m0: int, shift: int) -> torch.Tensor:
-        v = (x.to(torch.int64) - zp) * m0 + (1 << (shift - 1))
-        return torch.bitwise_right_shift(v, shift)
+        self.qmin, self.qmax = int(qmin), int(qmax)  # the output format's codes
+        self.act = act or None
+        self.m_a, self.m_b, self.rshift = add_multipliers(self.a[0], self.b[0], self.out[0])
+        self.lo, self.hi = act_clamp(self.act, self.out[1], self.out[0], self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ma, sa, mb, sb = self._m
-        acc = self._scale(x, self.a[1], ma, sa) + self._scale(y, self.b[1], mb, sb)
-        out = torch.bitwise_right_shift(acc + (1 << (_ADD_FRAC - 1)), _ADD_FRAC) + self.out[1]
-        return torch.clamp(out, self.qmin, self.qmax).to(torch.uint8)
+        return kernels.qadd(x, self.a[1], y, self.b[1], self.m_a, self.m_b, self.rshift, self.out[1], self.lo,
+                            self.hi)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"a": list(self.a), "b": list(self.b), "out": list(self.out), "qmin": self.qmin, "qmax": self.qmax}, {}
+        return {"a": list(self.a), "b": list(self.b), "out": list(self.out), "qmin": self.qmin, "qmax": self.qmax,
+                "act": self.act}, {}
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QAdd:
-        lo, hi = attrs.get("qmin"), attrs.get("qmax")
-        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]), 0 if lo is None else lo,
-                   255 if hi is None else hi)
+        qmin, qmax = attrs.get("qmin"), attrs.get("qmax")  # absent in files written before they existed
+        return cls(tuple(attrs["a"]), tuple(attrs["b"]), tuple(attrs["out"]), 0 if qmin is None else qmin,
+                   255 if qmax is None else qmax, attrs.get("act"))
+
+    def extra_repr(self) -> str:
+        return f"m_a={self.m_a}, m_b={self.m_b}, rshift={self.rshift}, out_zp={self.out[1]}, act={self.act}"
 
 
 def _round_div(s: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:

@@ -209,7 +209,7 @@ class ACIQGaussObserver(ACIQObserver):
 def aciq_bias_correction(
     w: torch.Tensor, w_q: torch.Tensor, axis: int = 0, *, preserve_mean: bool = False
 ) -> torch.Tensor:
-    """ACIQ's per-channel bias correction of quantized weights (methods.md §0).
+    """ACIQ's per-channel bias correction of quantized weights (docs/methods.md, "Range choice").
 
     ``w``: float weights; ``w_q``: their quantized weights *dequantized* back to float, same shape.
     Per output channel ``c`` along ``axis``, with ``μ_c``, ``μ̂_c`` the channel means of ``w`` and

@@ -51,8 +51,7 @@ class QATLayer(nn.Module):
         q = self.input_quantizer
         if b is None or q is None or q.scale_by_std or q.step.dynamic or not bool(q.initialized):
             return b
-        s_in = q.scale_and_zero_point(torch.zeros(()))[0].detach()
-        grid = (s_in * s_w.detach()).reshape(-1)
+        grid = (q.current_step() * s_w.detach()).reshape(-1)
         return round_ste(b / grid) * grid
 
     def weight_scale(self) -> torch.Tensor:
@@ -116,9 +115,8 @@ class PoolRequant(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         q = self.source
-        s, z = q.scale_and_zero_point(y)
-        s = s.detach()
-        z0 = torch.zeros_like(s) if z is None else z.detach()
+        s, z = q.current_params()
+        z0 = torch.zeros_like(s) if z is None else z
         with torch.no_grad():
             n = self.counts.to(y.device)
             total = torch.round((y / s + z0) * n)  # the integer window sum (exact up to float error < 0.5)

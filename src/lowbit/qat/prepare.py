@@ -105,19 +105,22 @@ def _add_module_node(gm: fx.GraphModule, after: fx.Node, base: str, module: nn.M
     return new
 
 
-def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tensor]) -> fx.GraphModule:
+def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tensor],
+                  example_input: torch.Tensor | None = None) -> fx.GraphModule:
     """Insert ``method``'s quantizers into a prepared float graph (see the module docstring) and initialize
-    them: weight steps from the weights, activation steps on the first calibration batch."""
+    them: weight steps from the weights; activation steps on the first calibration batch, or, without
+    calibration data, on the first batch the model sees (then ``example_input`` decides the signs).
+
+    ``method``: a :class:`QATMethod`, or any method object with the same ``config``, ``precision``,
+    ``weight_quantizer`` and ``act_quantizer`` (e.g. the 4.6-bit family, whose precisions are level counts)."""
     gm = copy.deepcopy(prepared.gm)
-    cfg = method.cfg
-    batch = calib[0] if calib else None
+    cfg = method.config
+    batch = calib[0] if calib else example_input
     if batch is None:
-        raise ValueError("lowbit.qat.prepare needs calibration data (one batch or more) to initialize the "
-                         "activation quantizers")
+        raise ValueError("lowbit.qat.prepare needs calibration data or an example input")
     rec = _Recorder(gm)
     with torch.no_grad():
         rec.run(batch)
-    w_bits, a_bits = cfg.bits  # type: ignore[misc]
 
     # --- layers ----------------------------------------------------------------------------------
     layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_layer(gm.get_submodule(str(n.target)))
@@ -128,11 +131,8 @@ def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tenso
             order.append(str(n.target))
     if not order:
         raise ValueError("the model has no layer to quantize (conv/linear with zero padding), or all are kept float")
-    edge = {order[0], order[-1]} if cfg.first_last_bits is not None else set()
-    fl = cfg.first_last_bits or w_bits
-
-    def bits_of(target: str) -> tuple[int, int]:
-        return (fl, fl) if target in edge else (w_bits, a_bits)
+    bits_of = method.precision(order)
+    a_bits = bits_of(None)[1]
 
     done: dict[str, QATLayer] = {}
     for n in layer_nodes:
@@ -186,7 +186,8 @@ def prepare_graph(prepared: Prepared, method: QATMethod, calib: list[torch.Tenso
 
     gm.graph.lint()
     gm.recompile()
-    _initialize_activations(gm, calib)
+    if calib:
+        _initialize_activations(gm, calib)
     gm.train()
     info = {"version": QAT_FORMAT_VERSION, "method": method.name, "config": cfg.to_dict(), "layers": order,
             "unsupported": list(prepared.unsupported)}
@@ -225,8 +226,10 @@ def prepare(
 
     calib: data to initialize the activation steps (a tensor [N, ...], a Dataset, a DataLoader or batches;
     the first ``calib_samples`` samples are used); example_input (one batch) is taken from it if not given.
-    The result is an ``nn.Module`` in training mode; :func:`lowbit.qat.convert` turns it into an integer
-    model. ``model`` itself is not modified.
+    Without ``calib`` the activation steps are initialized on the first batch the model sees (as the LSQ
+    paper does; under torch.distributed rank 0's batch decides), and ``example_input`` — a few samples,
+    at least one — serves to trace the model. The result is an ``nn.Module`` in training mode;
+    :func:`lowbit.qat.convert` turns it into an integer model. ``model`` itself is not modified.
     """
     cls, config = resolve_method(method, config)
     if not issubclass(cls, QATMethod):
@@ -236,10 +239,11 @@ def prepare(
     batches = calibration_batches(calib, m.config.calib_samples, m.config.calib_batch_size)
     if example_input is None:
         if not batches:
-            raise ValueError("pass calibration data (calib=) to initialize the activation quantizers")
+            raise ValueError("pass calibration data (calib=) or an example input batch (example_input=)")
         example_input = batches[0][:1]
-    check_calibration(batches, example_input, cls.name)
-    return prepare_graph(prepare_float(model, example_input), m, batches)
+    if calib is not None:
+        check_calibration(batches, example_input, cls.name)
+    return prepare_graph(prepare_float(model, example_input), m, batches, example_input)
 
 
 def _qat_methods() -> list[str]:

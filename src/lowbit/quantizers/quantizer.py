@@ -166,6 +166,18 @@ class FakeQuantizer(nn.Module):
         z = None if self.offset is None else self.offset.zero_point(s, self.fmt)
         return s, z
 
+    @torch.no_grad()
+    def current_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(step, zero point or None) now, in the parameter shape, detached (no initialization, checks or
+        gradient rules), of a quantizer whose step does not depend on the tensor it quantizes."""
+        if self.step.dynamic or self.scale_by_std:
+            raise ValueError(f"the step of {self.describe()} depends on the tensor it quantizes")
+        s = self.step.value(torch.zeros(())).detach().clone()
+        return s, None if self.offset is None else self.offset.zero_point(s, self.fmt).detach()
+
+    def current_step(self) -> torch.Tensor:
+        return self.current_params()[0]
+
     def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return p if p.dim() == 0 else self.granularity.view(p, x)
 

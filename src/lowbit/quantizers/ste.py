@@ -56,7 +56,7 @@ class _GradScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
-        return x.view_as(x)
+        return x.clone()  # not a view: the step parameter may be clamped in place later in the pass
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:

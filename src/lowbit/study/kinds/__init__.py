@@ -1,0 +1,1 @@
+"""Study kinds: one module each (``init``: step initializers of the learned-step methods)."""

@@ -1,0 +1,171 @@
+"""Iterative adaptation to quantization noise (``adapt``): stages and views, one adaptation step lowers the
+error against the float network, frozen layers stay frozen, the window is respected, determinism, the
+integer result and its file, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.cli import main
+from lowbit.graph import prepare
+from lowbit.methods.adapt import Adapt, AdaptConfig, Adapter
+from lowbit.models import build
+from lowbit.nn import QConv, QLinear
+from lowbit.qat.stages import staged_view
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = {"weight_observer": "minmax", "activation_observer": "minmax", "progress": False}
+
+
+def _adapter(model, x, **kw):
+    cfg = AdaptConfig(**{**FAST, **kw})
+    prepared = prepare(model, x[:1])
+    qm = Adapt(cfg).fake_quant(prepared, [x])
+    return Adapter(qm, prepared.gm, [x], cfg), prepared.gm
+
+
+def _snapshot(ad):
+    return {name: [p.detach().clone() for p in ps] for name, ps in ad.units}
+
+
+def _changed(before, after):
+    return {n for n in before if not all(torch.equal(a, b) for a, b in zip(before[n], after[n], strict=True))}
+
+
+def test_views_and_stages_of_a_residual_network():
+    torch.manual_seed(0)
+    model = build("resnet20", 1, 10, 8).eval()
+    x = torch.randn(48, 1, 8, 8)
+    ad, teacher = _adapter(model, x, steps=0)
+    st = ad.st
+    with torch.no_grad():
+        assert torch.equal(staged_view(ad.qm, set(), set())(x), teacher(x))  # nothing quantized: the float net
+        full = staged_view(ad.qm, set(st.layers), set(st.acts))(x)
+        assert torch.equal(full, ad.qm.eval()(x))  # everything quantized: the fake-quant model
+    index = {name: i for i, name in enumerate(st.layers)}
+    nodes = {n.name: n for n in ad.qm.graph.nodes}
+    for a in st.acts:  # a quantizer belongs to the last quantized layer upstream of it (the input: layer 0)
+        ups, todo = [], [nodes[a]]
+        while todo:
+            n = todo.pop()
+            if n.op == "call_module" and str(n.target) in index:
+                ups.append(index[str(n.target)])
+            todo.extend(n.all_input_nodes)
+        assert st.stage[a] == max(ups, default=0)
+    assert sum(st.stage[a] == 0 for a in st.acts) == 2  # the model input and the stem's output
+    assert any(n.op == "call_function" and "add" in str(n.target) for n in ad.qm.graph.nodes)
+    log = ad.run()
+    assert [r["layer"] for r in log] == st.layers
+
+
+def test_one_step_lowers_the_error_and_trains_only_the_window(digits_cnn):
+    model, splits, _ = digits_cnn
+    x = splits.calib.tensors[0]
+    ad, teacher = _adapter(model, x, bits=(4, 4), window=1, steps=1, batch_size=len(x), lr=1e-4)
+    with torch.no_grad():
+        target = teacher(x)
+    ad.quantize(0)
+    ad.quantize(1)
+    before = _snapshot(ad)
+    with torch.no_grad():
+        e0 = F.mse_loss(ad.view(1)(x), target).item()
+    assert ad.adapt(1) == [ad.layers[2]]
+    with torch.no_grad():
+        e1 = F.mse_loss(ad.view(1)(x), target).item()
+    assert e1 < e0
+    assert _changed(before, _snapshot(ad)) == {ad.layers[2]}
+    assert not any(p.requires_grad for p in ad.qm.parameters())  # trainable only while adapt() trains
+
+
+def test_frozen_layers_stay_frozen(digits_cnn):
+    model, splits, _ = digits_cnn
+    x = splits.calib.tensors[0]
+    ad, _ = _adapter(model, x, bits=(4, 4), window=2, steps=2)
+    names = [u for u, _ in ad.units]
+    frozen: dict[str, list[torch.Tensor]] = {}
+    steps = {}
+    for i, layer in enumerate(ad.layers):
+        ad.quantize(i)
+        q = ad.qm.get_submodule(layer).weight_quantizer
+        steps[layer] = q.step.step.clone()
+        frozen[layer] = [p.detach().clone() for p in ad.units[names.index(layer)][1]]
+        before = _snapshot(ad)
+        trained = ad.adapt(i)
+        assert trained == names[names.index(layer) + 1:][:2]
+        changed = _changed(before, _snapshot(ad))
+        assert changed == set(trained)  # the window and nothing else
+    ad.close()
+    for layer in ad.layers:  # every layer kept the weights and step it had when it was quantized
+        now = [p.detach() for p in ad.units[names.index(layer)][1]]
+        assert all(torch.equal(a, b) for a, b in zip(frozen[layer], now, strict=True)), layer
+        assert torch.equal(ad.qm.get_submodule(layer).weight_quantizer.step.step, steps[layer])
+    assert all(p.requires_grad for p in ad.qm.parameters())  # restored
+
+
+def test_deterministic_under_a_seed(digits_cnn):
+    model, splits, _ = digits_cnn
+    x = splits.calib.tensors[0]
+    outs = []
+    for seed in (3, 3, 4):
+        q = lowbit.quantize(model, "adapt", calib=x, steps=4, batch_size=32, seed=seed, **FAST)
+        with torch.no_grad():
+            outs.append(q(splits.test.tensors[0]))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+def test_integer_result_file_and_cli(digits_cnn, tmp_path, capsys):
+    from lowbit.evaluate import accuracy
+    from lowbit.train import save_checkpoint
+
+    model, splits, meta = digits_cnn
+    x = splits.calib.tensors[0]
+    float_acc = accuracy(model, splits.test)
+    sizes = {}
+    for bits in (4, 8):
+        q = lowbit.quantize(model, "adapt", calib=x, bits=(bits, bits), steps=3, batch_size=32, **FAST)
+        layers = [m for m in q.modules() if isinstance(m, (QConv, QLinear))]
+        assert len(layers) == 6 and all(m.packed.format.n_levels == 2**bits for m in layers[1:-1])
+        assert q.lowbit_meta["method"] == "adapt" and q.lowbit_meta["adapt"]["wall_time_s"] > 0
+        assert len(q.lowbit_meta["adapt"]["layers"]) == 6
+        assert accuracy(q, splits.test) >= float_acc - (1.0 if bits == 8 else 5.0)
+        sizes[bits] = lowbit.save(q, tmp_path / f"w{bits}.lowbit").stat().st_size
+    assert sizes[4] < 0.75 * sizes[8]  # the 4-bit weights are stored packed
+    ck = tmp_path / "cnn.pt"
+    save_checkpoint(ck, model, meta)
+    out = tmp_path / "cli.lowbit"
+    assert main(["quantize", "small_cnn", "--checkpoint", str(ck), "--method", "adapt", "--option", "bits=6,6",
+                 "--option", "window=2", "--option", "steps=2", "--option", "progress=false",
+                 "--out", str(out)]) == 0
+    assert "adapt: test accuracy" in capsys.readouterr().out
+    loaded = lowbit.load(out)
+    assert loaded.lowbit_meta["config"]["window"] == 2 and loaded.lowbit_meta["adapt"]["steps"] == 2
+
+
+def test_bad_input(digits_cnn):
+    model, splits, _ = digits_cnn
+    x = splits.calib.tensors[0]
+    for bits in ((9, 4), (4, 1), "1"):
+        with pytest.raises(ValueError, match=r"2\.\.8"):
+            lowbit.quantize(model, "adapt", calib=x, bits=bits)
+    for window in (0, "some", True):
+        with pytest.raises(ValueError, match="window"):
+            AdaptConfig(window=window)
+    assert AdaptConfig(window="all").window is None
+    with pytest.raises(ValueError, match="initializer"):
+        AdaptConfig(act_init="golden")
+    with pytest.warns(UserWarning, match=r"over the 40 calibration samples.*overfit"):
+        lowbit.quantize(model, "adapt", calib=x[:40], steps=30, batch_size=16, **FAST)
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    head[3].requires_grad_(False)
+    xf = x.reshape(len(x), 1, 8, 8)
+    for net in (one, head):
+        with pytest.raises(ValueError, match="no layer after the first one .* has trainable parameters"):
+            lowbit.quantize(net, "adapt", calib=xf, **FAST)
+        lowbit.quantize(net, "adapt", calib=xf, steps=0, **FAST)  # sequential calibration needs no training
+    assert head[3].weight.requires_grad is False
