@@ -12,8 +12,11 @@ Its formulas are not public to us; lowbit's reading [ours]:
 * ``δ`` goes from ``delta_start`` to ``delta_end`` = 0 over each layer's stage by ``delta_schedule``
   (linear, cosine, exponential), so every layer ends on the exact sign;
 * gradual freezing in network order (``freeze="gradual"``, the default here): stage ``k`` binarizes layer
-  ``k`` (its weights and its input), trains it and every later layer, then freezes it — its BatchNorm keeps
-  its running statistics from then on, i.e. it *is* the threshold the integer model computes;
+  ``k`` (its weights and the sign taken of its output), trains it and every layer not yet frozen, then
+  freezes it — the BatchNorm before that sign keeps its running statistics from then on, i.e. it *is* the
+  threshold the integer model computes;
+* ``δ`` reaches 0 within the first ``anneal_fraction`` (0.5) of a stage; the rest of the stage trains on the
+  exact sign;
 * after ``δ`` reaches 0 the backward pass is the straight-through window (the exact sign's derivative is 0).
 
 See docs/methods.md and :mod:`lowbit.binary`.
