@@ -40,8 +40,7 @@ class WideCNN(SmallCNN):
 def _binary(model: nn.Module, calib: torch.Tensor) -> nn.Module:
     qm = lb.prepare(model, "binary_ste", calib=calib)
     lb.begin_all(qm, 1)
-    with torch.no_grad():
-        qm.train()(calib)
+    qm.train()(calib)  # one training-mode pass: binarizers count it, BatchNorms take its statistics
     return lb.convert(qm.eval())
 
 
