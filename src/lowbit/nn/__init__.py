@@ -4,6 +4,7 @@ they call lowbit.kernels."""
 from .attention import DynamicQMultiheadAttention
 from .base import MODULES, LowbitModule
 from .binary import QBinaryConv, QBinaryLinear, QBitMaxPool2d, QSignBits, QUnpackBits
+from .bm import QBMConv2d, QBMLinear
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
 from .recurrent import DynamicQRNN
@@ -27,6 +28,8 @@ __all__ = [
     "QBinaryConv",
     "QBinaryLinear",
     "QBitMaxPool2d",
+    "QBMConv2d",
+    "QBMLinear",
     "QClamp",
     "QMaxPool2d",
     "QConv",
@@ -37,3 +40,6 @@ __all__ = [
     "Quantize",
     "WeightOnly",
 ]
+
+# The float BM layers are LowbitModules too (saved and loaded by lowbit.io): register them.
+from lowbit.bm import layers as _bm_layers  # noqa: E402, F401
