@@ -169,3 +169,47 @@ def test_bad_input(digits_cnn):
             lowbit.quantize(net, "adapt", calib=xf, **FAST)
         lowbit.quantize(net, "adapt", calib=xf, steps=0, **FAST)  # sequential calibration needs no training
     assert head[3].weight.requires_grad is False
+
+
+def test_study_adapt_quick(digits_cnn, tmp_path, capsys):
+    import json
+
+    from lowbit.train import save_checkpoint
+
+    model, splits, meta = digits_cnn
+    ck = tmp_path / "float.pt"
+    save_checkpoint(ck, model, meta)
+    out = tmp_path / "res" / "adapt.md"
+    argv = ["study", "adapt", "--quick", "--checkpoint", str(ck), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = out.read_text()
+    methods = ["ptq", "correct", "adapt_all", "adapt_1", "adapt_2", "lsq_equal", "lsq_long"]
+    assert "lowbit study adapt --quick" in text and "CPU:" in text and "## W4A4" in text
+    assert all(f"| {m} |" in text for m in methods) and "- adapt_all: recovers" in text
+    recs = [json.loads(x) for x in (tmp_path / "res" / "adapt.jsonl").read_text().splitlines()[1:]]
+    by = {r["id"]["method"]: r for r in recs}
+    assert sorted(by) == sorted(methods) and all(r["acc"] > 90 and r["time_s"] > 0 for r in recs)
+    assert by["ptq"]["observer"] in ("minmax", "mse") and by["correct"]["observer"] == "mse"
+    assert [row["steps"] for row in by["adapt_1"]["layers"]] == [5] * 5 + [0]  # the last layer has no window
+    assert by["lsq_equal"]["epochs"] == pytest.approx(5 * 5 * 64 / len(splits.train))
+    times = [t for _e, _a, t in by["lsq_long"]["curve"]]
+    assert len(times) == 3 and times == sorted(times)
+    assert (tmp_path / "res" / "adapt-w4a4-lsq.png").stat().st_size > 1000
+    before = (tmp_path / "res" / "adapt.jsonl").read_text()
+    assert main(argv) == 0 and (tmp_path / "res" / "adapt.jsonl").read_text() == before  # nothing runs again
+    for bad, msg in ((["--windows", "all,0"], "--windows"), (["--qat-long", "3,3"], "not in --bits"),
+                     (["--bits", "9,9"], "2..8"), (["--observers", "mse,best"], "unknown observer")):
+        assert main(["study", "adapt", "--out", str(tmp_path / "bad.md"), *bad]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_compare_reports_the_time_to_quantize(digits_cnn):
+    model, splits, _ = digits_cnn
+    res = lowbit.compare(model, splits.calib, lambda m: lowbit.evaluate.accuracy(m, splits.test),
+                         methods=["static", "adapt"], repeats=1, report_dir=None, progress=False,
+                         configs={"adapt": AdaptConfig(steps=3, **FAST)})
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["float"]["quantize_s"] is None and rows["static"]["quantize_s"] >= 0
+    wall = res.models["adapt"].lowbit_meta["adapt"]["wall_time_s"]
+    assert wall <= rows["adapt"]["quantize_s"] + 0.01
+    assert "quantize_s" in res.table().splitlines()[0]
