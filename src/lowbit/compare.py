@@ -7,6 +7,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,12 +132,15 @@ def compare(
     float_gm: fx.GraphModule = prepare(model, example_input).gm
     float_gm.lowbit_meta = {"method": BASELINE, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
     candidates[BASELINE] = float_gm
+    took: dict[str, float] = {}  # seconds each method took to quantize (training included)
     bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         extra = {"train": train, "test": test} if get_method(name).needs_training_data else {}
+        t0 = time.perf_counter()
         candidates[name] = quantize(model, name, calib=calib, config=configs.get(name),
                                     example_input=example_input, **extra)
+        took[name] = time.perf_counter() - t0
     candidates.update(models)
 
     rows: list[dict[str, Any]] = []
@@ -162,6 +166,7 @@ def compare(
                 "batch_size": batch_size,
                 "threads": lat[name].threads,
                 "float_layers": len(mm.get("float_layers", [])) + len(mm.get("float_ops", [])),
+                "quantize_s": round(took[name], 2) if name in took else None,
             })
         rows = score(rows, BASELINE, lam)
         chosen = choose(rows)["method"]
