@@ -33,11 +33,14 @@ from lowbit.cliargs import positive_float, positive_int
 from lowbit.study.core import (
     Results,
     add_common_arguments,
+    add_model_arguments,
     fmt_mean_std,
+    load_float,
     markdown_table,
     mean_std,
     plot_curves,
     run_grid,
+    split_list,
     write_markdown,
 )
 from lowbit.study.registry import StudyKind, register_study
@@ -45,13 +48,9 @@ from lowbit.study.registry import StudyKind, register_study
 _DEFAULT_OBSERVERS = "minmax,percentile,mse,aciq_laplace"
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _windows(text: str) -> list[int | None]:
     out: list[int | None] = []
-    for t in _list(text):
+    for t in split_list(text):
         if t.lower() == "all":
             out.append(None)
         elif t.isdigit() and int(t) >= 1:
@@ -73,10 +72,7 @@ class AdaptStudy(StudyKind):
     help = "iterative adaptation (adapt, windows) against plain PTQ, layer-wise correction and LSQ: accuracy, time"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="tiny_cnn", help="built-in model (default tiny_cnn)")
-        p.add_argument("--data", default="mnist", help="dataset (default mnist)")
-        p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-        p.add_argument("--checkpoint", default=None, help="float checkpoint (default lowbit's cache in runs/)")
+        add_model_arguments(p, "tiny_cnn")
         p.add_argument("--bits", nargs="+", default=["4,4", "6,6", "8,8"], metavar="W,A",
                        help="bit widths (default 4,4 6,6 8,8)")
         p.add_argument("--first-last-bits", default="none", type=_first_last,
@@ -104,13 +100,10 @@ class AdaptStudy(StudyKind):
 
     # -------------------------------------------------------------------------------------------
     def run(self, args: argparse.Namespace) -> int:
-        from lowbit.data import load_dataset
         from lowbit.methods.adapt import AdaptConfig
         from lowbit.methods.qat import parse_bits
         from lowbit.observers import OBSERVERS
         from lowbit.quantizers import INITIALIZERS
-        from lowbit.train import train_or_load
-        from lowbit.trainer import evaluate
 
         if args.quick:  # small data, one seed, few steps; the methods stay
             args.data, args.model, args.bits, args.qat_long = "digits", "small_cnn", ["4,4"], ["4,4"]
@@ -119,7 +112,7 @@ class AdaptStudy(StudyKind):
         bits = [parse_bits(b) for b in args.bits]
         long_bits = {parse_bits(b) for b in args.qat_long}
         windows = _windows(args.windows)
-        observers = _list(args.observers)
+        observers = split_list(args.observers)
         for o in observers:
             if o not in OBSERVERS:
                 raise ValueError(f"unknown observer {o!r}; known: {', '.join(sorted(OBSERVERS))}")
@@ -131,11 +124,7 @@ class AdaptStudy(StudyKind):
             raise ValueError(f"--qat-long bit widths {sorted(long_bits - set(bits))} are not in --bits")
         out = Path(args.out)
         t0 = time.perf_counter()
-        torch.set_num_threads(args.threads)
-        splits = load_dataset(args.data, data_dir=args.data_dir, seed=0)
-        model, _, _ = train_or_load(args.model, args.data, data_dir=args.data_dir, checkpoint=args.checkpoint,
-                                    progress=not args.no_progress)
-        float_acc = evaluate(model, splits.test)
+        model, splits, float_acc = load_float(args)
         key = {"study": "adapt", "model": args.model, "data": splits.name, "float_acc": float_acc,
                "first_last_bits": args.first_last_bits, "steps": args.steps, "lr": args.lr,
                "batch_size": args.batch_size, "calib_samples": args.calib_samples, "observers": observers,
@@ -214,7 +203,7 @@ def _ptq(model: torch.nn.Module, calib: torch.Tensor, bits: tuple[int, int], arg
     with torch.no_grad():
         target = model(calib)
     best: tuple[float, str, Any, Any] | None = None
-    for obs in (["mse"] if correct else _list(args.observers)):
+    for obs in (["mse"] if correct else split_list(args.observers)):
         cfg = AdaptConfig(bits=bits, first_last_bits=args.first_last_bits, weight_observer=obs,
                           activation_observer=obs, steps=0, progress=False)
         qm, teacher = _fake_quant(model, calib, cfg)
