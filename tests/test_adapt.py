@@ -174,6 +174,7 @@ def test_bad_input(digits_cnn):
 def test_study_adapt_quick(digits_cnn, tmp_path, capsys):
     import json
 
+    from lowbit.study.kinds.adapt import _time_to
     from lowbit.train import save_checkpoint
 
     model, splits, meta = digits_cnn
@@ -194,6 +195,9 @@ def test_study_adapt_quick(digits_cnn, tmp_path, capsys):
     assert by["lsq_equal"]["epochs"] == pytest.approx(5 * 5 * 64 / len(splits.train))
     times = [t for _e, _a, t in by["lsq_long"]["curve"]]
     assert len(times) == 3 and times == sorted(times)
+    curve = [[0.0, 90.0, 0.0], [0.1, 93.0, 1.0], [0.2, 92.0, 2.0], [0.3, 94.0, 3.0]]
+    assert _time_to(curve, 93.0) == 1.0 and _time_to(curve, 93.0, for_good=True) == 3.0
+    assert _time_to(curve, 95.0) is None and _time_to(curve, 95.0, for_good=True) is None
     assert (tmp_path / "res" / "adapt-w4a4-lsq.png").stat().st_size > 1000
     before = (tmp_path / "res" / "adapt.jsonl").read_text()
     assert main(argv) == 0 and (tmp_path / "res" / "adapt.jsonl").read_text() == before  # nothing runs again
