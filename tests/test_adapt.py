@@ -80,6 +80,38 @@ def test_one_step_lowers_the_error_and_trains_only_the_window(digits_cnn):
     assert not any(p.requires_grad for p in ad.qm.parameters())  # trainable only while adapt() trains
 
 
+def _feature_error(ad, teacher, i, name, x):
+    """Squared error of the float conv/linear inside ``name`` (layers 0..i quantized) against the teacher's."""
+    from lowbit.methods.base import layer_of
+
+    got = {}
+    hs = [ad.qm.get_submodule(name).layer.register_forward_hook(lambda _m, _a, y: got.setdefault("s", y)),
+          layer_of(teacher.get_submodule(name))[0].register_forward_hook(lambda _m, _a, y: got.setdefault("t", y))]
+    with torch.no_grad():
+        ad.view(i)(x)
+        teacher(x)
+    for h in hs:
+        h.remove()
+    return F.mse_loss(got["s"], got["t"]).item()
+
+
+def test_feature_term_trains_the_window_towards_the_teachers_features(digits_cnn):
+    model, splits, _ = digits_cnn
+    x = splits.calib.tensors[0]
+    outs = {}
+    for fw in (0.0, 100.0):
+        ad, teacher = _adapter(model, x, bits=(4, 4), window=1, steps=3, batch_size=len(x), lr=1e-4, feature_weight=fw)
+        ad.quantize(0)
+        name = ad.layers[1]
+        e0 = _feature_error(ad, teacher, 0, name, x)
+        assert ad.adapt(0) == [name]
+        outs[fw] = (e0, _feature_error(ad, teacher, 0, name, x))
+        inner = ad.qm.get_submodule(name).layer
+        assert not inner._forward_hooks  # the feature hooks are gone after training
+    assert outs[100.0][1] < outs[100.0][0]  # the feature error falls when it is in the loss
+    assert outs[100.0][1] < outs[0.0][1]  # and falls further than on the output error alone
+
+
 def test_frozen_layers_stay_frozen(digits_cnn):
     model, splits, _ = digits_cnn
     x = splits.calib.tensors[0]
