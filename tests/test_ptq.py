@@ -181,6 +181,7 @@ def test_residual_and_depthwise_models(name, digits_cnn, residual_models):
 
 def test_static_leaves_unsupported_float_and_lists_it(digits_cnn):
     _, splits, _ = digits_cnn
+    torch.manual_seed(0)  # the bound below was measured on seeded models; unseeded, it depended on test order
     model = _Unsupported().eval()
     q = lowbit.quantize(model, "static", calib=splits.calib)
     assert any("sigmoid" in s for s in q.lowbit_meta["float_ops"])

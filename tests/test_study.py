@@ -49,3 +49,11 @@ def test_study_init_quick(digits_cnn, tmp_path, capsys):
     assert (tmp_path / "res" / "init.jsonl").read_text() == before
     assert main(["study", "init", "--quick", "--inits", "lsq,golden", "--out", str(out)]) == 2
     assert "unknown initializer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, why", [("gpu", "must be cpu, cuda or cuda:N"), ("cuda:x", "must be cpu, cuda"),
+                                         ("cuda:99", "no such CUDA device")])
+def test_study_device_is_checked_before_any_work(tmp_path, capsys, device, why):
+    out = tmp_path / "init.md"
+    assert main(["study", "init", "--quick", "--device", device, "--out", str(out)]) == 2
+    assert why in capsys.readouterr().err and not out.exists() and not (tmp_path / "init.jsonl").exists()

@@ -7,6 +7,8 @@ Main entry points::
     qmodel = lowbit.qat.convert(qat_model)
     lowbit.save(qmodel, "model.lowbit"); qmodel = lowbit.load("model.lowbit")
     result = lowbit.compare(model, calib, eval_fn, methods=["dynamic", "static", "full_integer", "float16"])
+    qbert = lowbit.quantize(hf_model, "dynamic", example_input=(ids, mask))  # any nn.Module, no graph needed
+    lowbit.export_onnx("model.lowbit", "model.onnx")                     # ONNX QDQ with lowbit's scales
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ _LAZY = {
     "save": "lowbit.io",
     "quantize": "lowbit.methods",
     "available_methods": "lowbit.methods",
+    "export_onnx": "lowbit.export",
 }
 
-__all__ = ["CompareResult", "__version__", "available_methods", "compare", "load", "quantize", "save"]
+__all__ = ["CompareResult", "__version__", "available_methods", "compare", "export_onnx", "load", "quantize", "save"]
 
 
 _SUBMODULES = ("qat", "quantizers", "formats", "methods", "nn", "kernels")

@@ -21,6 +21,7 @@ EXIT_ERROR = 2
 #: command of its own is its module plus one line here (this file stays out of every feature's diff).
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
+    "lowbit.export.cli",
     "lowbit.qat.cli",
     "lowbit.study.cli",
 )
@@ -204,10 +205,12 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import lowbit
+    from lowbit.eval_custom import cmd_eval_metric, load_file
     from lowbit.evaluate import accuracy, measure_latency, model_input
 
-    model = lowbit.load(args.file, verify=not args.no_verify)
+    model = load_file(args)
+    if args.metric:
+        return cmd_eval_metric(args, model)
     splits = _load_data(args)
     acc = accuracy(model, splits.test)
     x = model_input(model, splits.test.tensors[0][: args.batch_size])
@@ -317,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(sp)
     sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check (its fields are "
                                                              "still validated)")
+    sp.add_argument("--metric", default=None, metavar="PKG.MOD:FN",
+                    help="score with your function (called with the model, returns a number or a dict of numbers) "
+                         "instead of accuracy on --data; latency on inputs like the model's recorded example")
+    sp.add_argument("--model", default=None, metavar="PKG.MOD:FN",
+                    help="builds the float model a weights-only file is loaded into")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("methods", help="list the quantization methods")

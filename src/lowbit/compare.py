@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 import lowbit
@@ -129,9 +130,7 @@ def compare(
     bench_input = bench[0] if len(bench) == 1 else bench
 
     candidates: dict[str, nn.Module] = {}
-    float_gm: fx.GraphModule = prepare(model, example_input).gm
-    float_gm.lowbit_meta = {"method": BASELINE, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
-    candidates[BASELINE] = float_gm
+    candidates[BASELINE] = _baseline(model, example_input, methods)
     took: dict[str, float] = {}  # seconds each method took to quantize (training included)
     bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
     for name in bar:
@@ -191,6 +190,24 @@ def compare(
         }
         report = write_report(rows, report_dir, chosen, lam, info)
     return CompareResult(rows, chosen, candidates, report, saved)
+
+
+def _baseline(model: nn.Module, example: Any, methods: list[str]) -> nn.Module:
+    """The float model as lowbit prepares it (BatchNorm folded; through torch.export when torch.fx cannot
+    trace it), or, for a model no graph captures (control flow on tensor values), the model itself when
+    every method compared needs no graph."""
+    meta = {"method": BASELINE, "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
+    try:
+        base: nn.Module = prepare(model, example).gm
+    except ValueError as e:
+        graph_methods = [m for m in methods if get_method(m).needs_graph]
+        if graph_methods:
+            raise ValueError(f"{e} (methods that need one: {', '.join(graph_methods)})") from e
+        base = copy.deepcopy(model).eval().requires_grad_(False)
+        meta["graph"] = "module"
+    base.lowbit_meta = meta
+    base.lowbit_example = example
+    return base
 
 
 class _CallableModule(types.ModuleType):

@@ -6,8 +6,11 @@ The result uses the same vocabulary as a ``torch.fx.symbolic_trace`` of an ordin
 :func:`lowbit.graph.prepare` can treat both front-ends alike. Submodules are named after the
 original model's parameter paths (``features.0``) where the program records them.
 
-Only the ops listed in :data:`CONVERTIBLE_OPS` are understood; any other op raises
-``NotImplementedError`` naming it.
+The ops listed in :data:`CONVERTIBLE_OPS` become modules (with ``modules=True``); any other op stays an
+ATen call when a lowbit file may hold it (:mod:`lowbit.modelfile.aten_ops`: slice, softmax, layer norm,
+GELU, matmul between activations, embedding look-ups ...) and is ``NotImplementedError`` naming it
+otherwise. Calls of lowbit's own modules captured as leaves (:mod:`lowbit.graph.leaf`) become calls of
+those modules.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
+from lowbit.modelfile.vocab import function_name
+
 from ._names import fresh_path, set_submodule, valid_path
+from .leaf import LEAF_OP as _LEAF_OP
+from .leaf import decode_call
 
 __all__ = ["convert_exported", "CONVERTIBLE_OPS"]
 
@@ -46,6 +53,18 @@ class _Multi:
 
     first: fx.Node
     what: str
+
+
+class _Fallback(Exception):
+    """A handler's pattern does not apply: the op is kept as it is (a float ATen call)."""
+
+
+@dataclass
+class _LeafOut:
+    """The outputs of a lowbit leaf module call: ``paths[i]`` locates the op's output i in the module's result."""
+
+    call: fx.Node
+    paths: list[list[Any]]
 
 
 _PASSTHROUGH = {
@@ -123,6 +142,9 @@ _HANDLERS: dict[Any, str] = {
 }
 
 
+_ALWAYS = {*_PASSTHROUGH, aten.dropout.default, aten.sym_size.int, operator.getitem}
+
+
 def _tuple(v: Any, n: int) -> tuple:
     if isinstance(v, (list, tuple)):
         v = tuple(int(x) for x in v)
@@ -170,14 +192,17 @@ def _module_hint(node: fx.Node, cls_names: tuple[str, ...]) -> str | None:
 
 
 class _Converter:
-    def __init__(self, ep: ExportedProgram) -> None:
+    def __init__(self, ep: ExportedProgram, modules: bool = True, leaves: dict[str, nn.Module] | None = None) -> None:
         self.ep = ep
+        self.modules = modules
+        self.leaves = leaves or {}
         self.graph = fx.Graph()
         self.root = nn.Module()
         self.env: dict[fx.Node, Any] = {}
         self.taken: set[str] = set()
         self.reuse: dict[Any, str] = {}
         self.consts_emitted: dict[int, fx.Node] = {}
+        self.leaf_names: set[str] = set()
         self.handlers: dict[Any, Callable[[fx.Node], Any]] = {op: getattr(self, name) for op, name in _HANDLERS.items()}
 
     # ---- values -------------------------------------------------------------------------------
@@ -192,17 +217,36 @@ class _Converter:
             return v
         if isinstance(x, (list, tuple)):
             return type(x)(self.value(i) for i in x)
+        if isinstance(x, dict):
+            return {k: self.value(v) for k, v in x.items()}
         return x
+
+    def _generic(self, node: fx.Node) -> fx.Node:
+        """The op kept as it is: a call of an allow-listed ATen operation (or Python operator on sizes)."""
+        if function_name(node.target) is None:
+            raise NotImplementedError(
+                f"cannot convert exported op {node.target} (node {node.name!r}): it is not among the operations a "
+                "lowbit model may run (lowbit.modelfile.aten_ops lists them)")
+        return self.graph.call_function(node.target, self.value(tuple(node.args)), self.value(dict(node.kwargs)))
+
+    def _leaf(self, node: fx.Node) -> _LeafOut:
+        """A lowbit inference module captured as one op (lowbit.graph.leaf): a call of that module."""
+        path, spec, tensors = node.args
+        if path not in self.leaves:
+            raise NotImplementedError(f"{node.name}: the graph calls lowbit module {path!r}, which was not given")
+        if path not in self.leaf_names:
+            set_submodule(self.root, path, self.leaves[path])
+            self.leaf_names.add(path)
+            self.taken.add(path)
+        args, kwargs, paths = decode_call(spec, [self.value(t) for t in tensors])
+        return _LeafOut(self.graph.call_module(path, tuple(args), kwargs), paths)
 
     def const(self, x: Any, node: fx.Node, role: str) -> torch.Tensor | None:
         if x is None:
             return None
         v = self.env.get(x) if isinstance(x, fx.Node) else None
         if not isinstance(v, _Const):
-            raise NotImplementedError(
-                f"{node.name} ({node.target}): the {role} is computed in the graph, not a parameter; "
-                "lowbit only converts layers with constant weights"
-            )
+            raise _Fallback(f"{node.name}: the {role} is computed in the graph")
         return v.tensor
 
     def const_fqn(self, x: Any) -> str | None:
@@ -239,18 +283,18 @@ class _Converter:
     def _conv(self, node: fx.Node) -> fx.Node:
         a = _args(node)
         if a.get("transposed"):
-            raise NotImplementedError(f"{node.name}: transposed convolution ({node.target}) is not supported")
+            raise _Fallback("transposed convolution")
         w = self.const(a["weight"], node, "weight")
         b = self.const(a["bias"], node, "bias")
         assert w is not None
         nd = w.dim() - 2
         if nd not in (1, 2):
-            raise NotImplementedError(f"{node.name}: {nd}-d convolution ({node.target}) is not supported")
+            raise _Fallback(f"{nd}-d convolution")
         if nd == 2 and _shape(node.args[0]) is not None and len(_shape(node.args[0]) or ()) != 4:
-            raise NotImplementedError(f"{node.name}: unbatched convolution input is not supported")
+            raise _Fallback("unbatched convolution")
         out_padding = a.get("output_padding")
         if out_padding is not None and any(int(p) != 0 for p in _tuple(out_padding, nd)):
-            raise NotImplementedError(f"{node.name}: convolution with output_padding is not supported")
+            raise _Fallback("output_padding")
         groups = int(a["groups"])
         padding = a["padding"]
         padding = padding if isinstance(padding, str) else _tuple(padding, nd)
@@ -276,7 +320,7 @@ class _Converter:
         self, node: fx.Node, x: Any, w_node: Any, b_node: Any, w: torch.Tensor, b: torch.Tensor | None
     ) -> fx.Node:
         if w.dim() != 2 or (b is not None and tuple(b.shape) != (w.shape[0],)):
-            raise NotImplementedError(f"{node.name} ({node.target}): weight/bias shapes are not a linear layer")
+            raise _Fallback("not a linear layer")
         mod = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None)
         mod.weight = nn.Parameter(w.detach().clone().contiguous())
         if b is not None:
@@ -293,7 +337,7 @@ class _Converter:
     def _addmm(self, node: fx.Node) -> fx.Node:
         a = _args(node)
         if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
-            raise NotImplementedError(f"{node.name}: {node.target} with beta/alpha != 1 is not supported")
+            raise _Fallback("beta/alpha")
         w_t = self.const(a["mat2"], node, "weight")
         assert w_t is not None
         bias_node = a.get("self") if node.target == aten.addmm.default else None
@@ -313,13 +357,13 @@ class _Converter:
         mean = self.const(a["running_mean"], node, "running_mean")
         var = self.const(a["running_var"], node, "running_var")
         if mean is None or var is None:
-            raise NotImplementedError(f"{node.name}: batch_norm without running statistics is not supported")
+            raise _Fallback("batch_norm without running statistics")
         if (w is None) != (b is None):
-            raise NotImplementedError(f"{node.name}: batch_norm with only one of weight/bias is not supported")
+            raise _Fallback("batch_norm with one of weight/bias")
         rank = len(_shape(a["input"]) or ())
         cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}.get(rank)
         if cls is None:
-            raise NotImplementedError(f"{node.name}: batch_norm on a rank-{rank} input is not supported")
+            raise _Fallback(f"batch_norm on a rank-{rank} input")
         mod = cls(mean.numel(), eps=float(a["eps"]), momentum=float(a["momentum"]), affine=w is not None)
         with torch.no_grad():
             if w is not None and b is not None:
@@ -350,7 +394,7 @@ class _Converter:
         if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
             lo, hi = float(a["min_val"]), float(a["max_val"])
             if (lo, hi) != (0.0, 6.0):
-                raise NotImplementedError(f"{node.name}: hardtanh({lo}, {hi}) is not supported (only 0, 6)")
+                raise _Fallback(f"hardtanh({lo}, {hi})")
             mod: nn.Module = nn.ReLU6()
         elif node.target == aten.relu6.default:
             mod = nn.ReLU6()
@@ -401,9 +445,9 @@ class _Converter:
         shape = _shape(a["self"])
         dims = a["dim"]
         if shape is None or len(shape) != 4 or a["dtype"] is not None or not dims:
-            raise NotImplementedError(f"{node.name}: mean over {dims} is not supported (only a 4-d [-1, -2])")
+            raise _Fallback(f"mean over {dims}")
         if {int(d) % 4 for d in dims} != {2, 3}:
-            raise NotImplementedError(f"{node.name}: mean over {dims} is not supported (only a 4-d [-1, -2])")
+            raise _Fallback(f"mean over {dims}")
         pool = self.add_module(node, nn.AdaptiveAvgPool2d((1, 1)), None, None, self.value(a["self"]))
         if a["keepdim"]:
             return pool
@@ -412,7 +456,7 @@ class _Converter:
     def _add(self, node: fx.Node) -> fx.Node:
         a = _args(node)
         if a.get("alpha", 1) != 1:
-            raise NotImplementedError(f"{node.name}: add with alpha={a['alpha']} is not supported")
+            raise _Fallback(f"add with alpha={a['alpha']}")
         out = self.graph.call_function(operator.add, (self.value(a["self"]), self.value(a["other"])))
         if node.target == aten.add_.Tensor:
             self._inplace(node, a["self"], out)
@@ -424,10 +468,7 @@ class _Converter:
             rest = src[1:]
             if all(isinstance(d, int) for d in rest) and _dim_eq(dst[1], math.prod(rest)):
                 return self.graph.call_function(torch.flatten, (self.value(x), 1))
-        raise NotImplementedError(
-            f"{node.name}: {node.target} from {src} to {dst} is not a flatten (only torch.flatten(x, 1) "
-            "style reshapes are supported)"
-        )
+        raise _Fallback(f"{node.target} from {src} to {dst} is not a flatten")
 
     def _view(self, node: fx.Node) -> fx.Node:
         x = node.args[0]
@@ -449,7 +490,7 @@ class _Converter:
         x = node.args[0]
         c = self.env.get(x) if isinstance(x, fx.Node) else None
         if not isinstance(c, _Const):
-            raise NotImplementedError(f"{node.name}: {node.target} of an activation is not supported")
+            raise _Fallback(f"{node.target} of an activation")
         t = c.tensor
         if node.target == aten.t.default:
             t = t.t()
@@ -479,7 +520,12 @@ class _Converter:
             if idx == 0:
                 return v.first
             raise NotImplementedError(f"{node.name}: output {idx} of {v.what} is used; only output 0 is supported")
-        raise NotImplementedError(f"{node.name}: getitem on {src} is not supported")
+        if isinstance(v, _LeafOut):
+            out = v.call
+            for key in v.paths[idx]:
+                out = self.graph.call_function(operator.getitem, (out, key))
+            return out
+        raise _Fallback("getitem of a tuple")
 
     # ---- driver -------------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
@@ -535,28 +581,48 @@ class _Converter:
                     f"{node.name}: {target} is batch norm in training mode; export the model in eval mode "
                     "(torch.export.export(model.eval(), ...))"
                 )
-            handler = self.handlers.get(target)
-            if handler is None:
-                raise NotImplementedError(
-                    f"cannot convert exported op {target} (node {node.name!r}); lowbit's graph front-end "
-                    "understands conv, linear, batch_norm, relu/relu6, max/avg/adaptive-avg pooling, mean over "
-                    "H and W, add, flatten-style reshapes and dropout/clone"
-                )
-            self.env[node] = handler(node)
+            if target == _LEAF_OP:
+                self.env[node] = self._leaf(node)
+                continue
+            handler = self.handlers.get(target) if self.modules or target in _ALWAYS else None
+            try:
+                if handler is None:
+                    raise _Fallback("no handler")
+                self.env[node] = handler(node)
+            except _Fallback:
+                self.env[node] = self._generic(node)
 
         assert out_node is not None
         flat = list(out_node.args[0])
         user = [
             self.value(v) for v, spec in zip(flat, sig.output_specs, strict=True) if spec.kind == OutputKind.USER_OUTPUT
         ]
-        result = pytree.tree_unflatten(user, ep.call_spec.out_spec) if ep.call_spec.out_spec else tuple(user)
-        self.graph.output(result)
+        out_spec = ep.call_spec.out_spec
+        self.graph.output(_unflatten(iter(user), out_spec) if out_spec else tuple(user))
         gm = fx.GraphModule(self.root, self.graph, class_name="ExportedModel")
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.graph.lint()
         gm.recompile()
         return gm.eval()
+
+
+def _unflatten(leaves: Any, spec: Any) -> Any:
+    """The program's output structure with tuples, lists and dicts only (a Hugging Face ModelOutput or any
+    other registered container with string keys becomes a dict)."""
+    if spec.is_leaf():
+        return next(leaves)
+    kids = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+    children = [_unflatten(leaves, c) for c in kids]
+    t, ctx = spec.type, spec.context
+    if t in (tuple, list):
+        return t(children)
+    if isinstance(ctx, (list, tuple)) and len(ctx) == len(children) and all(isinstance(k, str) for k in ctx):
+        return dict(zip(ctx, children, strict=True))
+    if issubclass(t, tuple):
+        return tuple(children)
+    raise NotImplementedError(f"the model returns a {t.__name__}; lowbit graphs return tensors in tuples, lists "
+                              "and dicts")
 
 
 def _example_inputs(ep: ExportedProgram) -> list[torch.Tensor] | None:
@@ -600,14 +666,19 @@ def _check(ep: ExportedProgram, gm: fx.GraphModule) -> None:
                 )
 
 
-def convert_exported(ep: ExportedProgram, *, check: bool = True) -> fx.GraphModule:
+def convert_exported(ep: ExportedProgram, *, check: bool = True, modules: bool = True,
+                     leaves: dict[str, nn.Module] | None = None) -> fx.GraphModule:
     """Convert an ExportedProgram to a module-level ``torch.fx.GraphModule`` (eval mode).
 
     The GraphModule takes the program's user inputs positionally and returns its outputs in the same
-    structure. ``check=True`` runs both on random inputs (when the input shapes are static) and raises
-    ``RuntimeError`` if they disagree. Unsupported ops raise ``NotImplementedError`` naming the op.
+    structure (containers with string keys, such as a Hugging Face ModelOutput, as dicts). ``modules``:
+    conv/linear/batch-norm/ReLU/pooling ops with constant weights become the torch.nn modules the
+    quantizers handle; every other op (``modules=False``: every op) stays an ATen call, if it is one a
+    lowbit file may hold (else ``NotImplementedError`` naming it). ``leaves``: the lowbit modules a
+    captured graph calls (:mod:`lowbit.graph.leaf`), by path. ``check=True`` runs both on random inputs
+    (when the input shapes are static and float) and raises ``RuntimeError`` if they disagree.
     """
-    gm = _Converter(ep).run()
+    gm = _Converter(ep, modules, leaves).run()
     if check:
         _check(ep, gm)
     return gm

@@ -553,23 +553,31 @@ def _check_finite(model: nn.Module) -> None:
                 raise ValueError(f"{kind} {name!r} contains Inf")
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def _trace(model: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """The model's graph: torch.fx symbolic tracing, else torch.export (Hugging Face models and other code
+    symbolic tracing cannot follow), whose ops without a module form stay ATen calls (float islands)."""
     if isinstance(model, fx.GraphModule):
         return model
     try:
         graph = _Tracer().trace(model)
     except Exception as e:
+        fx_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    else:
+        for node in graph.nodes:  # string annotations (PEP 563) would make the module unpicklable
+            if isinstance(node.type, str):
+                node.type = None
+        return fx.GraphModule(model, graph, type(model).__name__)
+    from .capture import export_graph
+
+    try:
+        return export_graph(model, inputs)
+    except Exception as e:
         raise ValueError(
-            f"could not trace {type(model).__name__} with torch.fx.symbolic_trace ({type(e).__name__}: {e}). "
-            "The model probably has data-dependent control flow (Python if/for/while on tensor values) or "
-            "other code symbolic tracing cannot follow. Export it with torch.export instead: "
-            "ep = torch.export.export(model.eval(), (example,)); torch.export.save(ep, 'model.pt2'); "
-            "then load the .pt2 archive."
+            f"could not trace {type(model).__name__} with torch.fx.symbolic_trace ({fx_error}) nor capture it with "
+            f"torch.export ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). The "
+            "model probably has control flow on tensor values (Python if/while on them); methods that need no "
+            "graph (dynamic, weight_only, float16) work on it as it is"
         ) from e
-    for node in graph.nodes:  # string annotations (PEP 563) would make the module unpicklable
-        if isinstance(node.type, str):
-            node.type = None
-    return fx.GraphModule(model, graph, type(model).__name__)
 
 
 def _new_module_node(
@@ -817,7 +825,7 @@ def prepare(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, 
 
     model = copy.deepcopy(model).eval()
     _check_finite(model)
-    gm = _trace(model).eval()
+    gm = _trace(model, inputs).eval()
     try:
         with torch.no_grad():
             reference = model(*fresh())

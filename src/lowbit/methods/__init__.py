@@ -4,7 +4,7 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import adapt, apot, dynamic, float16, full_integer, lsq, lsq_plus, static, w46  # noqa: F401  (registration)
+from . import adapt, apot, dynamic, float16, full_integer, lsq, lsq_plus, static, w46, weight_only  # noqa: F401  (registration)
 from .adapt import AdaptConfig
 from .api import available_methods, quantize
 from .apot import APoTConfig
@@ -17,6 +17,7 @@ from .lsq_plus import LSQPlusConfig
 from .qat import QATConfig, QATMethod
 from .static import StaticConfig
 from .w46 import W4Config, W8Config, W46Config
+from .weight_only import WeightOnlyConfig
 
 __all__ = [
     "AdaptConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "FullIntegerConfig",
     "METHODS",
     "StaticConfig",
+    "WeightOnlyConfig",
     "W4Config",
     "W8Config",
     "W46Config",

@@ -7,7 +7,7 @@ import warnings
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from lowbit.graph import layer_names, prepare
 from lowbit.graph.attrs import set_preserved
@@ -22,6 +22,7 @@ from .base import (
     check_calibration,
     resolve_method,
 )
+from .module_swap import NoQuantizableLayerError
 
 
 def available_methods() -> list[str]:
@@ -37,7 +38,7 @@ def quantize(
     train: Any = None,
     test: Any = None,
     **options: Any,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Quantize ``model`` by ``method``: a name (see :func:`available_methods`) or a config object, whose
     class names the method (``lowbit.quantize(model, StaticConfig(activation_observer="kl"), calib=x)``).
 
@@ -51,6 +52,12 @@ def quantize(
     Returns an ``nn.Module`` (a torch.fx GraphModule) whose ``lowbit_meta`` says its method, configuration,
     input/output formats and which layers stayed float. A layer-name pattern (``keep_float``, ``overrides``)
     that matches no layer is warned about.
+
+    Methods that need no graph (``dynamic``, ``weight_only``, ``float16``) take any ``nn.Module`` (Hugging
+    Face transformers, recurrent nets, Python control flow): they return a copy of the model with its
+    layers replaced in place (see :mod:`lowbit.methods.module_swap`); ``example_input`` is then optional
+    (used to check the result runs, and by :func:`lowbit.save` to capture the model as a graph). A model
+    with no layer the method can quantize is a :class:`NoQuantizableLayerError` unless ``allow_float=True``.
     """
     cls, config = resolve_method(method, config)
     m = cls(config, **options)
@@ -58,14 +65,16 @@ def quantize(
     if isinstance(example_input, list):
         example_input = tuple(example_input)
     batches = calibration_batches(calib, m.config.calib_samples, m.config.calib_batch_size, n_inputs)
-    if example_input is None:
-        if not batches:
-            raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
+    if example_input is None and batches:
         example_input = _first_sample(batches[0])
     if cls.needs_calibration:
         check_calibration(batches, example_input, cls.name)
     if cls.needs_training_data and train is None:
         raise ValueError(f"method {cls.name!r} trains the model: pass labelled training data as train=")
+    if not cls.needs_graph:
+        return _quantize_modules(model, m, batches, example_input)
+    if example_input is None:
+        raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
     prepared = prepare(model, example_input)
     _warn_unmatched(m.config, layer_names(prepared.gm))
     if cls.needs_training_data:
@@ -76,10 +85,47 @@ def quantize(
         gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
     meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
+    _check_quantized(gm, cls.name, m.config, layer_names(prepared.gm))
     set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
     _check_runs(gm, example_input, cls.name)
+    set_preserved(gm, "lowbit_example", _small(example_input))
     return gm
+
+
+def _quantize_modules(model: nn.Module, m: Any, batches: list[Batch], example: Batch | None) -> nn.Module:
+    """Graph-free methods: layers replaced in a copy of the model (any nn.Module, no tracing)."""
+    qm, meta = m.convert_module(model, batches)
+    _warn_unmatched(m.config, meta["quantized_layers"] + meta["float_layers"])
+    if not meta["quantized_layers"] and not m.config.allow_float:
+        why = "; ".join(f"'{k}': {v}" for k, v in meta["float_reasons"].items())
+        raise NoQuantizableLayerError(
+            f"{m.name} found no layer to quantize in {type(model).__name__}"
+            + (f" (left float: {why})" if why else " (it quantizes Linear, Conv1d/Conv2d, Embedding, LSTM/GRU/RNN "
+               "and MultiheadAttention layers)")
+            + "; pass allow_float=True to get the float model back")
+    meta.update(method=m.name, config=m.config.to_dict())
+    qm.lowbit_meta = meta
+    if example is not None:
+        _check_runs(qm, example, m.name)
+        qm.lowbit_example = _small(example)
+    return qm
+
+
+def _small(example: Batch) -> Batch:
+    """One sample of the example input, kept on the model for later graph capture (lowbit.save)."""
+    xs = tuple(t[:1].clone() if t.dim() else t.clone() for t in as_inputs(example))
+    return xs[0] if len(xs) == 1 else xs
+
+
+def _check_quantized(gm: nn.Module, method: str, config: QuantConfig, layers: list[str]) -> None:
+    from lowbit.nn import LowbitModule
+
+    if config.allow_float or any(isinstance(mod, LowbitModule) and hasattr(mod, "packed") for mod in gm.modules()):
+        return
+    raise NoQuantizableLayerError(
+        f"{method} quantized no layer of the model (layers: {', '.join(layers) or 'none'}); pass allow_float=True "
+        "to get the float model back")
 
 
 def _first_sample(batch: Batch) -> Batch:

@@ -95,6 +95,8 @@ class QuantConfig:
         ``("features.0", "classifier.*")`` keeps the first and the classifier layers float.
     overrides: pattern -> dict of :class:`LayerSettings` fields for matching layers, e.g.
         ``{"fc*": {"weight_granularity": "per_tensor"}}``; later patterns win.
+    allow_float: a model in which the method finds no layer to quantize is returned as it is (float)
+        instead of being an error.
     """
 
     weight_granularity: Granularity | str = field(default_factory=lambda: PerAxis(0))
@@ -105,6 +107,7 @@ class QuantConfig:
     calib_samples: int = 500
     calib_batch_size: int = 100
     per_channel: bool | None = None
+    allow_float: bool = False
 
     def __post_init__(self) -> None:
         from lowbit.observers import OBSERVERS
@@ -182,6 +185,9 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     #: True for training-aware methods: :meth:`convert` then receives ``data`` (labelled training data).
     needs_training_data: ClassVar[bool] = False
+    #: False: the method replaces layers in any nn.Module without tracing it (:meth:`convert_module`);
+    #: True: it works on the model's graph (:meth:`convert` of a prepared torch.fx graph).
+    needs_graph: ClassVar[bool] = True
     #: True for methods that use labelled training data when it is given (and work without it): their
     #: :meth:`convert` receives ``data`` (None when none was passed).
     accepts_training_data: ClassVar[bool] = False
@@ -203,6 +209,10 @@ class Method:
         training data, passed only to methods with ``needs_training_data``."""
         raise NotImplementedError
 
+    def convert_module(self, model: nn.Module, calib: list[Any]) -> tuple[nn.Module, dict[str, Any]]:
+        """Graph-free methods: (a copy of ``model`` with its layers replaced, meta); see module_swap."""
+        raise NotImplementedError
+
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -216,9 +226,10 @@ def calibration_batches(data: Any, max_samples: int, batch_size: int, n_inputs: 
     """Normalize calibration data to a list of batches holding at most ``max_samples`` samples.
 
     ``data``: a tensor [N, ...], a Dataset of ``(x, y)`` or ``x``, a DataLoader or any iterable of
-    batches. One-input models (``n_inputs=1``): each batch is a float tensor; a ``(x, y)`` pair gives
-    ``x``. Models with ``n_inputs`` inputs: each item must be a tuple/list starting with the inputs
-    (``(x1, x2)`` or ``(x1, x2, y)``) and each batch is a tuple of ``n_inputs`` float tensors.
+    batches. One-input models (``n_inputs=1``): each batch is a float32 tensor (integer and boolean
+    tensors, such as token ids, keep their dtype); a ``(x, y)`` pair gives ``x``. Models with ``n_inputs``
+    inputs: each item must be a tuple/list starting with the inputs (``(x1, x2)`` or ``(x1, x2, y)``) and
+    each batch is a tuple of ``n_inputs`` tensors.
     """
     if data is None:
         return []
@@ -241,7 +252,8 @@ def calibration_batches(data: Any, max_samples: int, batch_size: int, n_inputs: 
                 raise TypeError(f"calibration data must hold tensors, got {type(t).__name__}")
         if len({len(t) for t in xs}) != 1:
             raise ValueError(f"calibration inputs of one batch differ in length: {[len(t) for t in xs]}")
-        xs = tuple(t[: max_samples - seen].to(torch.float32) for t in xs)
+        xs = tuple(t[: max_samples - seen].to(torch.float32) if t.is_floating_point() else t[: max_samples - seen]
+                   for t in xs)  # token ids, masks stay integer
         if len(xs[0]):
             batches.append(xs[0] if n_inputs == 1 else xs)
             seen += len(xs[0])

@@ -153,11 +153,10 @@ def build_integer_graph(
         root.add_module(name, mod)
         return name
 
+    refused: list[str] = []
+
     def refuse(node: fx.Node, why: str) -> None:
-        raise UnsupportedForIntegerError(
-            f"full_integer cannot run node '{node.name}' ({why}) in integer arithmetic; "
-            "use the 'static' method (which leaves it float) or change the model"
-        )
+        refused.append(f"'{node.name}' ({why})")
 
     def qp(name: str) -> QSpec:
         if name not in specs:
@@ -210,7 +209,11 @@ def build_integer_graph(
 
         if op == "placeholder":
             ph = g.placeholder(node.name)
-            if full_integer:
+            if full_integer and node.name not in specs:
+                refuse(node, "input that is not float (token ids?) or that calibration did not reach")
+                inputs.append({"dtype": "float32"})
+                env[node.name] = (ph, None)
+            elif full_integer:
                 x = g.call_module(add_module("input_check", CheckInput(io_dtype)), (ph,))
                 if io_dtype == "int8":
                     x = g.call_module(add_module("input_to_uint8", IOConvert("uint8")), (x,))
@@ -283,7 +286,8 @@ def build_integer_graph(
             env[node.name] = (snapped(y, spec, node.target), spec)
 
         elif (op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2
-              and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs and node.name in specs):
+              and all(isinstance(a, fx.Node) and (env[a.name][1] is not None or a.name in specs)
+                      for a in node.args) and not node.kwargs and node.name in specs):
             a, qa = as_q(node.args[0])
             b, qb = as_q(node.args[1])
             out_spec = qp(node.name)
@@ -305,12 +309,20 @@ def build_integer_graph(
                 if full_integer:
                     refuse(node, "layer kept float by the configuration")
                 meta["float_layers"].append(node.target)
+            elif op == "get_attr":
+                pass  # a constant, not an operation: the op reading it is listed
             elif full_integer:
                 refuse(node, f"unsupported operation {type(mod).__name__ if mod is not None else why}")
             else:
                 meta["float_ops"].append(f"{node.name}: {type(mod).__name__ if mod is not None else why}")
             env[node.name] = (float_node(node), None)
 
+    if refused:
+        shown = ", ".join(refused[:12]) + (f" and {len(refused) - 12} more" if len(refused) > 12 else "")
+        raise UnsupportedForIntegerError(
+            f"full_integer cannot run {'this node' if len(refused) == 1 else f'these {len(refused)} nodes'} in "
+            f"integer arithmetic: {shown}; use the 'static' method (which leaves them float, with quantize/"
+            "dequantize around them) or change the model")
     float_io = all(i["dtype"] == "float32" for i in inputs)
     meta["input"] = inputs[0] if len(inputs) == 1 or float_io else inputs
     new = fx.GraphModule(root, g)

@@ -13,6 +13,11 @@ from .names import check_path
 from .program import RESERVED
 
 HEADER_KEYS = {"format_version", "lowbit_version", "meta", "modules", "nodes"}
+#: Keys a header may add: ``kind`` ("graph", the default, or "weights": the quantized layers and float
+#: tensors of a model that could not be captured as a graph, loaded into the user's module) and
+#: ``tensor_aliases`` (tensors stored once for several names, :mod:`lowbit.modelfile.aliases`).
+OPTIONAL_KEYS = {"kind", "tensor_aliases"}
+KINDS = ("graph", "weights")
 MAX_MODULES = 100_000
 MAX_META_DEPTH = 32
 
@@ -80,9 +85,11 @@ def check_meta(meta: Any) -> dict[str, Any]:
 def check_fields(header: dict[str, Any]) -> None:
     """The header holds exactly the known fields, each of the right type."""
     keys = set(header)
-    if keys != HEADER_KEYS:
+    if not HEADER_KEYS <= keys <= HEADER_KEYS | OPTIONAL_KEYS:
         raise ModelFileError(f"header fields: missing {sorted(HEADER_KEYS - keys)}, unknown "
-                             f"{sorted(str(k)[:30] for k in keys - HEADER_KEYS)}")
+                             f"{sorted(str(k)[:30] for k in keys - HEADER_KEYS - OPTIONAL_KEYS)}")
+    if header.get("kind", "graph") not in KINDS:
+        raise ModelFileError(f"header field kind must be one of {KINDS}, got {str(header['kind'])[:30]!r}")
     v = header["lowbit_version"]
     if not isinstance(v, str) or not 0 < len(v) <= 64:
         raise ModelFileError(f"header field lowbit_version must be a short string, got {str(v)[:40]!r}")

@@ -105,12 +105,17 @@ def _check_attrs(cls: type[LowbitModule], attrs: Any, where: str) -> dict[str, A
     return out
 
 
-def _check_tensors(cls: type[LowbitModule], tensors: dict[str, torch.Tensor], where: str) -> None:
-    if not cls.spec_tensors and not tensors:
+def _check_tensors(cls: type[LowbitModule], attrs: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   where: str) -> None:
+    try:
+        spec = cls.tensor_spec(attrs)
+    except Exception as e:  # the attributes describe a module that cannot exist
+        raise ModelFileError(f"module '{where}' ({cls.__name__}): {type(e).__name__}: {e}") from None
+    if not spec and not tensors:
         return
-    declared = {k.rstrip("?"): dt for k, dt in cls.spec_tensors.items()}
+    declared = {k.rstrip("?"): dt for k, dt in spec.items()}
     unknown = sorted(set(tensors) - set(declared))
-    missing = sorted(k for k in cls.spec_tensors if not k.endswith("?") and k not in tensors)
+    missing = sorted(k for k in spec if not k.endswith("?") and k not in tensors)
     if unknown or missing:
         raise ModelFileError(f"module '{where}' ({cls.__name__}): tensors missing {missing}, unexpected {unknown}")
     for k, t in tensors.items():
@@ -123,7 +128,7 @@ def _check_tensors(cls: type[LowbitModule], tensors: dict[str, torch.Tensor], wh
 def _build_lowbit(name: Any, attrs: Any, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
     cls = _lowbit_class(name, where)
     attrs = _check_attrs(cls, attrs, where)
-    _check_tensors(cls, tensors, where)
+    _check_tensors(cls, attrs, tensors, where)
     try:
         m = cls.from_spec(attrs, tensors)
     except Exception as e:  # the constructor's own checks: shapes, scales, geometry

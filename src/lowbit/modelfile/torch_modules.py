@@ -176,8 +176,9 @@ def _construct(rule: Rule, args: dict[str, Any], where: str) -> nn.Module:
     return rule.cls(**args)
 
 
-def build_torch_module(cls_name: Any, args: Any, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """An allowed torch.nn module from its class name, arguments and tensors (all checked)."""
+def skeleton(cls_name: Any, args: Any, where: str) -> nn.Module:
+    """An allowed torch.nn module built on the ``meta`` device (no memory) from its class name and
+    constructor arguments, both checked: the shapes and names of its tensors, without the tensors."""
     rule = RULES.get(cls_name) if isinstance(cls_name, str) else None
     if rule is None:
         raise ModelFileError(f"module '{where}': torch module type {str(cls_name)[:60]!r} is not allowed in a "
@@ -186,11 +187,17 @@ def build_torch_module(cls_name: Any, args: Any, tensors: dict[str, torch.Tensor
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = _construct(rule, args, where)
+            return _construct(rule, args, where)
     except ModelFileError:
         raise
     except Exception as e:  # the constructor's own checks (negative sizes, bad combinations ...)
         raise ModelFileError(f"module '{where}' ({rule.cls.__name__}): {type(e).__name__}: {e}") from None
+
+
+def build_torch_module(cls_name: Any, args: Any, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """An allowed torch.nn module from its class name, arguments and tensors (all checked)."""
+    m = skeleton(cls_name, args, where)
+    rule = RULES[cls_name]
     want = m.state_dict()
     persistent = set(want)
     if any(k not in persistent for k, _ in m.named_buffers()):  # pragma: no cover - no allowed class has one

@@ -12,6 +12,8 @@ themselves; objects with one marker key encode the rest:
 ``{"__memory_format__": n}`` a torch memory format from :data:`MEMORY_FORMATS`
 ``{"__float__": "inf"}``   a non-finite float (``inf``, ``-inf``, ``nan``)
 ``{"__ellipsis__": true}`` ``...``
+``{"__device__": "cpu"}``  the CPU device (graphs captured by torch.export name it)
+``{"__layout__": name}``   a torch layout from :data:`LAYOUTS`
 =========================  ===============================================================
 
 Nesting is at most :data:`MAX_DEPTH` deep and a container holds at most :data:`MAX_ITEMS` items.
@@ -42,6 +44,8 @@ MEMORY_FORMATS: dict[str, torch.memory_format] = {
     name: getattr(torch, name) for name in ("contiguous_format", "channels_last", "preserve_format")
 }
 _FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+LAYOUTS: dict[str, torch.layout] = {"strided": torch.strided}
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,12 @@ def encode(v: Any, ref_name: Callable[[Any], str | None]) -> Any:
                 return {"__memory_format__": key}
     if v is Ellipsis:
         return {"__ellipsis__": True}
+    if isinstance(v, torch.device) and v.type == "cpu":
+        return {"__device__": "cpu"}
+    if isinstance(v, torch.layout):
+        for key, lay in LAYOUTS.items():
+            if lay == v:
+                return {"__layout__": key}
     raise ModelFileError(f"cannot save a graph argument of type {type(v).__name__} ({v!r:.60})")
 
 
@@ -140,6 +150,10 @@ def _decode_marked(key: str, x: Any, refs: Mapping[str, int], where: str, depth:
         return _FLOATS[x]
     if key == "__ellipsis__" and x is True:
         return Ellipsis
+    if key == "__device__" and x == "cpu":
+        return _CPU
+    if key == "__layout__" and x in LAYOUTS:
+        return LAYOUTS[x]
     raise ModelFileError(f"{where}: unknown or malformed encoded argument {key[:40]!r}")
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .aten_ops import ATEN_FUNCTIONS, aten_name
+
 _OPERATOR = (
     "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "matmul", "getitem",
     "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert", "not_",
@@ -29,7 +31,7 @@ _TORCH = (
     "t", "square", "sign", "floor", "ceil", "round", "maximum", "minimum", "sin", "cos", "tril", "triu", "flip",
     "roll", "gather", "index_select", "select", "unbind", "movedim", "swapaxes", "repeat_interleave", "tile",
     "zeros_like", "ones_like", "full_like", "layer_norm", "max_pool2d", "einsum", "baddbmm", "addmm", "norm",
-    "std", "var", "logsumexp", "sigmoid_", "relu_",
+    "std", "var", "logsumexp", "sigmoid_", "relu_", "sym_max", "sym_min", "sym_float", "sym_int", "sym_not",
 )
 _FUNCTIONAL = (
     "relu", "relu6", "gelu", "silu", "mish", "elu", "selu", "celu", "leaky_relu", "hardtanh", "hardswish",
@@ -65,11 +67,13 @@ def _functions() -> dict[str, Callable[..., Any]]:
     return out
 
 
-#: ``module:name`` -> the function; the only functions a loaded graph can call.
+#: ``module:name`` -> the function; the only functions a loaded graph can call (with the ATen operations
+#: of :mod:`lowbit.modelfile.aten_ops`, ``aten:name.overload``, for graphs captured by torch.export).
 FUNCTIONS: dict[str, Callable[..., Any]] = _functions()
 _NAME_OF: dict[int, str] = {}
 for _key, _f in FUNCTIONS.items():
     _NAME_OF.setdefault(id(_f), _key)
+FUNCTIONS.update(ATEN_FUNCTIONS)
 
 #: method name -> the unbound ``torch.Tensor`` method.
 METHODS: dict[str, Callable[..., Any]] = {
@@ -81,6 +85,8 @@ ATTRIBUTE_AS_METHOD = {"shape": "size", "ndim": "dim"}
 
 
 def function_name(f: Any) -> str | None:
-    """The file name (``module:name``) of an allowed function, else None."""
+    """The file name (``module:name``, ``aten:name.overload``) of an allowed function, else None."""
+    if isinstance(f, torch._ops.OpOverload):
+        return aten_name(f)
     key = _NAME_OF.get(id(f))
     return key if key is not None and FUNCTIONS[key] is f else None

@@ -1,15 +1,22 @@
 """Inference modules holding packed integer (or float16) weights; they call lowbit.kernels."""
 
+from .attention import DynamicQMultiheadAttention
 from .base import MODULES, LowbitModule
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
+from .recurrent import DynamicQRNN
+from .shape_check import CheckShape
+from .weight_only import WeightOnly
 
 __all__ = [
     "MODULES",
     "CheckInput",
+    "CheckShape",
     "Dequantize",
     "DynamicQConv",
     "DynamicQLinear",
+    "DynamicQMultiheadAttention",
+    "DynamicQRNN",
     "F16Layer",
     "IOConvert",
     "LowbitModule",
@@ -21,4 +28,5 @@ __all__ = [
     "QLinear",
     "QLookup",
     "Quantize",
+    "WeightOnly",
 ]

@@ -40,7 +40,15 @@ class LowbitModule(nn.Module):
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
+        if cls.__module__.partition(".")[0] == "torch":
+            return  # a subclass torch makes on the fly (torch.export's module proxies): not a new module type
         MODULES[cls.__name__] = cls
+
+    @classmethod
+    def tensor_spec(cls, attrs: dict[str, Any]) -> dict[str, torch.dtype]:
+        """The tensors a file must hold for a module with (checked) ``attrs``: ``spec_tensors``, unless
+        the names depend on the attributes (a recurrent layer's per-layer weights)."""
+        return cls.spec_tensors
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise NotImplementedError

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
-from lowbit.formats.affine import UINT8_ACT, choose_qparams, quantize, quantize_multiplier
+from lowbit.formats.affine import UINT8_ACT, choose_qparams, quantize_multiplier
 from lowbit.formats.levels import Format
 from lowbit.formats.qspec import QSpec, as_spec
 from lowbit.kernels.packed import codes_storage, decode_storage, family
 
 from .base import Act, Geometry, LowbitModule, QParams, act_clamp, float_act, pair
+from .dynamic_act import dynamic_linear, quantize_codes
 
 
 def _conv_geometry(attrs: dict[str, Any], conv1d: bool = False) -> dict[str, Any]:
@@ -274,7 +275,7 @@ class _DynamicInt8(_IntWeights):
 
     def _epilogue(self, x: torch.Tensor) -> tuple[torch.Tensor, int, kernels.FloatOut]:
         s, z = _dynamic_qparams(x)
-        xq = quantize(x, s, z, UINT8_ACT)
+        xq = quantize_codes(x, s, z, UINT8_ACT.qmin, UINT8_ACT.qmax)
         return xq, z, kernels.FloatOut(self.weight_scale * s, self.bias)
 
     def _spec(self, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -285,19 +286,35 @@ class _DynamicInt8(_IntWeights):
 
 
 class DynamicQLinear(_DynamicInt8):
-    spec_attrs = {"act": Act}
+    """Dynamic-range linear; ``per_token``: one activation scale per input row instead of per tensor
+    (see :mod:`lowbit.nn.dynamic_act`)."""
+
+    spec_attrs = {"act": Act, "per_token": bool | None}
     spec_tensors = _DYNAMIC_TENSORS
 
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act: str | None = None, per_token: bool = False) -> None:
+        super().__init__(weight_q, weight_scale, bias, act)
+        self.per_token = bool(per_token)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, z, epi = self._epilogue(x)
-        return float_act(kernels.int8_linear(xq, z, self.packed, None, epi), self.act)
+        return float_act(dynamic_linear(x, self.packed, self.weight_scale, self.bias, self.per_token), self.act)
+
+    def meta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output's shape and dtype (graph capture, :mod:`lowbit.graph.leaf`)."""
+        return x.new_empty((*x.shape[:-1], self.packed.out_features), dtype=torch.float32)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return self._spec({})
+        return self._spec({"per_token": self.per_token} if self.per_token else {})
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DynamicQLinear:
-        return cls(tensors["weight_q"], tensors["weight_scale"], tensors.get("bias"), attrs["act"])
+        return cls(tensors["weight_q"], tensors["weight_scale"], tensors.get("bias"), attrs["act"],
+                   bool(attrs.get("per_token")))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.packed.in_features}, out_features={self.packed.out_features}, "
+                f"per_token={self.per_token}, act={self.act}")
 
 
 class DynamicQConv(_DynamicInt8):
@@ -316,6 +333,13 @@ class DynamicQConv(_DynamicInt8):
         xq, z, epi = self._epilogue(x)
         y = float_act(kernels.int8_conv2d(xq, z, self.packed, None, epi, **self.geometry), self.act)
         return y.squeeze(2) if self.conv1d else y
+
+    def meta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output's shape and dtype (graph capture, :mod:`lowbit.graph.leaf`)."""
+        w = x.new_empty(tuple(self.weight_q.shape), dtype=torch.float32)
+        if self.conv1d:
+            return F.conv2d(x.unsqueeze(2).to(torch.float32), w, None, **self.geometry).squeeze(2)
+        return F.conv2d(x.to(torch.float32), w, None, **self.geometry)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         g = dict(self.geometry)
@@ -360,6 +384,9 @@ class F16Layer(LowbitModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(torch.float32)
         b = None if self.bias is None else self.bias.to(torch.float32)
+        return self._run(x, w, b)
+
+    def _run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "linear":
             y = F.linear(x, w, b)
         elif self.kind == "conv1d":
@@ -367,6 +394,10 @@ class F16Layer(LowbitModule):
         else:
             y = F.conv2d(x, w, b, **self.geometry)
         return float_act(y, self.act)
+
+    def meta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output's shape and dtype (graph capture, :mod:`lowbit.graph.leaf`)."""
+        return self._run(x, x.new_empty(tuple(self.weight.shape), dtype=torch.float32), None)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         t = {"weight": self.weight}

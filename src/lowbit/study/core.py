@@ -35,6 +35,7 @@ __all__ = [
     "fmt_mean_std",
     "plot_curves",
     "run_grid",
+    "training_device",
     "write_markdown",
 ]
 
@@ -74,8 +75,23 @@ def add_common_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--results", default=None,
                    help="results file (JSON lines) to continue an interrupted study from (default: OUT with .jsonl)")
     p.add_argument("--threads", type=positive_int, default=1, help="intra-op threads for every run (default 1)")
+    p.add_argument("--device", type=training_device, default="cpu",
+                   help="training device, e.g. cpu or cuda (default cpu); integer models always run on the CPU")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in seconds (for tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def training_device(text: str) -> str:
+    """``--device``: ``cpu``, or ``cuda`` / ``cuda:N`` where such a GPU exists (checked before any work)."""
+    dev = text.strip()
+    if dev == "cpu":
+        return dev
+    if dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()):
+        index = int(dev[5:]) if ":" in dev else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"--device {dev}: no such CUDA device on this machine")
+        return dev
+    raise argparse.ArgumentTypeError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -220,8 +236,10 @@ def plot_curves(groups: dict[str, list[Curve]], path: Path, title: str, target: 
 def write_markdown(path: Path, title: str, args: argparse.Namespace, wall_s: float, body: str,
                    notes: Sequence[str] = ()) -> Path:
     env = environment()
+    device = getattr(args, "device", "cpu")
+    trained = "" if device == "cpu" else f"training on {torch.cuda.get_device_name(torch.device(device))}, "
     head = [f"# {title}", "", "```", command_line(args), "```", "",
-            f"CPU: {env['cpu']} ({env['machine']}), {args.threads} thread(s) per run, one run at a time; "
+            f"CPU: {env['cpu']} ({env['machine']}), {trained}{args.threads} thread(s) per run, one run at a time; "
             f"torch {env['torch']}, lowbit {env['lowbit']}; {env['date']}; wall time {wall_s / 60:.1f} min.", ""]
     head += [*notes, ""] if notes else []
     return files.write_text(path, "\n".join(head) + body.rstrip() + "\n")

@@ -131,7 +131,8 @@ class AdaptStudy(StudyKind):
                "first_last_bits": args.first_last_bits, "steps": args.steps, "lr": args.lr,
                "batch_size": args.batch_size, "calib_samples": args.calib_samples, "observers": observers,
                "correct_steps": args.correct_steps, "qat_init": args.qat_init, "qat_lr": args.qat_lr,
-               "qat_epochs": args.qat_epochs, "eval_every": args.eval_every}
+               "qat_epochs": args.qat_epochs, "eval_every": args.eval_every,
+               **({"device": args.device} if args.device != "cpu" else {})}  # CPU results files stay valid
         results = Results(args.results or out.with_suffix(".jsonl"), key)
         methods = ["ptq", "correct", *(_adapt_name(w) for w in windows), "lsq_equal", "lsq_long"]
         runs = [{"bits": list(b), "method": m, "seed": s} for b in bits for m in methods
@@ -179,7 +180,7 @@ def _one_run(rid: dict[str, Any], model: torch.nn.Module, splits: Any, args: arg
                              window=None if w == "all" else int(w),
                              steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed,
                              first_last_bits=args.first_last_bits, calib_samples=args.calib_samples,
-                             progress=not args.no_progress)
+                             device=args.device, progress=not args.no_progress)
         extra = {"layers": qm.lowbit_meta["adapt"]["layers"]}
     else:
         qm, extra = _lsq(model, calib, splits, tuple(rid["bits"]), args, seed, long=method == "lsq_long")
@@ -224,7 +225,9 @@ def _ptq(model: torch.nn.Module, calib: torch.Tensor, bits: tuple[int, int], arg
     extra: dict[str, Any] = {"observer": obs, "calib_mse": err}
     if correct:
         res = correct_layers(qm, teacher, calib, CorrectionOptions(steps=args.correct_steps, batch_size=args.batch_size,
-                                                                   seed=seed, progress=not args.no_progress))
+                                                                   seed=seed, device=args.device,
+                                                                   progress=not args.no_progress))
+        qm.cpu()  # corrected on --device; the integer model runs on lowbit's CPU kernels
         extra["kept"] = sum(r.kept for r in res)
     return convert(qm), extra
 
@@ -240,9 +243,10 @@ def _lsq(model: torch.nn.Module, calib: torch.Tensor, splits: Any, bits: tuple[i
 
     cfg = LSQConfig(bits=bits, first_last_bits=args.first_last_bits, init=args.qat_init, lr=args.qat_lr,
                     batch_size=args.batch_size, seed=seed, threads=args.threads, progress=False,
+                    device=args.device,
                     eval_every=args.eval_every if long else None)
     t0 = time.perf_counter()
-    qm = lowbit.qat.prepare(model, cfg, calib=calib)
+    qm = lowbit.qat.prepare(model, cfg, calib=calib).to(args.device)
     prep_s = time.perf_counter() - t0
     n_layers = len(layer_order(qm))
     epochs = args.qat_epochs if long else (n_layers - 1) * args.steps * args.batch_size / len(splits.train)
@@ -250,7 +254,7 @@ def _lsq(model: torch.nn.Module, calib: torch.Tensor, splits: Any, bits: tuple[i
     test = None
     if long:
         t1 = time.perf_counter()
-        acc0 = evaluate(qm, splits.test)
+        acc0 = evaluate(qm, splits.test, args.device)
         eval_s = time.perf_counter() - t1
         test = splits.test
     res = fit(qm, splits.train, test, FitOptions.from_config(cfg, epochs=epochs))
@@ -259,7 +263,7 @@ def _lsq(model: torch.nn.Module, calib: torch.Tensor, splits: Any, bits: tuple[i
             (r["epoch"], r["test_acc"], prep_s + r["time_s"] - (k + 1) * eval_s) for k, r in enumerate(res.history)]
         extra["eval_s"] = eval_s
     t2 = time.perf_counter()
-    im = lowbit.qat.convert(qm)
+    im = lowbit.qat.convert(qm.cpu())  # trained on --device; the integer model runs on the CPU
     extra["train_s"] = prep_s + (extra["curve"][-1][2] if long else res.time_s) + time.perf_counter() - t2
     return im, extra
 

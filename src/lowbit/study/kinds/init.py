@@ -116,6 +116,7 @@ def _one_run(rid: dict[str, Any], model: torch.nn.Module, splits: Any, args: arg
     calib = x_train[torch.randperm(len(x_train), generator=g)[: args.calib_samples]]
     opts: dict[str, Any] = {"bits": tuple(rid["bits"]), "epochs": args.epochs, "eval_every": args.eval_every,
                             "batch_size": args.batch_size, "seed": seed, "threads": args.threads, "progress": False,
+                            "device": args.device,
                             "calib_samples": args.calib_samples, "calib_batch_size": args.calib_samples}
     if rid["init"] != OWN:
         opts["init"] = rid["init"]
@@ -123,14 +124,16 @@ def _one_run(rid: dict[str, Any], model: torch.nn.Module, splits: Any, args: arg
         if getattr(args, k) is not None:
             opts[k] = getattr(args, k)
     cfg = get_method(rid["method"]).config_cls(**opts)
-    qm = lowbit.qat.prepare(model, cfg, calib=calib)
-    acc0 = evaluate(qm, splits.test)
+    dev = torch.device(args.device)
+    qm = lowbit.qat.prepare(model, cfg, calib=calib).to(dev)
+    acc0 = evaluate(qm, splits.test, dev)
     res = fit(qm, splits.train, splits.test, FitOptions.from_config(cfg))
     curve = [(0.0, acc0)] + [(r["epoch"], r["test_acc"]) for r in res.history]
-    im = lowbit.qat.convert(qm)
     xt, yt = splits.test.tensors
     with torch.no_grad():
-        pf = torch.cat([qm(xt[i:i + 1000]).argmax(1) for i in range(0, len(yt), 1000)])
+        pf = torch.cat([qm(xt[i:i + 1000].to(dev)).argmax(1).cpu() for i in range(0, len(yt), 1000)])
+        qm.cpu()  # trained on --device; the integer model runs on lowbit's CPU kernels
+        im = lowbit.qat.convert(qm)
         pi = torch.cat([im(xt[i:i + 1000]).argmax(1) for i in range(0, len(yt), 1000)])
     return {"curve": curve, "final_acc": curve[-1][1], "int_acc": 100.0 * float((pi == yt).float().mean()),
             "agreement": 100.0 * float((pf == pi).float().mean()), "train_time_s": res.time_s}
