@@ -234,6 +234,7 @@ def test_study_adapt_quick(digits_cnn, tmp_path, capsys):
     before = (tmp_path / "res" / "adapt.jsonl").read_text()
     assert main(argv) == 0 and (tmp_path / "res" / "adapt.jsonl").read_text() == before  # nothing runs again
     for bad, msg in ((["--windows", "all,0"], "--windows"), (["--qat-long", "3,3"], "not in --bits"),
+                     (["--qat-equal", "4,4", "2,2"], "--qat-equal bit widths [(2, 2)]"),
                      (["--bits", "9,9"], "2..8"), (["--observers", "mse,best"], "unknown observer")):
         assert main(["study", "adapt", "--out", str(tmp_path / "bad.md"), *bad]) == 2
         assert msg in capsys.readouterr().err

@@ -93,6 +93,8 @@ class AdaptStudy(StudyKind):
         p.add_argument("--qat-lr", type=positive_float, default=1e-3, help="LSQ learning rate (default 1e-3)")
         p.add_argument("--qat-epochs", type=positive_float, default=2.0,
                        help="epochs of the long LSQ run (default 2)")
+        p.add_argument("--qat-equal", nargs="*", default=None, metavar="W,A",
+                       help="bit widths that get the equal-samples LSQ run (default: every one of --bits)")
         p.add_argument("--qat-long", nargs="*", default=["4,4"], metavar="W,A",
                        help="bit widths that get the long LSQ run (default 4,4)")
         p.add_argument("--eval-every", type=positive_float, default=0.05,
@@ -112,6 +114,7 @@ class AdaptStudy(StudyKind):
             args.qat_epochs, args.eval_every, args.observers = 0.2, 0.1, "minmax,mse"
         bits = [parse_bits(b) for b in args.bits]
         long_bits = {parse_bits(b) for b in args.qat_long}
+        equal_bits = set(bits) if args.qat_equal is None else {parse_bits(b) for b in args.qat_equal}
         windows = _windows(args.windows)
         observers = split_list(args.observers)
         for o in observers:
@@ -121,8 +124,9 @@ class AdaptStudy(StudyKind):
             raise ValueError(f"unknown --qat-init {args.qat_init!r}; known: {', '.join(sorted(INITIALIZERS))}")
         for b in bits:  # bit widths and options outside adapt's range fail before any work
             AdaptConfig(bits=b, first_last_bits=args.first_last_bits, steps=args.steps, lr=args.lr)
-        if not long_bits <= set(bits):
-            raise ValueError(f"--qat-long bit widths {sorted(long_bits - set(bits))} are not in --bits")
+        for name, chosen in (("--qat-long", long_bits), ("--qat-equal", equal_bits)):
+            if not chosen <= set(bits):
+                raise ValueError(f"{name} bit widths {sorted(chosen - set(bits))} are not in --bits")
         out = Path(args.out)
         t0 = time.perf_counter()
         load0 = _load()
@@ -136,7 +140,8 @@ class AdaptStudy(StudyKind):
         results = Results(args.results or out.with_suffix(".jsonl"), key)
         methods = ["ptq", "correct", *(_adapt_name(w) for w in windows), "lsq_equal", "lsq_long"]
         runs = [{"bits": list(b), "method": m, "seed": s} for b in bits for m in methods
-                for s in range(args.seeds) if m != "lsq_long" or b in long_bits]
+                for s in range(args.seeds)
+                if (m != "lsq_long" or b in long_bits) and (m != "lsq_equal" or b in equal_bits)]
         records = run_grid(runs, lambda rid: _one_run(rid, model, splits, args), results,
                            progress=not args.no_progress,
                            label=lambda r: f"W{r['bits'][0]}A{r['bits'][1]} {r['method']} s{r['seed']}")
