@@ -148,7 +148,7 @@ class AdaptStudy(StudyKind):
         body = _report(records, bits, methods, float_acc, args, out)
         load = f"load average {load0} at the start, {_load()} at the end (2 cores shared with other work)"
         write_markdown(out, "Iterative adaptation to quantization noise (`lowbit study adapt`)", args,
-                       time.perf_counter() - t0, body, notes=[f"Machine: {load}."])
+                       time.perf_counter() - t0, body, notes=[f"Machine: {load}.", ""])
         print(f"study written to {out}")
         return 0
 
@@ -333,7 +333,7 @@ def _report(records: list[dict[str, Any]], bits: list[tuple[int, int]], methods:
             png = out.with_name(f"{out.stem}-w{w}a{a}-lsq.png")
             adapted = [r["acc"] for r in _sel(records, b, "adapt_all")]
             plot_curves({"lsq (fake-quant)": [[(t, acc) for _e, acc, t in r["curve"]] for r in longs]}, png,
-                        f"LSQ W{w}A{a}: test accuracy against training time (mean ± std over seeds; line: adapt_all)",
+                        f"LSQ W{w}A{a}: accuracy vs training time (dashed: adapt_all)",
                         mean_std(adapted)[0] if adapted else None, xlabel="training wall time (s, first seed's)")
             parts += [f"![LSQ W{w}A{a}]({png.name})", ""]
     return "\n".join(parts)
@@ -353,9 +353,10 @@ def _targets(records: list[dict[str, Any]], b: tuple[int, int], methods: list[st
         if not rs:
             continue
         acc = mean_std([r["acc"] for r in rs])[0]
-        rec = f"{100 * (acc - mean_std(ptq.values())[0]) / gap:.0f}%" if gap > 0 else "n/a (no gap)"
+        rec = (f"recovers {100 * (acc - mean_std(ptq.values())[0]) / gap:.0f}% of the gap" if gap > 0
+               else "no gap to recover (PTQ at float accuracy)")
         below = [r["id"]["seed"] for r in rs if r["acc"] < ptq.get(r["id"]["seed"], -1.0)]
-        line = f"- {m}: recovers {rec} of the gap; below PTQ in {len(below)}/{len(rs)} seeds"
+        line = f"- {m}: {rec}; below PTQ in {len(below)}/{len(rs)} seeds"
         for good in (False, True):
             line += _reach(rs, longs, m, good)
         lines.append(line)
