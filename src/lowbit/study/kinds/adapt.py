@@ -263,9 +263,13 @@ def _lsq(model: torch.nn.Module, calib: torch.Tensor, splits: Any, bits: tuple[i
         eval_s = time.perf_counter() - t1
         test = splits.test
     res = fit(qm, splits.train, test, FitOptions.from_config(cfg, epochs=epochs))
-    if long:  # the training time at each point: the evaluations so far (each about eval_s) taken out
-        extra["curve"] = [(0.0, acc0, prep_s)] + [
-            (r["epoch"], r["test_acc"], prep_s + r["time_s"] - (k + 1) * eval_s) for k, r in enumerate(res.history)]
+    if long:  # the training time at each point: the evaluations so far (each about eval_s) taken out; an
+        # evaluation slower than eval_s (a busy machine) must not make the time run backwards
+        curve, t = [(0.0, acc0, prep_s)], prep_s
+        for k, r in enumerate(res.history):
+            t = max(t, prep_s + r["time_s"] - (k + 1) * eval_s)
+            curve.append((r["epoch"], r["test_acc"], t))
+        extra["curve"] = curve
         extra["eval_s"] = eval_s
     t2 = time.perf_counter()
     im = lowbit.qat.convert(qm.cpu())  # trained on --device; the integer model runs on the CPU
