@@ -136,7 +136,8 @@ void register_int8(py::module_& m) {
         [](std::uintptr_t x, py::tuple in_shape, int x_zp, py::list weights, std::uintptr_t dw_weight, int64_t n,
            py::tuple kernel, py::tuple stride, py::tuple padding, py::tuple dilation, int64_t groups,
            std::uintptr_t bias, int kind, std::uintptr_t out, std::uintptr_t m0, std::uintptr_t rshift, int out_zp,
-           int qmin, int qmax, std::uintptr_t scale, std::uintptr_t fbias) {
+           int qmin, int qmax, std::uintptr_t scale, std::uintptr_t fbias, std::uintptr_t add_res, int64_t add_m_a,
+           int64_t add_m_b, int add_rshift, int add_r_zp, int add_out_zp, int add_lo, int add_hi) {
             LB_REQUIRE(in_shape.size() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                         dilation.size() == 2,
                     "shape tuples have the wrong length");
@@ -168,6 +169,25 @@ void register_int8(py::module_& m) {
             LB_REQUIRE(x != 0 || s.b == 0, "null input pointer");
             check_zp(x_zp);
             int8::Epi e = make_epi(kind, out, s.b * s.ho * s.wo, s.n, s.n, m0, rshift, out_zp, qmin, qmax, scale, fbias);
+            if (add_res) {  // fused residual add (csrc/int8_common.h, Epi::add_res)
+                LB_REQUIRE(e.kind == EpiKind::requant_u8, "a fused residual add needs a uint8 requantizing epilogue");
+                LB_REQUIRE(out_zp >= 0 && out_zp <= 255, "a fused residual add needs an output zero point in [0, 255]");
+                LB_REQUIRE(add_m_a >= 1 && add_m_b >= 1 && add_m_a <= (int64_t(1) << 31) && add_m_b <= (int64_t(1) << 31),
+                           "residual add multipliers must be in [1, 2^31]");
+                LB_REQUIRE(add_rshift >= 1 && add_rshift <= 62, "residual add shift outside [1, 62]");
+                LB_REQUIRE(add_r_zp >= 0 && add_r_zp <= 255, "residual zero point must be in [0, 255]");
+                LB_REQUIRE(add_out_zp >= -(1 << 24) && add_out_zp <= (1 << 24), "residual add output zero point out of range");
+                LB_REQUIRE(0 <= add_lo && add_lo <= add_hi && add_hi <= 255, "residual add clamp must be within [0, 255]");
+                e.add_res = cptr<uint8_t>(add_res);
+                e.add.m_a = add_m_a;
+                e.add.m_b = add_m_b;
+                e.add.rshift = add_rshift;
+                e.add.a_zp = out_zp;
+                e.add.b_zp = add_r_zp;
+                e.add.out_zp = add_out_zp;
+                e.add.lo = add_lo;
+                e.add.hi = add_hi;
+            }
             const int64_t cg = s.c / groups, ng = s.n / groups;
             if (weights.size() == 0) {
                 LB_REQUIRE(groups == s.c && s.n == s.c && dw_weight != 0,
@@ -186,7 +206,9 @@ void register_int8(py::module_& m) {
             std::vector<const Packed*> ws;
             for (auto h : weights) {
                 const Packed& p = h.cast<const Packed&>();
-                LB_REQUIRE(p.n == ng && p.k == s.kh * s.kw * cg,
+                // K order (kh, kw, c); with groups == 1 each kernel row may be padded to a multiple of 4
+                const int64_t kpadded = s.kh * ((s.kw * cg + 3) / 4 * 4);
+                LB_REQUIRE(p.n == ng && (p.k == s.kh * s.kw * cg || (groups == 1 && p.k == kpadded)),
                         "packed group weight has shape [" + std::to_string(p.n) + ", " + std::to_string(p.k) +
                             "], expected [" + std::to_string(ng) + ", " + std::to_string(s.kh * s.kw * cg) + "]");
                 const int32_t* bg = bias ? cptr<int32_t>(bias) + static_cast<int64_t>(ws.size()) * ng : nullptr;
@@ -200,7 +222,9 @@ void register_int8(py::module_& m) {
         py::arg("x"), py::arg("in_shape"), py::arg("x_zp"), py::arg("weights"), py::arg("dw_weight"), py::arg("n"),
         py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
         py::arg("bias"), py::arg("kind"), py::arg("out"), py::arg("m0"), py::arg("rshift"), py::arg("out_zp"),
-        py::arg("qmin"), py::arg("qmax"), py::arg("scale"), py::arg("fbias"));
+        py::arg("qmin"), py::arg("qmax"), py::arg("scale"), py::arg("fbias"), py::arg("add_res") = 0,
+        py::arg("add_m_a") = 1, py::arg("add_m_b") = 1, py::arg("add_rshift") = 1, py::arg("add_r_zp") = 0,
+        py::arg("add_out_zp") = 0, py::arg("add_lo") = 0, py::arg("add_hi") = 255);
 }
 
 }  // namespace lowbit

@@ -184,6 +184,10 @@ LB_AVX2 inline void store_bytes8(void* dst, __m256i v) {
 
 LB_AVX2 void epilogue_avx2(const Epi& e, const int32_t* T, int64_t ldt, int64_t row0, int64_t rows, int64_t n0,
                            int64_t cols, const int32_t* corr) {
+    if (e.add_res) {  // fused residual add: the scalar epilogue (the AVX-512 kernels have their own)
+        epilogue_scalar(e, T, ldt, row0, rows, n0, cols, corr);
+        return;
+    }
     const int64_t co = e.col_off + n0;
     int64_t c = 0;
     for (; c + 8 <= cols; c += 8) {

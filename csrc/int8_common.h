@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "qops.h"
 #include "epilogue.h"
 
 namespace lowbit {
@@ -54,6 +55,11 @@ struct Epi {
     void* out = nullptr;
     int64_t ldo = 0;
     int64_t col_off = 0;
+    // Fused residual add (requant_u8 only): the requantized code c (zero point out_zp) is added to the
+    // residual code r = add_res[m * ldo + col] with qops' single-rounding add (add.a_zp = out_zp) and the
+    // result stored instead: out = clamp(((m_a (c - out_zp) + m_b (r - r_zp) + 2^(R-1)) >> R) + zo, lo, hi).
+    const uint8_t* add_res = nullptr;  // null: no fused add
+    qops::AddParams add;
 };
 
 // Rows of the (virtual) activation matrix A [M, K] as uint8 codes.
@@ -62,12 +68,28 @@ struct Rows {
     int64_t k = 0;
     // Returns a pointer to K bytes of row m: either into the source or into `scratch` (>= k bytes).
     virtual const uint8_t* row(int64_t m, uint8_t* scratch) const = 0;
+    // Direct access, for kernels that read the source in place: the K bytes of row m are runs() runs of
+    // run_len() bytes each (a convolution: one per kernel row or per tap), and run_ptrs(m, p, buf) sets
+    // p[t] to the start of run t: into the source, or into buf (>= runs() * run_len() bytes, the caller's,
+    // kept until the pointers are used) where a run must be assembled (padding). runs() == 0: not
+    // available.
+    virtual int64_t runs() const { return 0; }
+    virtual int64_t run_len() const { return 0; }
+    virtual void run_ptrs(int64_t /*m*/, const uint8_t** /*p*/, uint8_t* /*buf*/) const {}
+    // run_ptrs of rows [m, m + count): p[r * runs() + t], buf + r * runs() * run_len().
+    virtual void run_ptrs_many(int64_t m, int64_t count, const uint8_t** p, uint8_t* buf) const {
+        const int64_t nr = runs(), len = run_len();
+        for (int64_t r = 0; r < count; ++r) run_ptrs(m + r, p + r * nr, buf + r * nr * len);
+    }
 };
 
 struct DenseRows final : Rows {
     const uint8_t* x = nullptr;
     int64_t ld = 0;
     const uint8_t* row(int64_t m, uint8_t* /*scratch*/) const override { return x + m * ld; }
+    int64_t runs() const override { return 1; }
+    int64_t run_len() const override { return k; }
+    void run_ptrs(int64_t m, const uint8_t** p, uint8_t* /*buf*/) const override { p[0] = x + m * ld; }
 };
 
 // Everything a chunk worker needs. corr[n] (n local to the packed weights, padded to nblocks*16) is
@@ -127,6 +149,7 @@ struct DwJob {
     int32_t zp = 0;
     const int8_t* w = nullptr;          // [c][kh*kw]
     const int16_t* wpair = nullptr;     // AVX2 paired weights (see int8_avx2.cpp), may be null
+    const int8_t* wq = nullptr;         // VNNI weights [c/16][kh][ceil(kw/4)][16][4] (int8_dw_vnni.cpp)
     const int32_t* corr = nullptr;      // [c]
     Epi epi;
 };
@@ -134,6 +157,8 @@ void dw_rows_portable(const DwJob& j, int64_t r0, int64_t r1);
 #ifdef LOWBIT_INT8_X86
 void dw_pack_avx2(const int8_t* w, int64_t c, int64_t taps, std::vector<int16_t>& out);
 void dw_rows_avx2(const DwJob& j, int64_t r0, int64_t r1);
+void dw_pack_vnni(const int8_t* w, int64_t c, int64_t kh, int64_t kw, std::vector<int8_t>& out);
+void dw_rows_vnni(const DwJob& j, int64_t r0, int64_t r1);
 #endif
 
 // Thread-local scratch buffer number `slot` (0..7) of at least `bytes` bytes, 64-byte aligned, grown on

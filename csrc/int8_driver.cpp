@@ -91,7 +91,10 @@ void epilogue_scalar(const Epi& e, const int32_t* T, int64_t ldt, int64_t row0, 
                     int64_t v = static_cast<int64_t>(acc) * e.m0[co + c] + (int64_t(1) << (rs - 1));
                     v = (v >> rs) + e.out_zp;  // arithmetic shift (GCC/Clang/MSVC)
                     v = std::min<int64_t>(std::max<int64_t>(v, e.qmin), e.qmax);
-                    if (e.kind == EpiKind::requant_u8)
+                    if (e.add_res)
+                        static_cast<uint8_t*>(e.out)[o + c] =
+                            qops::add_one(static_cast<uint8_t>(v), e.add_res[o + c], e.add);
+                    else if (e.kind == EpiKind::requant_u8)
                         static_cast<uint8_t*>(e.out)[o + c] = static_cast<uint8_t>(v);
                     else
                         static_cast<int8_t*>(e.out)[o + c] = static_cast<int8_t>(v);
@@ -218,12 +221,111 @@ inline void fill_run(uint8_t* d, uint8_t v, int64_t n) {
     for (int64_t i = 0; i < n; ++i) d[i] = v;
 }
 
-// Implicit im2col: row m = output pixel (b, oh, ow); K order (kh, kw, channel of the group).
+// Implicit im2col: row m = output pixel (b, oh, ow); K order (kh, kw, channel of the group). With
+// `kpad` > 0 (groups == 1 only), each kernel row's kw*c bytes are followed by kpad zero-weight bytes so
+// that every kernel row starts on a k-group of 4 (the packed weights are laid out the same way).
+//
+// Direct access (Rows::runs): one run per kernel row (kw*c [+ kpad] bytes, contiguous in NHWC) when
+// groups == 1 and there is no horizontal dilation, else one run per tap (c/groups bytes). A run that
+// touches padding, or that would read past the end of the input, is assembled in the caller's buffer.
 struct ConvRows final : Rows {
     const uint8_t* x = nullptr;
+    const uint8_t* x_end = nullptr;  // end of the input tensor
     const ConvShape* s = nullptr;
-    int64_t c0 = 0, cg = 0;
+    int64_t c0 = 0, cg = 0, kpad = 0;
     uint8_t zp = 0;
+    bool direct = false;  // runs() available
+    bool row_runs() const { return s->groups == 1 && s->dw == 1; }
+    int64_t runs() const override { return direct ? (row_runs() ? s->kh : s->kh * s->kw) : 0; }
+    int64_t run_len() const override { return row_runs() ? s->kw * cg + kpad : cg; }
+    void run_ptrs(int64_t m, const uint8_t** p, uint8_t* buf) const override {
+        const ConvShape& S = *s;
+        const int64_t ow = m % S.wo;
+        const int64_t t = m / S.wo;
+        const int64_t oh = t % S.ho, b = t / S.ho;
+        const int64_t ih0 = oh * S.sh - S.ph, iw0 = ow * S.sw - S.pw;
+        const uint8_t* xb = x + b * S.h * S.w * S.c + c0;
+        const int64_t len = run_len();
+        const bool cols_in = iw0 >= 0 && iw0 + (S.kw - 1) * S.dw < S.w;
+        for (int64_t i = 0; i < S.kh; ++i) {
+            const int64_t ih = ih0 + i * S.dh;
+            const bool row_in = ih >= 0 && ih < S.h;
+            if (row_runs()) {
+                const uint8_t* src = xb + (ih * S.w + iw0) * S.c;
+                if (row_in && cols_in && src + len <= x_end) {
+                    *p++ = src;
+                } else {
+                    fill_conv_row(buf, xb, ih, iw0);
+                    std::memset(buf + S.kw * cg, zp, static_cast<size_t>(kpad));
+                    *p++ = buf;
+                }
+                buf += len;
+                continue;
+            }
+            for (int64_t jj = 0; jj < S.kw; ++jj, buf += len) {
+                const int64_t iw = iw0 + jj * S.dw;
+                if (row_in && iw >= 0 && iw < S.w) {
+                    *p++ = xb + (ih * S.w + iw) * S.c;
+                } else {
+                    std::memset(buf, zp, static_cast<size_t>(len));
+                    *p++ = buf;
+                }
+            }
+        }
+    }
+    void run_ptrs_many(int64_t m, int64_t count, const uint8_t** p, uint8_t* buf) const override {
+        const ConvShape& S = *s;
+        const int64_t nr = runs(), len = run_len();
+        int64_t ow = m % S.wo, t = m / S.wo;
+        int64_t oh = t % S.ho, b = t / S.ho;
+        const int64_t step_r = S.dh * S.w * S.c, step_t = S.dw * S.c;
+        for (int64_t r = 0; r < count; ++r, p += nr, buf += nr * len) {
+            const int64_t ih0 = oh * S.sh - S.ph, iw0 = ow * S.sw - S.pw;
+            const bool inside = ih0 >= 0 && ih0 + (S.kh - 1) * S.dh < S.h && iw0 >= 0 &&
+                                iw0 + (S.kw - 1) * S.dw < S.w;
+            const uint8_t* base = x + ((b * S.h + ih0) * S.w + iw0) * S.c + c0;
+            // every run in the source (the last one must not read past the end of the input)
+            if (inside && base + (S.kh - 1) * step_r + (row_runs() ? len : (S.kw - 1) * step_t + len) <= x_end) {
+                const uint8_t** q = p;
+                for (int64_t i = 0; i < S.kh; ++i) {
+                    if (row_runs()) {
+                        *q++ = base + i * step_r;
+                        continue;
+                    }
+                    for (int64_t jj = 0; jj < S.kw; ++jj) *q++ = base + i * step_r + jj * step_t;
+                }
+            } else {
+                run_ptrs(m + r, p, buf);
+            }
+            if (++ow == S.wo) {
+                ow = 0;
+                if (++oh == S.ho) {
+                    oh = 0;
+                    ++b;
+                }
+            }
+        }
+    }
+    // The kw*cg bytes of kernel row ih of the window starting at column iw0 (zero point for padding).
+    void fill_conv_row(uint8_t* d, const uint8_t* xb, int64_t ih, int64_t iw0) const {
+        const ConvShape& S = *s;
+        if (ih < 0 || ih >= S.h) {
+            fill_run(d, zp, S.kw * cg);
+            return;
+        }
+        const uint8_t* xr = xb + ih * S.w * S.c;
+        if (iw0 >= 0 && iw0 + (S.kw - 1) * S.dw < S.w && S.dw == 1 && cg == S.c) {  // one contiguous run
+            copy_run(d, xr + iw0 * S.c, S.kw * cg);
+            return;
+        }
+        for (int64_t jj = 0; jj < S.kw; ++jj, d += cg) {
+            const int64_t iw = iw0 + jj * S.dw;
+            if (iw < 0 || iw >= S.w)
+                fill_run(d, zp, cg);
+            else
+                copy_run(d, xr + iw * S.c, cg);
+        }
+    }
     const uint8_t* row(int64_t m, uint8_t* scratch) const override {
         const ConvShape& S = *s;
         const int64_t ow = m % S.wo;
@@ -231,31 +333,14 @@ struct ConvRows final : Rows {
         const int64_t oh = t % S.ho, b = t / S.ho;
         const int64_t ih0 = oh * S.sh - S.ph, iw0 = ow * S.sw - S.pw;
         const uint8_t* xb = x + b * S.h * S.w * S.c + c0;
-        if (S.kh == 1 && S.kw == 1 && ih0 >= 0 && ih0 < S.h && iw0 >= 0 && iw0 < S.w)
+        if (S.kh == 1 && S.kw == 1 && kpad == 0 && ih0 >= 0 && ih0 < S.h && iw0 >= 0 && iw0 < S.w)
             return xb + (ih0 * S.w + iw0) * S.c;
         uint8_t* d = scratch;
-        const bool cols_in = iw0 >= 0 && iw0 + (S.kw - 1) * S.dw < S.w;
         for (int64_t i = 0; i < S.kh; ++i) {
-            const int64_t ih = ih0 + i * S.dh;
-            if (ih < 0 || ih >= S.h) {
-                fill_run(d, zp, S.kw * cg);
-                d += S.kw * cg;
-                continue;
-            }
-            const uint8_t* xr = xb + ih * S.w * S.c;
-            if (cols_in && S.dw == 1 && cg == S.c) {  // the kw taps are one contiguous run
-                copy_run(d, xr + iw0 * S.c, S.kw * cg);
-                d += S.kw * cg;
-                continue;
-            }
-            for (int64_t jj = 0; jj < S.kw; ++jj) {
-                const int64_t iw = iw0 + jj * S.dw;
-                if (iw < 0 || iw >= S.w)
-                    fill_run(d, zp, cg);
-                else
-                    copy_run(d, xr + iw * S.c, cg);
-                d += cg;
-            }
+            fill_conv_row(d, xb, ih0 + i * S.dh, iw0);
+            d += S.kw * cg;
+            fill_run(d, zp, kpad);
+            d += kpad;
         }
         return scratch;
     }
@@ -279,12 +364,15 @@ void conv2d_gemm(const uint8_t* x, const ConvShape& s, int32_t zp, const std::ve
             gemm(rows, m, zp, *w[0], bias, eg);
         } else {
             ConvRows rows;
-            rows.k = s.kh * s.kw * cg;
             rows.x = x;
             rows.s = &s;
             rows.c0 = g * cg;
             rows.cg = cg;
             rows.zp = static_cast<uint8_t>(zp);
+            rows.x_end = x + s.b * s.h * s.w * s.c;
+            rows.kpad = w[static_cast<size_t>(g)]->k / s.kh - s.kw * cg;  // 0, or the row padding (groups == 1)
+            rows.k = w[static_cast<size_t>(g)]->k;
+            rows.direct = rows.run_len() % 4 == 0;
             gemm(rows, m, zp, *w[static_cast<size_t>(g)], bias, eg);
         }
     }
@@ -347,7 +435,12 @@ void conv2d_depthwise(const uint8_t* x, const ConvShape& s, int32_t zp, const in
     void (*fn)(const DwJob&, int64_t, int64_t) = dw_rows_portable;
 #ifdef LOWBIT_INT8_X86
     std::vector<int16_t> wpair;
-    if (raw_u8) {
+    std::vector<int8_t> wq;
+    if (int8_isa() == Isa::vnni && !e.add_res) {  // (a fused residual add: the AVX2 path)
+        dw_pack_vnni(w, s.c, s.kh, s.kw, wq);
+        job.wq = wq.data();
+        fn = dw_rows_vnni;
+    } else if (raw_u8) {
         dw_pack_avx2(w, s.c, s.kh * s.kw, wpair);
         job.wpair = wpair.data();
         fn = dw_rows_avx2;

@@ -1,9 +1,10 @@
+#define LB_VNNI_NO_DIRECT 1  // the direct path uses intrinsics this harness does not emulate
 // Check of the AVX-512 VNNI int8 path on machines without AVX-512: compiles csrc/int8_vnni.cpp with the
 // few AVX-512 intrinsics it uses replaced by scalar emulations, runs chunk_vnni (packing, K blocking,
 // tiles, zero-point correction, epilogue) and compares with chunk_portable bit for bit.
 // Not part of the extension (setup.py builds csrc/*.cpp only); tests/test_emulation.py builds and runs
 // it (cached by source hash):
-//   g++ -std=c++17 -O1 -ffp-contract=off -Icsrc csrc/int8_vnni_emu_check.cc csrc/int8_driver.cpp \
+//   g++ -std=c++17 -O1 -ffp-contract=off -Icsrc csrc/int8_vnni_emu_check.cc csrc/int8_driver.cpp csrc/int8_dw_vnni.cpp \
 //       csrc/int8_portable.cpp csrc/int8_avx2.cpp csrc/parallel.cpp csrc/cpu_features.cpp csrc/epilogue.cpp -pthread
 #include <immintrin.h>
 #include <cstdint>

@@ -13,6 +13,8 @@ namespace lowbit {
 void register_int8(py::module_& m);
 void register_w46(py::module_& m);
 void register_binary(py::module_& m);
+void register_bm(py::module_& m);
+void register_qops(py::module_& m);
 void register_runtime(py::module_& m);
 }  // namespace lowbit
 
@@ -48,5 +50,7 @@ PYBIND11_MODULE(_native, m) {
     lowbit::register_int8(m);
     lowbit::register_w46(m);
     lowbit::register_binary(m);
+    lowbit::register_bm(m);
+    lowbit::register_qops(m);
     lowbit::register_runtime(m);
 }

@@ -488,3 +488,44 @@ def test_compare_and_eval_with_your_metric(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "latency" in out and "batch 2" in out
     assert float(out.split("cosine ")[1].split(",")[0]) > 0.99
+
+
+class _Flat(nn.Module):
+    """Flattens [B, 2, 4] to [B, 8]: a [B, 4, 2] input would flatten just as well, to the wrong features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x.reshape(x.shape[0], -1))))
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static", "full_integer"])
+def test_pt2_with_dynamic_shapes(method, tmp_path):
+    """A .pt2 exported with a dynamic batch: any batch runs; the sizes the archive fixed are checked on
+    entry in the float graph, the quantized one and the file (the codes' dtype for full integer)."""
+    from lowbit.graph import load_model
+
+    torch.manual_seed(0)
+    model = _Flat().eval()
+    ep = torch.export.export(model, (torch.randn(4, 2, 4),), dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    g = load_model(str(tmp_path / "m.pt2"))
+    calib = torch.randn(32, 2, 4)
+    q = lowbit.quantize(g, method, calib=calib, io_dtype="int8") if method == "full_integer" else \
+        lowbit.quantize(g, method, calib=calib)
+    lowbit.save(q, tmp_path / "m.lowbit")
+    x = torch.randn(5, 2, 4)
+    if method == "full_integer":
+        s, z = q.lowbit_meta["input"]["scale"], q.lowbit_meta["input"]["zero_point"]
+        x = torch.clamp(torch.round(x / s) + z, -128, 127).to(torch.int8)
+    for m in (g, q, lowbit.load(tmp_path / "m.lowbit")):
+        if m is g and method == "full_integer":
+            continue
+        assert m(x).shape == (5, 3)
+        with pytest.raises(ValueError, match=r"captured for \[\*, 2, 4\]"):
+            m(x.reshape(5, 4, 2))
+    torch.testing.assert_close(q(x), lowbit.load(tmp_path / "m.lowbit")(x), rtol=0, atol=0)
+    if method != "full_integer":
+        torch.testing.assert_close(g(x), model(x))

@@ -25,8 +25,8 @@ CACHE = ROOT / "build" / "emu-check"
 FLAGS = ["-std=c++17", "-O1", "-ffp-contract=off", "-pthread"]
 
 HARNESSES = {
-    "int8_vnni": ["int8_vnni_emu_check.cc", "int8_driver.cpp", "int8_portable.cpp", "int8_avx2.cpp", "parallel.cpp",
-                  "cpu_features.cpp", "epilogue.cpp"],
+    "int8_vnni": ["int8_vnni_emu_check.cc", "int8_driver.cpp", "int8_dw_vnni.cpp", "int8_portable.cpp", "int8_avx2.cpp",
+                  "parallel.cpp", "cpu_features.cpp", "epilogue.cpp"],
     "wb_avx512": ["wb_avx512_emu_check.cc", "w46.cpp", "w46_avx2.cpp", "binary.cpp", "binary_avx2.cpp", "parallel.cpp",
                   "cpu_features.cpp", "epilogue.cpp"],
 }

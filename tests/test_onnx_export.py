@@ -62,7 +62,7 @@ def test_dynamic_transformer_agrees(tmp_path, one_thread):
 def test_layer_without_onnx_form_is_named(tmp_path):
     """A layer on lowbit's 4.6-bit (or binary, BM) kernels, or any lowbit module without a QDQ form, is an
     error naming it; nothing is written and the model is left as it was."""
-    from lowbit.formats import odd_levels
+    from lowbit.formats import BinaryFormat, odd_levels
     from lowbit.kernels import pack_weights
 
     class Sign(LowbitModule):  # stands for BM arithmetic: no ONNX operator computes it
@@ -81,6 +81,11 @@ def test_layer_without_onnx_form_is_named(tmp_path):
     q[1] = lowbit.nn.QLinear(pack_weights(codes, fmt, "w46", K_x=12), torch.ones(4), None, (0.1, 12), (0.1, 12))
     with pytest.raises(OnnxExportError, match=r"layer '1' \(QLinear\).*w46 kernels"):
         export_onnx(q, tmp_path / "x.onnx", example_input=x, optimize=False)
+    signs = torch.where(torch.rand(4, 64) > 0.5, 1, -1).to(torch.int8)  # a binary layer (±1 weights, packed bits)
+    q[1] = lowbit.nn.DynamicQLinear(pack_weights(signs, BinaryFormat()), torch.ones(4), None)
+    with pytest.raises(OnnxExportError, match=r"layer '1' \(DynamicQLinear\).*binary kernels"):
+        export_onnx(q, tmp_path / "x.onnx", example_input=x, optimize=False)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_qat_model_deploys_on_onnx_runtime(digits_cnn, tmp_path, one_thread):

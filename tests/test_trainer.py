@@ -129,3 +129,12 @@ def test_cli_qat(digits_cnn, tmp_path, capsys):
     bad_bits[7] = "9,4"
     assert main(bad_bits) == 2
     assert main([*argv, "--resume", "--run-checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+@pytest.mark.parametrize("device, why", [("gpu", "must be cpu, cuda or cuda:N"), ("cuda:99", "no such CUDA device")])
+def test_cli_qat_device_is_checked_before_any_work(tmp_path, capsys, device, why):
+    out = tmp_path / "q.lowbit"
+    argv = ["qat", "small_cnn", "--data", "digits", "--device", device, "--out", str(out),
+            "--run-checkpoint", str(tmp_path / "run.pt"), "--report-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert why in capsys.readouterr().err and not any(tmp_path.iterdir())

@@ -201,3 +201,68 @@ def test_dispatch_rule(monkeypatch):
     with pytest.raises(ValueError, match="LOWBIT_W46_DISPATCH"):
         w46_dispatch.dispatch_mode()
     w46_dispatch.clear()
+
+
+def test_study_w46_quick(digits_cnn, tmp_path, capsys):
+    """`lowbit study w46 --quick`: every method x seed x stage measured, the claim checked, sizes and speed
+    rows written; a second call reuses the results file; a bad pair fails before any work."""
+    import json
+
+    from lowbit.cli import main
+
+    model, _, meta = digits_cnn
+    ck = tmp_path / "float.pt"
+    lowbit.train.save_checkpoint(ck, model, meta)
+    out = tmp_path / "res" / "w46.md"
+    argv = ["study", "w46", "--quick", "--models", "small_cnn", "--checkpoint", str(ck), "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    text = out.read_text()
+    assert "lowbit study w46 --quick" in text and "CPU:" in text and "Claim (4.6-bit" in text
+    assert all(f"| {m} |" in text for m in ("w46", "w4", "w8")) and "| w46 | avx2 |" in text
+    recs = [json.loads(x) for x in (tmp_path / "res" / "w46.jsonl").read_text().splitlines()[1:]]
+    assert len(recs) == 6
+    by = {(r["id"]["method"], r["id"]["seed"]): r for r in recs}
+    for s in (0, 1):
+        assert by["w46", s]["bytes"] <= 0.62 * by["w8", s]["bytes"]
+        assert 4.5 < by["w46", s]["code_bits_per_weight"] < 4.6 and by["w8", s]["code_bits_per_weight"] == 8.0
+        assert by["w8", s]["acc_rounding"] > 90.0 and by["w46", s]["fallbacks"] == []
+        assert all(c["mse"] <= c["mse_rounding"] for c in by["w46", s]["correction"])
+    before = (tmp_path / "res" / "w46.jsonl").read_text()
+    assert main([*argv, "--speed-repeats", "0"]) == 0  # every run is in the results file: nothing is redone
+    assert (tmp_path / "res" / "w46.jsonl").read_text() == before and "speed vs w8" not in out.read_text()
+    assert main(["study", "w46", "--quick", "--pair", "27,21", "--out", str(out)]) == 2
+    assert "K_x·K_w = 13·10 = 130" in capsys.readouterr().err
+
+
+def test_cli_quantize_and_compare_run_gradual_freezing(digits_cnn, tmp_path):
+    """`lowbit quantize --method w46` and `lowbit compare --methods w46,...` pass the training split, so the
+    gradual-freezing stage runs (and the pair option is parsed); compare's default method list does not."""
+    from unittest import mock
+
+    from lowbit import compare as compare_mod
+    from lowbit.cli import main
+
+    model, splits, meta = digits_cnn
+    ck = tmp_path / "float.pt"
+    lowbit.train.save_checkpoint(ck, model, meta)
+    out = tmp_path / "q.lowbit"
+    assert main(["quantize", "small_cnn", "--checkpoint", str(ck), "--method", "w46", "--option", "pair=29x19",
+                 "--option", "correction_steps=0", "--option", "freeze_epochs=0.02", "--option", "progress=false",
+                 "--out", str(out)]) == 0
+    info = lowbit.load(out).lowbit_meta["w46"]
+    assert info["pair"] == [29, 19] and [r["layers_integer"] for r in info["stages"]["freezing"]] == [1, 2, 3, 4, 5]
+    seen = {}
+    real = compare_mod.quantize
+
+    def spy(model, name, **kw):
+        seen[name] = "train" in kw
+        return real(model, name, **kw)
+
+    with mock.patch.object(compare_mod, "quantize", spy), mock.patch.object(compare_mod, "available_methods",
+                                                                            return_value=["static", "w4"]):
+        for methods in (["static", "w4"], None):
+            compare_mod.compare(model, splits.calib, lambda m: accuracy(m, splits.test), methods=methods,
+                                train=splits.train, configs={"w4": {"correction_steps": 0, "progress": False}},
+                                report_dir=None, repeats=1, warmup=0, progress=False)
+            assert seen == ({"static": False, "w4": True} if methods else {"static": False, "w4": False})

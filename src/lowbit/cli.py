@@ -21,6 +21,7 @@ EXIT_ERROR = 2
 #: command of its own is its module plus one line here (this file stays out of every feature's diff).
 COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
+    "lowbit.bm.cli",
     "lowbit.export.cli",
     "lowbit.qat.cli",
     "lowbit.study.cli",
@@ -51,6 +52,7 @@ def _inputs(args: argparse.Namespace) -> list[str]:
     """Files the command reads: never to be written."""
     model = getattr(args, "model", None)
     named = [getattr(args, k, None) for k in ("checkpoint", "weights_file", "file")]
+    named += [a.partition("=")[2] for a in getattr(args, "add", None) or []]
     return [p for p in (model if model and model.endswith(".pt2") else None, *named) if p]
 
 
@@ -144,14 +146,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.evaluate import accuracy
     from lowbit.methods import get_method
 
-    get_method(args.method)
+    cls = get_method(args.method)
     cfg = _method_configs(args, [args.method])[args.method]
     files.check_output(args.out, inputs=_inputs(args))
     _check_model_spec(args)
     splits = _load_data(args)
     model = _resolve_model(args, splits)
     t0 = time.perf_counter()
-    qm = lowbit.quantize(model, args.method, calib=splits.calib, config=cfg)
+    trains = cls.accepts_training_data or cls.needs_training_data  # w46: gradual freezing; lsq, ...: QAT
+    data = {"train": splits.train, "test": splits.test} if trains else {}
+    qm = lowbit.quantize(model, args.method, calib=splits.calib, config=cfg, **data)
     took = time.perf_counter() - t0
     acc = accuracy(qm, splits.test)  # the model runs before its file is written
     path = lowbit.save(qm, args.out, inputs=_inputs(args))
@@ -168,6 +172,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extra_candidates(args: argparse.Namespace) -> dict[str, Any]:
+    """``--add NAME=FILE``: saved lowbit models measured beside the methods (checked and loaded first)."""
+    from lowbit.io import load
+
+    pairs = []
+    for item in getattr(args, "add", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--add takes NAME=FILE, got {item!r}")
+        pairs.append((name, path))
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise ValueError("--add names a row twice")
+    return {name: load(path) for name, path in pairs}
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.compare import compare
     from lowbit.methods import available_methods, get_method
@@ -181,12 +200,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     files.check_output(args.out, inputs=_inputs(args))
     files.check_output(args.report_dir, inputs=_inputs(args), folder=True)
     _check_model_spec(args)
+    extra = _extra_candidates(args)
     splits = _load_data(args)
     model = _resolve_model(args, splits)
     res = compare(
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
-        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name},
+        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name}, models=extra,
         train=splits.train, test=splits.test,
     )
     print()
@@ -240,9 +260,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if getattr(args, "file", None):
         from lowbit.fileinfo import describe_file, format_file_info
+        from lowbit.opcount import cli_info_file
 
         print(format_file_info(describe_file(args.file, verify=not args.no_verify)))
-        return 0
+        return cli_info_file(args)
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     try:
         from lowbit import _native
@@ -304,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--option", action="append", metavar="[METHOD.]KEY=VALUE", help="method option")
     sp.add_argument("--keep-float", default=None, help="comma-separated layer-name patterns left float")
     sp.add_argument("--batch-size", type=positive_int, default=1, help="latency batch size (default 1)")
+    sp.add_argument("--add", action="append", metavar="NAME=FILE",
+                    help="also measure a saved lowbit model (e.g. bm=bm.lowbit from `lowbit bm`) as row NAME")
     sp.set_defaults(fn=cmd_compare)
 
     from lowbit.select import add_select_arguments
@@ -330,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
     sp = sub.add_parser("info", help="CPU features and kernel backend; with FILE: what a saved model holds "
-                                     "(layers, kernels, bits per weight)")
+                                     "(layers, kernels, bits per weight) and its operations per sample")
     sp.add_argument("file", nargs="?", default=None, help="a lowbit model file")
     sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check")
+    sp.add_argument("--input-shape", default=None, help="C,H,W of one input sample if the file does not record it")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")

@@ -39,6 +39,21 @@ def positive_float(text: str) -> float:
     return v
 
 
+def training_device(text: str) -> str:
+    """``--device``: ``cpu``, or ``cuda`` / ``cuda:N`` where such a GPU exists (checked before any work)."""
+    dev = text.strip()
+    if dev == "cpu":
+        return dev
+    if dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()):
+        index = int(dev[5:]) if ":" in dev else 0
+        import torch
+
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"--device {dev}: no such CUDA device on this machine")
+        return dev
+    raise argparse.ArgumentTypeError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+
+
 def lambdas(text: str) -> Any:
     """``λS,λT,λA`` as a :class:`lowbit.select.Lambdas` (an empty string is an error, not 1,1,1)."""
     from lowbit.select import Lambdas

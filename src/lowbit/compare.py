@@ -64,6 +64,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _op_counts(model: nn.Module, x: Any) -> dict[str, int]:
+    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``; none for a
+    model with several inputs (the counter follows one input tensor)."""
+    from lowbit.opcount import count_ops
+
+    if isinstance(x, (tuple, list)):
+        return {}
+    return count_ops(model, model_input(model, x[:1]))["total"]
+
+
 def compare(
     model: nn.Module,
     calib: Any,
@@ -90,12 +100,16 @@ def compare(
     are wrapped to quantize their input), so one function serves every method. The float model
     (BatchNorm folded, as lowbit prepares it) is the baseline row ``float``. Training-aware methods
     (``lsq``, ...) take part when named and given labelled ``train`` data (``test`` is only reported
-    during their training). ``models``: candidates already quantized (name -> lowbit model, e.g. from
-    ``lowbit qat``), measured and scored beside the methods.
+    during their training); methods with an optional training stage (the gradual freezing of ``w46``,
+    ``w4``, ``w8``) get ``train`` when named in ``methods``, and run without it otherwise. ``models``:
+    candidates already quantized (name -> lowbit model, e.g. from ``lowbit qat``), measured and scored
+    beside the methods.
     """
     lam = Lambdas.parse(lambdas) if isinstance(lambdas, str) else lambdas
     models = dict(models or {})
-    # by default every post-training method; training-aware ones (they train for minutes) when named
+    # by default every post-training method; training-aware ones (they train for minutes) when named, and
+    # methods with an optional training stage (w46's gradual freezing) get the training data when named
+    named = methods is not None
     if methods is None:
         methods = [m for m in available_methods() if not get_method(m).needs_training_data]
     methods = list(methods)
@@ -135,7 +149,9 @@ def compare(
     bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        extra = {"train": train, "test": test} if get_method(name).needs_training_data else {}
+        cls = get_method(name)
+        trains = cls.needs_training_data or (named and cls.accepts_training_data and train is not None)
+        extra = {"train": train, "test": test} if trains else {}
         t0 = time.perf_counter()
         candidates[name] = quantize(model, name, calib=calib, config=configs.get(name),
                                     example_input=example_input, **extra)
@@ -166,6 +182,7 @@ def compare(
                 "threads": lat[name].threads,
                 "float_layers": len(mm.get("float_layers", [])) + len(mm.get("float_ops", [])),
                 "quantize_s": round(took[name], 2) if name in took else None,
+                **_op_counts(m, bench_input),
             })
         rows = score(rows, BASELINE, lam)
         chosen = choose(rows)["method"]

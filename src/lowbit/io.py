@@ -31,6 +31,7 @@ from torch import fx, nn
 
 import lowbit
 from lowbit import files
+from lowbit.kernels.threads import guard_model
 from lowbit.modelfile import LoadedModel, ModelFileError, Node
 from lowbit.modelfile.aliases import dedupe, resolve
 from lowbit.modelfile.container import FORMAT_VERSION, read, to_bytes
@@ -217,7 +218,7 @@ def _build(header: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.M
         raise ModelFileError(f"modules or tensors no node uses: {unused[:5]}")
     modules = {p: build_module(spec, per_module[p], f"{p}") for p, spec in specs.items()}
     model = LoadedModel(nodes, modules, constants, meta)
-    return model.eval()
+    return guard_model(model.eval())  # torch single-threaded while it runs (lowbit.kernels.threads)
 
 
 def file_size(model: nn.Module) -> int:

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Extra columns shown by :func:`format_table` (and in the HTML table) when a row has them.
-OPTIONAL_COLUMNS: tuple[str, ...] = ("backend", "threads", "batch_size", "quantize_s", "note")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("mul", "backend", "threads", "batch_size", "quantize_s", "note")
 
 _DEFAULT_TITLE = "Accuracy vs latency (marker area ∝ file size)"
 _META_ORDER = (
@@ -91,6 +91,8 @@ def _fmt_extra(v: Any) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:g}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 100_000:  # operation counts
+        return f"{v / 1e6:.3g}M"
     return str(v)
 
 

@@ -25,6 +25,9 @@ What each implementation computes (all from the same random operands):
 - ``lowbit_w46``: 4.6-bit ``w46_linear`` / ``w46_conv2d`` with (N_x, N_w) = (29, 19), requantized output.
 - ``lowbit_binary``: ``binary_linear`` / ``binary_conv2d`` on bit-packed ±1 activations with the
   ``Threshold`` epilogue (bit-packed output: the form in which binary layers chain).
+- ``lowbit_bm8`` / ``lowbit_bm16``: the integer BM layer (``lowbit.kernels.bm``) with 8- / 16-bit log codes
+  on uint8 input with zero point 0 (a layer after a ReLU: two max-plus products, against the + and -
+  weight codes, per output), exp-table epilogue, uint8 output (see lowbit.bm.bench).
 
 The lowbit rows are repeated for every native dispatch path this CPU can run (``path``: ``vnni``,
 ``avx512bw``, ``avx2``, ``portable``; a path whose kernel is the same as a higher one's is not repeated);
@@ -280,6 +283,8 @@ def _kernel_name(family: str, path: str) -> str:
             return str(nat.int8_isa()) if hasattr(nat, "int8_isa") else path
         if family == "w46":
             return str(nat.w46_path())
+        if family.startswith("bm"):
+            return str(nat.bm_path()) if hasattr(nat, "bm_path") else ""
         return str(nat.binary_path())
     finally:
         _set_isa(prev)
@@ -325,17 +330,21 @@ def _lowbit_impls(case: Case, paths: list[str], g: torch.Generator) -> list[Impl
             if case.kind == "gemm":
                 return lambda: w46_linear(x, w, None, req)
             return lambda: w46_conv2d(x, w, None, req, 1, 1)
+        if family.startswith("bm"):
+            from lowbit.bm.bench import bm_kernel_fn
+
+            return bm_kernel_fn(case, int(family[2:]), g)
         x, w, t = pack_bits(xs), pack_binary(ws), Threshold(thr.clone())
         if case.kind == "gemm":
             return lambda: binary_linear(x, w, t)
         return lambda: binary_conv2d(x, w, t, 1, 1)
 
     out: list[Impl] = []
-    for family in ("int8", "w46", "binary"):
+    for family in ("int8", "w46", "binary", "bm8", "bm16"):
         seen: set[str] = set()
         for path in paths:
             kname = _kernel_name(family, path)
-            if kname in seen:
+            if kname in seen or not kname:
                 continue
             seen.add(kname)
             out.append(Impl(f"lowbit_{family}", path, make(family), setup=lambda p=path: _set_isa(p), kernel=kname))

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from .exported import convert_exported
 from .leaf import leaves
 
-__all__ = ["CaptureError", "capture"]
+__all__ = ["CaptureError", "add_input_checks", "capture", "input_checks", "restore_input_checks"]
 
 
 class CaptureError(RuntimeError):
@@ -90,7 +90,7 @@ def capture(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) 
         gm = convert_exported(ep, check=False, modules=False, leaves=found)
     except NotImplementedError as e:
         raise CaptureError(str(e)) from e
-    _check_inputs(gm, ep)
+    add_input_checks(gm, ep)
     _compare(model, gm, inputs)
     return gm
 
@@ -105,22 +105,62 @@ def export_graph(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, .
     return gm
 
 
-def _check_inputs(gm: fx.GraphModule, ep: Any) -> None:
-    """A :class:`~lowbit.nn.CheckShape` after every input: dtype and the sizes export fixed."""
+def add_input_checks(gm: fx.GraphModule, ep: Any) -> None:
+    """A :class:`~lowbit.nn.CheckShape` after every input of ``gm`` (converted from the program ``ep``): its
+    dtype and the sizes export fixed (the others, dynamic, any size)."""
     from lowbit.nn import CheckShape
 
     vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in
             {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}]
+    checks = {i: CheckShape(i, str(val.dtype).removeprefix("torch."),
+                            [int(d) if isinstance(d, int) else None for d in val.shape]) for i, val in enumerate(vals)}
+    _insert_checks(gm, checks)
+
+
+def _insert_checks(gm: fx.GraphModule, checks: dict[int, nn.Module]) -> None:
+    """Each check module called on its input (by index) before anything else reads that input."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, (ph, val) in enumerate(zip(phs, vals, strict=True)):
-        shape = [int(d) if isinstance(d, int) else None for d in val.shape]
+    for i, chk in checks.items():
         name = f"input_check_{i}"
-        gm.add_submodule(name, CheckShape(i, str(val.dtype).removeprefix("torch."), shape))
-        with gm.graph.inserting_after(ph):
-            chk = gm.graph.call_module(name, (ph,))
-        ph.replace_all_uses_with(chk, delete_user_cb=lambda u, c=chk: u is not c)
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, chk)
+        with gm.graph.inserting_after(phs[i]):
+            node = gm.graph.call_module(name, (phs[i],))
+        phs[i].replace_all_uses_with(node, delete_user_cb=lambda u, c=node: u is not c)
     gm.graph.lint()
     gm.recompile()
+
+
+def input_checks(model: nn.Module) -> dict[int, Any]:
+    """The :class:`~lowbit.nn.CheckShape` reading each input of a graph (a loaded ``.pt2``), by input index."""
+    from lowbit.nn import CheckShape
+
+    if not isinstance(model, fx.GraphModule):
+        return {}
+    found = {}
+    for i, ph in enumerate(n for n in model.graph.nodes if n.op == "placeholder"):
+        for u in ph.users:
+            if u.op == "call_module" and isinstance(model.get_submodule(u.target), CheckShape):
+                found[i] = model.get_submodule(u.target)
+    return found
+
+
+def restore_input_checks(gm: fx.GraphModule, checks: dict[int, Any], inputs: Any) -> None:
+    """Put the entry checks of the float graph (:func:`input_checks`) after the inputs of its quantized
+    graph (which the quantizers built without them); an input the quantized graph takes as integer codes
+    (``inputs``: the meta's input description) is checked for that dtype."""
+    from lowbit.nn import CheckShape
+
+    if not checks:
+        return
+    descs = inputs if isinstance(inputs, list) else [inputs]
+
+    def dtype(i: int, chk: Any) -> str:
+        d = descs[i].get("dtype") if i < len(descs) and isinstance(descs[i], dict) else None
+        return d if d in ("int8", "uint8") else chk.dtype
+
+    _insert_checks(gm, {i: CheckShape(i, dtype(i, c), list(c.shape)) for i, c in checks.items()})
 
 
 def _compare(model: nn.Module, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:

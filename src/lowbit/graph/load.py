@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import add_input_checks
 from .exported import convert_exported
 
 __all__ = ["load_model", "load_state_dict_file", "ModelLoadError"]
@@ -32,7 +33,9 @@ def load_model(spec: str, weights_file: str | None = None, **kw: Any) -> nn.Modu
     * a path ending in ``.pt2``: a ``torch.export.save`` archive. Its ATen graph is converted to a
       module-level ``torch.fx.GraphModule`` (see :func:`lowbit.graph.exported.convert_exported`);
       weights come from the archive, so ``weights_file`` must be None. Ops the converter does not
-      know raise ``NotImplementedError`` naming the op.
+      know raise ``NotImplementedError`` naming the op. Every input is checked on entry
+      (:class:`lowbit.nn.CheckShape`): its dtype and the sizes the archive fixed; the dimensions it
+      exported as dynamic take any size.
     * ``package.module:function`` (or ``package.module:Class`` or ``package.module:obj.attr``): the
       module is imported and the attribute called with ``**kw`` (no arguments when ``kw`` is empty);
       it must return an ``nn.Module`` (an attribute that already is an ``nn.Module`` instance is used
@@ -72,7 +75,9 @@ def _load_pt2(path: str) -> nn.Module:
     except Exception as e:
         raise ModelLoadError(f"{path}: could not load as a torch.export archive: {e}") from e
     _check_finite(ep, path)
-    return convert_exported(ep)
+    gm = convert_exported(ep)
+    add_input_checks(gm, ep)  # the sizes the archive fixed (its dynamic ones stay free): not silently others
+    return gm
 
 
 def _check_finite(ep: torch.export.ExportedProgram, path: str) -> None:

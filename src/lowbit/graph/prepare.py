@@ -79,6 +79,13 @@ class Prepared:
 # ---------------------------------------------------------------------------------------------
 # queries
 # ---------------------------------------------------------------------------------------------
+def _extension_layer(mod: nn.Module | None) -> bool:
+    """A layer class from outside torch that declares ``lowbit_layer = True`` (e.g. lowbit.bm's BM layers):
+    traced as a leaf, supported, BatchNorm folded by its ``fold_batchnorm(bn)``, a following ReLU/ReLU6
+    fused by its ``with_activation(act)`` (when its ``act`` is None)."""
+    return bool(getattr(mod, "lowbit_layer", False))
+
+
 def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The submodule a ``call_module`` node calls, else None."""
     if node.op != "call_module":
@@ -101,6 +108,8 @@ def is_supported(node: fx.Node, gm: fx.GraphModule) -> bool:
         return True
     if node.op == "call_module":
         mod = node_module(gm, node)
+        if _extension_layer(mod) and len(node.args) == 1 and not node.kwargs:
+            return True
         if type(mod) not in SUPPORTED_MODULES or len(node.args) != 1 or node.kwargs:
             return False
         if isinstance(mod, Fused):
@@ -137,7 +146,8 @@ def layer_names(gm: fx.GraphModule) -> list[str]:
     """Submodule names of the Conv1d/Conv2d/Linear/Fused layers, in execution order, each once."""
     out: list[str] = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and type(node_module(gm, node)) in LAYER_MODULES:
+        mod = node_module(gm, node)
+        if node.op == "call_module" and (type(mod) in LAYER_MODULES or _extension_layer(mod)):
             if node.target not in out:
                 out.append(str(node.target))
     return out
@@ -257,14 +267,14 @@ _DROPOUT_FNS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropou
 
 
 def _identity_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The input when ``node`` is a no-op at inference (dropout, identity, contiguous)."""
+    """The input when ``node`` is a no-op at inference (dropout, identity, contiguous, an input check)."""
     x: Any = None
     if node.op == "call_module":
         mod = _mod(gm, node)
         if isinstance(mod, nn.modules.dropout._DropoutNd) and len(node.args) == 1 and not node.kwargs:
             x = node.args[0]
-        elif type(mod) is nn.Identity and node.args:
-            x = node.args[0]
+        elif (type(mod) is nn.Identity or type(mod).__name__ == "CheckShape") and node.args:
+            x = node.args[0]  # an entry check of a loaded .pt2: lowbit.quantize puts it back after quantizing
     elif node.op == "call_function" and node.target in _DROPOUT_FNS:
         a = _bind(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
         if a is not None and a["training"] is False:
@@ -539,7 +549,7 @@ def _is_impure(node: fx.Node) -> bool:
 # ---------------------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, Fused) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, Fused) or _extension_layer(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -754,6 +764,11 @@ def _fold_batchnorm(gm: fx.GraphModule) -> None:
         if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
             continue
         layer = _mod(gm, prev)
+        if _extension_layer(layer) and type(bn) is layer.batchnorm_type and layer.act is None:  # type: ignore
+            _put_layer(gm, prev, layer.fold_batchnorm(bn))  # type: ignore[union-attr, operator]
+            bn_node.replace_all_uses_with(prev)
+            gm.graph.erase_node(bn_node)
+            continue
         if type(layer) not in _LAYERS or _BN_FOR[type(layer)] is not type(bn):  # type: ignore[index]
             continue
         out_ch = layer.out_channels if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else layer.out_features
@@ -769,7 +784,8 @@ def _fuse_activations(gm: fx.GraphModule) -> None:
         if node.op != "call_module" or len(node.users) != 1:
             continue
         layer = _mod(gm, node)
-        if type(layer) not in _LAYERS:
+        ext = _extension_layer(layer) and layer.act is None  # type: ignore[union-attr]
+        if type(layer) not in _LAYERS and not ext:
             continue
         act_node = next(iter(node.users))
         if act_node.op != "call_module" or act_node.args != (node,) or act_node.kwargs:
@@ -781,7 +797,7 @@ def _fuse_activations(gm: fx.GraphModule) -> None:
             act = "relu6"
         else:
             continue
-        _put_layer(gm, node, Fused(layer, act))  # type: ignore[arg-type]
+        _put_layer(gm, node, layer.with_activation(act) if ext else Fused(layer, act))  # type: ignore
         act_node.replace_all_uses_with(node)
         gm.graph.erase_node(act_node)
 

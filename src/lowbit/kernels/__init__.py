@@ -17,9 +17,10 @@ import torch
 
 from lowbit.formats.levels import Format, IntRange
 
-from . import pooling, torch_backend
-from .epilogue import Epilogue, FloatOut, Requant
+from . import pooling, reference, torch_backend
+from .epilogue import Epilogue, FloatOut, Requant, ResidualAdd
 from .packed import PACKINGS, PackedWeights, pack_weights, weights_from_storage
+from .pool import adaptive_avg_pool2d, avg_pool2d
 from .pooling import PoolGeometry
 from .reference import INT32_MAX, AccumulatorOverflowError, add_ref
 
@@ -28,6 +29,7 @@ __all__ = [
     "Epilogue",
     "FloatOut",
     "Requant",
+    "ResidualAdd",
     "PackedInt8",
     "PackedWeights",
     "PACKINGS",
@@ -39,6 +41,8 @@ __all__ = [
     "qadd",
     "max_pool2d_codes",
     "PoolGeometry",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
     "backend_name",
     "check_environment",
     "set_backend",
@@ -219,8 +223,11 @@ def int8_conv2d(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
+    add: ResidualAdd | None = None,
 ) -> torch.Tensor:
-    """Integer 2-D convolution, NCHW semantics (padding holds ``x_zp``, i.e. real zero)."""
+    """Integer 2-D convolution, NCHW semantics (padding holds ``x_zp``, i.e. real zero). ``add``: a residual
+    add fused into the uint8 requantizing epilogue (:class:`ResidualAdd`; the same integers as the
+    convolution followed by :func:`reference.add_ref`)."""
     _check_act(x, x_zp)
     if x.dim() != 4:
         raise ValueError(f"conv2d input must be 4-D NCHW, got shape {tuple(x.shape)}")
@@ -231,10 +238,16 @@ def int8_conv2d(
         bias = bias.to(torch.int32).contiguous()
         w.check_bias(bias)
     if w.native is not None and _use_native():
-        return _native_module().int8_conv2d(x, int(x_zp), w, bias, epi, stride, padding, dilation, groups)
-    return torch_backend.int8_conv2d(
+        return _native_module().int8_conv2d(x, int(x_zp), w, bias, epi, stride, padding, dilation, groups, add)
+    y = torch_backend.int8_conv2d(
         x, int(x_zp), w.weight, w.w_t, w.colsum, bias, epi, stride, padding, dilation, groups
     )
+    if add is None:
+        return y
+    if not isinstance(epi, Requant) or epi.out_dtype != torch.uint8:
+        raise ValueError("a fused residual add needs a uint8 Requant epilogue")
+    return reference.add_ref(y, epi.out_zp, add.residual, add.r_zp, add.m_a, add.m_b, add.rshift, add.out_zp,
+                             add.lo, add.hi)
 
 
 def qadd(
@@ -255,9 +268,14 @@ def max_pool2d_codes(x: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:
 
     Exact for any map size and memory format; padding never wins a window (it holds the lowest code),
     as torch ignores padding. ``geometry``: :meth:`PoolGeometry.make` (kernel, stride, padding,
-    dilation, ceil_mode, checked as torch checks them). Runs the plain-PyTorch implementation
-    (:mod:`lowbit.kernels.pooling`), the same on every backend.
+    dilation, ceil_mode, checked as torch checks them). uint8 codes run lowbit's native kernel when it is
+    built (NHWC or NCHW in, the same layout out); otherwise, and for int8, the plain-PyTorch
+    implementation (:mod:`lowbit.kernels.pooling`). The same integers either way.
     """
     if not isinstance(geometry, PoolGeometry):
         raise TypeError(f"geometry must be a lowbit.kernels.PoolGeometry, got {type(geometry).__name__}")
+    if x.dtype == torch.uint8 and x.dim() in (3, 4) and x.is_cpu and _use_native():
+        g = geometry
+        g.output_size(int(x.shape[-2]), int(x.shape[-1]))  # its error for a window larger than the map
+        return _native_module().max_pool2d(x, g.kernel, g.stride, g.padding, g.dilation, g.ceil_mode)
     return pooling.max_pool2d_codes(x, geometry)

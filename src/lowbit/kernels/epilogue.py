@@ -82,3 +82,36 @@ class FloatOut(EpilogueBase):
 
 
 Epilogue = Requant | FloatOut
+
+
+@dataclass
+class ResidualAdd:
+    """A residual add fused into a convolution's uint8 requantizing epilogue.
+
+    The convolution's own output code ``c`` (zero point ``Requant.out_zp``, clamp ``[qmin, qmax]``) is
+    added to the residual code ``r`` (``residual``: uint8 with the convolution's output shape) with the
+    single-rounding add of :func:`lowbit.kernels.reference.add_ref`:
+    ``out = clamp(((m_a (c - out_zp_conv) + m_b (r - r_zp) + 2^(rshift-1)) >> rshift) + out_zp, lo, hi)``
+    (``lo = max(0, out_zp)`` fuses a ReLU). Bit-exact with running the convolution, then the add.
+    """
+
+    residual: torch.Tensor
+    r_zp: int
+    m_a: int
+    m_b: int
+    rshift: int
+    out_zp: int
+    lo: int = 0
+    hi: int = 255
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.residual, torch.Tensor) or self.residual.dtype != torch.uint8:
+            raise TypeError("the residual of a fused add must be a uint8 tensor of codes")
+        if not 0 <= int(self.r_zp) <= 255:
+            raise ValueError(f"residual zero point {self.r_zp} outside [0, 255]")
+        if not (1 <= int(self.m_a) <= 2**31 and 1 <= int(self.m_b) <= 2**31):
+            raise ValueError("residual add multipliers must be in [1, 2^31]")
+        if not 1 <= int(self.rshift) <= 62:
+            raise ValueError(f"residual add shift {self.rshift} outside [1, 62]")
+        if not 0 <= int(self.lo) <= int(self.hi) <= 255:
+            raise ValueError(f"residual add clamp [{self.lo}, {self.hi}] outside [0, 255]")

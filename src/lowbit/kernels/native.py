@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .epilogue import EPI_KIND, FloatOut, Requant
+from .epilogue import EPI_KIND, FloatOut, Requant, ResidualAdd
 
 try:
     from lowbit import _native as _C
@@ -54,10 +54,15 @@ __all__ = [
     "ConvPending",
     "int8_gemm",
     "int8_conv2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "qadd",
 ]
 
 _ISA_ORDER = ("portable", "neon", "avx2", "avx512bw", "vnni")
-_threads_set = False
+_threads_set = False  # the pool has been sized (from torch's setting or by set_num_threads)
+_threads_explicit = False  # ... by set_num_threads: then it no longer follows torch's setting
 
 
 def available() -> bool:
@@ -126,26 +131,43 @@ def isa(name: str | None) -> Iterator[str]:
         c.set_thread_isa_cap(prev)
 
 
-def set_num_threads(n: int) -> None:
+def set_num_threads(n: int | None) -> None:
     """Threads used by lowbit's kernels, process-wide (the caller's thread counts as one). Waits for the
-    kernel calls in flight on other threads. Prefer :func:`threads`, which restores the count."""
-    global _threads_set
+    kernel calls in flight on other threads. None: follow ``torch.get_num_threads()`` (the default), as read
+    when a lowbit model starts running. Prefer :func:`threads`, which restores the count."""
+    global _threads_set, _threads_explicit
+    if n is None:
+        _threads_explicit = False
+        _threads_set = False
+        _ensure_threads()
+        return
     n = int(n)
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
     _require().set_num_threads(n)
+    _threads_set = True
+    _threads_explicit = True
+
+
+def follow_torch_threads(n: int) -> None:
+    """Size lowbit's pool to torch's thread count ``n`` unless :func:`set_num_threads` fixed it."""
+    global _threads_set
+    if _threads_explicit or not _HAVE:
+        return
+    if not _threads_set or int(_C.num_threads()) != n:
+        _C.set_num_threads(max(1, int(n)))
     _threads_set = True
 
 
 @contextlib.contextmanager
 def threads(n: int) -> Iterator[int]:
     """Run the block with ``n`` kernel threads; the previous count is restored on exit."""
-    prev = num_threads()
+    prev, explicit = num_threads(), _threads_explicit
     set_num_threads(n)
     try:
         yield n
     finally:
-        set_num_threads(prev)
+        set_num_threads(prev if explicit else None)  # back to following torch's count if it did
 
 
 def num_threads() -> int:
@@ -308,6 +330,12 @@ def _conv_weights(packed: Any, groups: int) -> tuple[list[Any], torch.Tensor | N
         entry: tuple[int, list[Any], torch.Tensor | None] = (groups, [], w.reshape(n, kh * kw).contiguous())
     elif groups == 1 and kh == 1 and kw == 1 and _HAVE and isinstance(getattr(packed, "native", None), _C.Int8Weights):
         entry = (groups, [packed.native], None)
+    elif groups == 1 and (kw * cg) % 4:
+        # each kernel row padded to a multiple of 4 bytes (zero weights): lets the VNNI kernels read the
+        # kernel rows of a small-channel convolution (an RGB stem) straight from the input
+        rows = w.permute(0, 2, 3, 1).reshape(n, kh, kw * cg)
+        rows = torch.nn.functional.pad(rows, (0, -(kw * cg) % 4))
+        entry = (groups, [pack_int8(rows.reshape(n, -1).contiguous())], None)
     else:
         ng = n // groups
         wp = w.permute(0, 2, 3, 1)  # [N, kh, kw, Cg]
@@ -330,8 +358,11 @@ def int8_conv2d(
     padding: Any = (0, 0),
     dilation: Any = (1, 1),
     groups: int = 1,
+    add: ResidualAdd | None = None,
 ) -> torch.Tensor:
     """Integer 2-D convolution with NCHW semantics (padding holds ``x_zp``).
+
+    ``add``: a residual add fused into the (uint8 :class:`Requant`) epilogue (:class:`ResidualAdd`).
 
     x: uint8 [B, C, H, W] (any memory format); packed: a ``lowbit.kernels.PackedInt8`` of int8 weights
     [N, C/groups, kh, kw]. Returns [B, N, Ho, Wo] (int32 / uint8 / int8 / float32 by epilogue) in
@@ -365,10 +396,150 @@ def int8_conv2d(
     ws, wdw = _conv_weights(packed, groups)
     xc = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((bsz, n, ho, wo), dtype=odt, memory_format=torch.channels_last)
+    add_args: dict[str, int] = {}
+    if add is not None:
+        if not isinstance(add, ResidualAdd):
+            raise TypeError(f"add must be a lowbit.kernels.ResidualAdd, got {type(add).__name__}")
+        if kind != EPI_KIND["requant_u8"]:
+            raise ValueError("a fused residual add needs a uint8 Requant epilogue")
+        r = add.residual
+        if tuple(r.shape) != (bsz, n, ho, wo) or not r.is_cpu:
+            raise ValueError(f"the residual must be a CPU tensor of the output shape {(bsz, n, ho, wo)}, "
+                             f"got {tuple(r.shape)}")
+        rc = r.contiguous(memory_format=torch.channels_last)
+        add_args = {"add_res": rc.data_ptr(), "add_m_a": int(add.m_a), "add_m_b": int(add.m_b),
+                    "add_rshift": int(add.rshift), "add_r_zp": int(add.r_zp), "add_out_zp": int(add.out_zp),
+                    "add_lo": int(add.lo), "add_hi": int(add.hi)}
     if not _threads_set:
         _ensure_threads()
     c.int8_conv2d(
         xc.data_ptr(), (bsz, ch, h, wd), zp, ws, 0 if wdw is None else wdw.data_ptr(), n, (kh, kw), (sh, sw),
-        (ph, pw), (dh, dw), groups, b, kind, out.data_ptr(), m0, rs, ozp, qmin, qmax, sc, fb,
+        (ph, pw), (dh, dw), groups, b, kind, out.data_ptr(), m0, rs, ozp, qmin, qmax, sc, fb, **add_args,
     )
+    return out
+
+
+# ------------------------------------------------------------------ pooling and residual add on codes
+
+
+def _codes(x: Any, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.uint8:
+        raise TypeError(f"{what} must hold uint8 codes, got {x.dtype}")
+    if not x.is_cpu:
+        raise ValueError("native kernels need CPU tensors")
+    return x
+
+
+def _nhwc_or_nchw(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x (4-D) as it is if it is NCHW- or NHWC-contiguous, else copied to NHWC; returns (x, is_nhwc)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not (x.is_contiguous() and x.shape[1] > 1):
+        return x, True
+    if x.is_contiguous():
+        return x, False
+    return x.contiguous(memory_format=torch.channels_last), True
+
+
+def _pool_out(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    o = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (o - 1) * s >= n + p:
+        o -= 1
+    return o
+
+
+def _pool(x: torch.Tensor, out_hw: tuple[int, int], geometry: tuple[int, ...], fixed: bool, op: int, zp: int,
+          ceil_mode: bool) -> torch.Tensor:
+    c = _require()
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"pooling takes 3-D or 4-D input, got shape {tuple(x.shape)}")
+    b, ch, h, w = (int(s) for s in x.shape)
+    if min(ch, h, w) < 1:
+        raise ValueError(f"pooling input has an empty dimension: {tuple(x.shape)}")
+    xc, nhwc = _nhwc_or_nchw(x)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    y = torch.empty((b, ch, *out_hw), dtype=torch.uint8, memory_format=fmt)
+    if b:
+        if not _threads_set:
+            _ensure_threads()
+        c.qops_pool2d(xc.data_ptr(), (b, ch, h, w), out_hw, geometry, fixed, op, zp, nhwc, ceil_mode, y.data_ptr())
+    return y.squeeze(0) if squeeze else y
+
+
+def max_pool2d(x: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False) -> torch.Tensor:
+    """Max pooling of uint8 codes with ``torch.nn.functional.max_pool2d``'s semantics (padding never wins);
+    the scale and zero point are unchanged. NHWC input gives NHWC output, NCHW gives NCHW."""
+    _codes(x, "max_pool2d input")
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(kernel_size if stride is None or stride == [] else stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("kernel size, stride and dilation must be >= 1 and padding >= 0")
+    if 2 * ph > (kh - 1) * dh + 1 or 2 * pw > (kw - 1) * dw + 1:
+        raise ValueError(f"padding {(ph, pw)} must be at most half of the (dilated) kernel {(kh, kw)}")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    out = (_pool_out(h, kh, sh, ph, dh, ceil_mode), _pool_out(w, kw, sw, pw, dw, ceil_mode))
+    if min(out) < 1:
+        raise ValueError(f"max_pool2d output would be empty: input {h}x{w}, kernel {kh}x{kw}")
+    return _pool(x, out, (kh, kw, sh, sw, ph, pw, dh, dw), True, 0, 0, bool(ceil_mode))
+
+
+def avg_pool2d(x: torch.Tensor, zero_point: int, kernel_size: Any, stride: Any = None,
+               padding: Any = 0) -> torch.Tensor:
+    """Average pooling of uint8 codes: padded positions hold ``zero_point`` and count (count_include_pad),
+    divisor kh*kw, sums divided with rounding half up (the semantics of ``lowbit.nn.QAvgPool2d``)."""
+    _codes(x, "avg_pool2d input")
+    zp = _check_zp(zero_point)
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(kernel_size if stride is None else stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError("kernel size and stride must be >= 1 and padding >= 0")
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ValueError(f"padding {(ph, pw)} must be at most half of the kernel {(kh, kw)}")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    out = (_pool_out(h, kh, sh, ph, 1, False), _pool_out(w, kw, sw, pw, 1, False))
+    if min(out) < 1:
+        raise ValueError(f"avg_pool2d output would be empty: input {h}x{w}, kernel {kh}x{kw}")
+    return _pool(x, out, (kh, kw, sh, sw, ph, pw, 1, 1), True, 1, zp, False)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+    """Adaptive average pooling of uint8 codes: windows [floor(i H / Ho), ceil((i+1) H / Ho)), each sum
+    divided by its window size with rounding half up (``lowbit.nn.QAvgPool2d(output_size=...)``)."""
+    _codes(x, "adaptive_avg_pool2d input")
+    ho, wo = _pair(output_size, "output_size")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if not (1 <= ho <= h and 1 <= wo <= w):
+        raise ValueError(f"adaptive pooling output {(ho, wo)} must be between 1 and the input size {(h, w)}")
+    return _pool(x, (ho, wo), (1, 1, 1, 1, 0, 0, 1, 1), False, 1, 0, False)
+
+
+def qadd(a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, m_a: int, m_b: int, rshift: int, out_zp: int,
+         lo: int = 0, hi: int = 255) -> torch.Tensor:
+    """Residual add of uint8 codes, one rounding: ``clamp(((m_a (a - a_zp) + m_b (b - b_zp) + 2^(rshift-1))
+    >> rshift) + out_zp, lo, hi)`` in 64-bit integers (:func:`lowbit.kernels.reference.add_ref`). a and b
+    broadcast; the output has a's memory format (NHWC or NCHW)."""
+    c = _require()
+    _codes(a, "add input a")
+    _codes(b, "add input b")
+    za, zb = _check_zp(a_zp), _check_zp(b_zp)
+    if a.shape != b.shape:
+        a, b = (t.contiguous() for t in torch.broadcast_tensors(a, b))
+    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
+        fmt = torch.channels_last
+    else:
+        fmt = torch.contiguous_format
+    a = a.contiguous(memory_format=fmt)
+    b = b.contiguous(memory_format=fmt)
+    out = torch.empty(a.shape, dtype=torch.uint8, memory_format=fmt)
+    if not _threads_set:
+        _ensure_threads()
+    c.qops_add(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), int(m_a), int(m_b), int(rshift), za, zb,
+               int(out_zp), int(lo), int(hi))
     return out

@@ -18,6 +18,8 @@ Conventions shared with the native kernels (csrc/):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +87,53 @@ def int8_conv2d_ref(
     if bias is not None:
         acc = acc + bias.to(torch.int64).reshape(1, -1, 1, 1)
     return apply_epilogue(_check_int32(acc), epi, channel_axis=1)
+
+
+# ------------------------------------------------------------------------ pooling on uint8 codes
+# Scale and zero point pass through unchanged. Every sum below is exact in float32 (codes <= 255, at
+# most 2^16 of them per window), so the plain float pooling ops of PyTorch serve as references.
+
+
+def _round_div(s: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """Round-half-up integer division of non-negative sums."""
+    return torch.div(s + torch.div(n, 2, rounding_mode="floor"), n, rounding_mode="floor")
+
+
+def adaptive_counts(n_in: int, n_out: int) -> torch.Tensor:
+    """Window lengths of adaptive pooling: [floor(i n_in / n_out), ceil((i+1) n_in / n_out))."""
+    return torch.tensor([-(-(i + 1) * n_in // n_out) - (i * n_in // n_out) for i in range(n_out)])
+
+
+def max_pool2d_ref(x: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                   ceil_mode: bool = False) -> torch.Tensor:
+    """Max pooling of uint8 codes: ``F.max_pool2d`` on the codes as floats (padding never wins)."""
+    y = F.max_pool2d(x.to(torch.float32), kernel_size, stride, padding, dilation, ceil_mode)
+    return y.to(torch.uint8)
+
+
+def avg_pool2d_ref(x: torch.Tensor, zero_point: int, kernel_size: Any, stride: Any = None,
+                   padding: Any = 0) -> torch.Tensor:
+    """Average pooling of uint8 codes: padding holds ``zero_point`` and counts, divisor kh*kw, rounding
+    half up."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph), value=int(zero_point))
+    sums = F.avg_pool2d(x.to(torch.float32), (kh, kw), stride if stride is not None else (kh, kw),
+                        divisor_override=1)
+    return _round_div(torch.round(sums).to(torch.int64), kh * kw).to(torch.uint8)
+
+
+def adaptive_avg_pool2d_ref(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+    """Adaptive average pooling of uint8 codes: window sums divided by the window sizes, rounding half up."""
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if (oh, ow) == (1, 1):
+        n = x.shape[-1] * x.shape[-2]
+        return _round_div(x.to(torch.int64).sum((-2, -1), keepdim=True), n).to(torch.uint8)
+    avg = F.adaptive_avg_pool2d(x.to(torch.float32), (oh, ow))
+    cnt = adaptive_counts(x.shape[-2], oh)[:, None] * adaptive_counts(x.shape[-1], ow)[None, :]
+    sums = torch.round(avg.to(torch.float64) * cnt).to(torch.int64)
+    return _round_div(sums, cnt).to(torch.uint8)
 
 
 def add_ref(

@@ -45,3 +45,6 @@ __all__ = [
     "quantize",
     "register",
 ]
+
+# BM networks keep their method in lowbit.bm (with the rest of BM); importing it registers "bm".
+from lowbit.bm import method as _bm_method  # noqa: E402, F401

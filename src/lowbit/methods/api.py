@@ -11,6 +11,8 @@ from torch import nn
 
 from lowbit.graph import layer_names, prepare
 from lowbit.graph.attrs import set_preserved
+from lowbit.graph.capture import input_checks, restore_input_checks
+from lowbit.kernels.threads import guard_model
 
 from .base import (
     METHODS,
@@ -75,6 +77,7 @@ def quantize(
         return _quantize_modules(model, m, batches, example_input)
     if example_input is None:
         raise ValueError("pass example_input (one input batch) or calibration data to trace the model")
+    checks = input_checks(model)
     prepared = prepare(model, example_input)
     _warn_unmatched(m.config, layer_names(prepared.gm))
     if cls.needs_training_data:
@@ -84,13 +87,21 @@ def quantize(
     else:
         gm = m.convert(prepared, batches)
     meta = dict(getattr(gm, "lowbit_meta", {}))
-    meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported))
+    meta.update(method=cls.name, config=m.config.to_dict(), unsupported=list(prepared.unsupported),
+                input_shape=list(_first_sample_shape(example_input)))
     _check_quantized(gm, cls.name, m.config, layer_names(prepared.gm))
+    restore_input_checks(gm, checks, meta.get("input"))
     set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
+    guard_model(gm)  # torch single-threaded while it runs, lowbit's pool at the user's count
     _check_runs(gm, example_input, cls.name)
     set_preserved(gm, "lowbit_example", _small(example_input))
     return gm
+
+
+def _first_sample_shape(example: Batch) -> tuple[int, ...]:
+    """Shape of one sample of the (first) input: what ``lowbit info FILE`` needs to count operations."""
+    return tuple(as_inputs(example)[0].shape[1:])
 
 
 def _quantize_modules(model: nn.Module, m: Any, batches: list[Batch], example: Batch | None) -> nn.Module:

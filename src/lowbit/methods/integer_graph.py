@@ -120,6 +120,14 @@ def _integer_layer(lq: LayerQuant, in_spec: QSpec, out_spec: QSpec | None) -> nn
                  padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
 
 
+def _uint8_params(spec: QSpec, layer: str) -> QParams:
+    """(scale, zero point) of a per-tensor uniform uint8 spec (what a layer's own integer form takes)."""
+    f = spec.format
+    if len(spec.scale) != 1 or not f.uniform or f.qmin != 0 or f.qmax != 255:
+        raise ValueError(f"layer '{layer}' runs on per-tensor uniform uint8 codes, not {f} ({spec.granularity})")
+    return spec.per_tensor_params
+
+
 def build_integer_graph(
     gm: fx.GraphModule,
     act_qparams: Mapping[str, QSpec | QParams],
@@ -243,6 +251,13 @@ def build_integer_graph(
             else:
                 g.output(as_f(out))
                 meta["output"] = {"dtype": "float32"}
+
+        elif hasattr(mod, "to_integer") and src.integer(node.target):  # a layer with its own integer form (BM)
+            x, in_spec = as_q(node.args[0])
+            out_spec = qp(node.name)
+            imod = mod.to_integer(_uint8_params(in_spec, node.target),  # type: ignore[union-attr, operator]
+                                  _uint8_params(out_spec, node.target), node.target)
+            env[node.name] = (g.call_module(add_module(node.target, imod), (x,)), out_spec)
 
         elif mod is not None and getattr(mod, "lowbit_fake_quant", False) and (
                 env[node.args[0].name][1] is not None or node.name in specs):

@@ -2,6 +2,7 @@
 
 from .attention import DynamicQMultiheadAttention
 from .base import MODULES, LowbitModule
+from .bm import QBMConv2d, QBMLinear
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
 from .recurrent import DynamicQRNN
@@ -22,6 +23,8 @@ __all__ = [
     "LowbitModule",
     "QAdd",
     "QAvgPool2d",
+    "QBMConv2d",
+    "QBMLinear",
     "QClamp",
     "QMaxPool2d",
     "QConv",
@@ -30,3 +33,6 @@ __all__ = [
     "Quantize",
     "WeightOnly",
 ]
+
+# The float BM layers are LowbitModules too (saved and loaded by lowbit.io): register them.
+from lowbit.bm import layers as _bm_layers  # noqa: E402, F401

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lowbit.kernels.threads import guard_forward
 from lowbit.typed import Range
 
 #: Registry of module classes that lowbit.io can rebuild from a file, by class name.
@@ -43,6 +44,9 @@ class LowbitModule(nn.Module):
         if cls.__module__.partition(".")[0] == "torch":
             return  # a subclass torch makes on the fly (torch.export's module proxies): not a new module type
         MODULES[cls.__name__] = cls
+        fwd = cls.__dict__.get("forward")
+        if fwd is not None and not getattr(fwd, "__lowbit_thread_guard__", False):
+            cls.forward = guard_forward(fwd)  # torch single-threaded while it runs (lowbit.kernels.threads)
 
     @classmethod
     def tensor_spec(cls, attrs: dict[str, Any]) -> dict[str, torch.dtype]:

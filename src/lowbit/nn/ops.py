@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from lowbit import kernels
 from lowbit.formats.affine import UINT8_ACT, add_multipliers
@@ -195,16 +194,6 @@ class QAdd(LowbitModule):
         return f"m_a={self.m_a}, m_b={self.m_b}, rshift={self.rshift}, out_zp={self.out[1]}, act={self.act}"
 
 
-def _round_div(s: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
-    """Round-half-up integer division of non-negative sums."""
-    return torch.div(s + torch.div(n, 2, rounding_mode="floor"), n, rounding_mode="floor")
-
-
-def _adaptive_counts(n_in: int, n_out: int) -> torch.Tensor:
-    """Window lengths of adaptive pooling: [floor(i n_in / n_out), ceil((i+1) n_in / n_out))."""
-    return torch.tensor([-(-(i + 1) * n_in // n_out) - (i * n_in // n_out) for i in range(n_out)])
-
-
 class QAvgPool2d(LowbitModule):
     """Average pooling of codes (scale and zero point unchanged): integer window sums, rounded division.
 
@@ -225,24 +214,9 @@ class QAvgPool2d(LowbitModule):
         self.padding = pair(padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.output_size == (1, 1):
-            n = x.shape[-1] * x.shape[-2]
-            s = x.to(torch.int32).sum((-2, -1), keepdim=True)
-            return _round_div(s, n).to(torch.uint8)
         if self.output_size is not None:
-            # variable windows: exact window sums (float32 is exact below 2^24) and window sizes
-            avg = F.adaptive_avg_pool2d(x.to(torch.float32), self.output_size)
-            ch = _adaptive_counts(x.shape[-2], self.output_size[0])
-            cw = _adaptive_counts(x.shape[-1], self.output_size[1])
-            cnt = ch[:, None] * cw[None, :]
-            sums = torch.round(avg.to(torch.float64) * cnt).to(torch.int64)
-            return _round_div(sums, cnt).to(torch.uint8)
-        ph, pw = self.padding
-        if ph or pw:
-            x = F.pad(x, (pw, pw, ph, ph), value=self.zero_point)
-        kh, kw = self.kernel_size
-        sums = F.avg_pool2d(x.to(torch.float32), (kh, kw), self.stride, divisor_override=1)
-        return _round_div(torch.round(sums).to(torch.int64), kh * kw).to(torch.uint8)
+            return kernels.adaptive_avg_pool2d(x, self.output_size)
+        return kernels.avg_pool2d(x, self.zero_point, self.kernel_size, self.stride, self.padding)
 
     def to_spec(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"zero_point": self.zero_point, "kernel_size": self.kernel_size, "stride": self.stride,

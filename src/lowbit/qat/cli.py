@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lowbit.cliargs import add_threads, positive_float, positive_int
+from lowbit.cliargs import add_threads, positive_float, positive_int, training_device
 
 __all__ = ["add_commands", "cmd_qat"]
 
@@ -62,7 +62,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (default 64)")
     sp.add_argument("--eval-every", type=positive_float, default=None, metavar="EPOCHS",
                     help="evaluate every this many epochs (default: each epoch)")
-    sp.add_argument("--device", default="cpu", help="training device, e.g. cpu or cuda (default cpu)")
+    sp.add_argument("--device", type=training_device, default="cpu",
+                    help="training device: cpu, cuda or cuda:N where that GPU exists (default cpu)")
     sp.add_argument("--train-threads", type=positive_int, default=None, help="intra-op threads for training")
     sp.add_argument("--run-checkpoint", default=None,
                     help="training checkpoint, written atomically at every evaluation "

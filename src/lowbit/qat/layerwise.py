@@ -201,6 +201,8 @@ def gradual_freeze(qm: fx.GraphModule, train: Any, fit_options: Any, test: Any =
         opts = copy.copy(fit_options)
         opts.seed = int(fit_options.seed) + k
         res = fit(part, train, test, opts)
-        rows.append({"frozen": names[k - 1], "layers_integer": k, "test_acc": getattr(res, "final_test_acc", None)})
+        acc = getattr(res, "final_test_acc", None)  # NaN when the trainer never evaluated: None (JSON-safe meta)
+        rows.append({"frozen": names[k - 1], "layers_integer": k,
+                     "test_acc": acc if acc is not None and math.isfinite(acc) else None})
     qm.eval()
     return rows

@@ -84,13 +84,13 @@ class _Recorder(fx.Interpreter):
 
 
 def _pool_counts(mod: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor | int:
+    from lowbit.kernels.reference import adaptive_counts
     from lowbit.nn.base import pair
-    from lowbit.nn.ops import _adaptive_counts
 
     if isinstance(mod, nn.AdaptiveAvgPool2d):
         oh, ow = pair(mod.output_size)
-        ch = _adaptive_counts(in_shape[-2], oh)
-        cw = _adaptive_counts(in_shape[-1], ow)
+        ch = adaptive_counts(in_shape[-2], oh)
+        cw = adaptive_counts(in_shape[-1], ow)
         return (ch[:, None] * cw[None, :]).to(torch.float32)
     kh, kw = pair(mod.kernel_size)
     return kh * kw

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lowbit import files
-from lowbit.cliargs import positive_int
+from lowbit.cliargs import positive_int, training_device
 
 __all__ = [
     "Results",
@@ -79,19 +79,6 @@ def add_common_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="training device, e.g. cpu or cuda (default cpu); integer models always run on the CPU")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in seconds (for tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def training_device(text: str) -> str:
-    """``--device``: ``cpu``, or ``cuda`` / ``cuda:N`` where such a GPU exists (checked before any work)."""
-    dev = text.strip()
-    if dev == "cpu":
-        return dev
-    if dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()):
-        index = int(dev[5:]) if ":" in dev else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"--device {dev}: no such CUDA device on this machine")
-        return dev
-    raise argparse.ArgumentTypeError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
 
 
 def command_line(args: argparse.Namespace) -> str:
