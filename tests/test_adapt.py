@@ -80,6 +80,38 @@ def test_one_step_lowers_the_error_and_trains_only_the_window(digits_cnn):
     assert not any(p.requires_grad for p in ad.qm.parameters())  # trainable only while adapt() trains
 
 
+def _feature_error(ad, teacher, i, name, x):
+    """Squared error of the float conv/linear inside ``name`` (layers 0..i quantized) against the teacher's."""
+    from lowbit.methods.base import layer_of
+
+    got = {}
+    hs = [ad.qm.get_submodule(name).layer.register_forward_hook(lambda _m, _a, y: got.setdefault("s", y)),
+          layer_of(teacher.get_submodule(name))[0].register_forward_hook(lambda _m, _a, y: got.setdefault("t", y))]
+    with torch.no_grad():
+        ad.view(i)(x)
+        teacher(x)
+    for h in hs:
+        h.remove()
+    return F.mse_loss(got["s"], got["t"]).item()
+
+
+def test_feature_term_trains_the_window_towards_the_teachers_features(digits_cnn):
+    model, splits, _ = digits_cnn
+    x = splits.calib.tensors[0]
+    outs = {}
+    for fw in (0.0, 100.0):
+        ad, teacher = _adapter(model, x, bits=(4, 4), window=1, steps=3, batch_size=len(x), lr=1e-4, feature_weight=fw)
+        ad.quantize(0)
+        name = ad.layers[1]
+        e0 = _feature_error(ad, teacher, 0, name, x)
+        assert ad.adapt(0) == [name]
+        outs[fw] = (e0, _feature_error(ad, teacher, 0, name, x))
+        inner = ad.qm.get_submodule(name).layer
+        assert not inner._forward_hooks  # the feature hooks are gone after training
+    assert outs[100.0][1] < outs[100.0][0]  # the feature error falls when it is in the loss
+    assert outs[100.0][1] < outs[0.0][1]  # and falls further than on the output error alone
+
+
 def test_frozen_layers_stay_frozen(digits_cnn):
     model, splits, _ = digits_cnn
     x = splits.calib.tensors[0]
@@ -169,3 +201,52 @@ def test_bad_input(digits_cnn):
             lowbit.quantize(net, "adapt", calib=xf, **FAST)
         lowbit.quantize(net, "adapt", calib=xf, steps=0, **FAST)  # sequential calibration needs no training
     assert head[3].weight.requires_grad is False
+
+
+def test_study_adapt_quick(digits_cnn, tmp_path, capsys):
+    import json
+
+    from lowbit.study.kinds.adapt import _time_to
+    from lowbit.train import save_checkpoint
+
+    model, splits, meta = digits_cnn
+    ck = tmp_path / "float.pt"
+    save_checkpoint(ck, model, meta)
+    out = tmp_path / "res" / "adapt.md"
+    argv = ["study", "adapt", "--quick", "--checkpoint", str(ck), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = out.read_text()
+    methods = ["ptq", "correct", "adapt_all", "adapt_1", "adapt_2", "lsq_equal", "lsq_long"]
+    assert "lowbit study adapt --quick" in text and "CPU:" in text and "## W4A4" in text
+    assert all(f"| {m} |" in text for m in methods) and "- adapt_all: recovers" in text
+    recs = [json.loads(x) for x in (tmp_path / "res" / "adapt.jsonl").read_text().splitlines()[1:]]
+    by = {r["id"]["method"]: r for r in recs}
+    assert sorted(by) == sorted(methods) and all(r["acc"] > 90 and r["time_s"] > 0 for r in recs)
+    assert by["ptq"]["observer"] in ("minmax", "mse") and by["correct"]["observer"] == "mse"
+    assert [row["steps"] for row in by["adapt_1"]["layers"]] == [5] * 5 + [0]  # the last layer has no window
+    assert by["lsq_equal"]["epochs"] == pytest.approx(5 * 5 * 64 / len(splits.train))
+    times = [t for _e, _a, t in by["lsq_long"]["curve"]]
+    assert len(times) == 3 and times == sorted(times)
+    curve = [[0.0, 90.0, 0.0], [0.1, 93.0, 1.0], [0.2, 92.0, 2.0], [0.3, 94.0, 3.0]]
+    assert _time_to(curve, 93.0) == 1.0 and _time_to(curve, 93.0, for_good=True) == 3.0
+    assert _time_to(curve, 95.0) is None and _time_to(curve, 95.0, for_good=True) is None
+    assert (tmp_path / "res" / "adapt-w4a4-lsq.png").stat().st_size > 1000
+    before = (tmp_path / "res" / "adapt.jsonl").read_text()
+    assert main(argv) == 0 and (tmp_path / "res" / "adapt.jsonl").read_text() == before  # nothing runs again
+    for bad, msg in ((["--windows", "all,0"], "--windows"), (["--qat-long", "3,3"], "not in --bits"),
+                     (["--qat-equal", "4,4", "2,2"], "--qat-equal bit widths [(2, 2)]"),
+                     (["--bits", "9,9"], "2..8"), (["--observers", "mse,best"], "unknown observer")):
+        assert main(["study", "adapt", "--out", str(tmp_path / "bad.md"), *bad]) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_compare_reports_the_time_to_quantize(digits_cnn):
+    model, splits, _ = digits_cnn
+    res = lowbit.compare(model, splits.calib, lambda m: lowbit.evaluate.accuracy(m, splits.test),
+                         methods=["static", "adapt"], repeats=1, report_dir=None, progress=False,
+                         configs={"adapt": AdaptConfig(steps=3, **FAST)})
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["float"]["quantize_s"] is None and rows["static"]["quantize_s"] >= 0
+    wall = res.models["adapt"].lowbit_meta["adapt"]["wall_time_s"]
+    assert wall <= rows["adapt"]["quantize_s"] + 0.01
+    assert "quantize_s" in res.table().splitlines()[0]

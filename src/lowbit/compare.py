@@ -8,6 +8,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -144,14 +145,17 @@ def compare(
 
     candidates: dict[str, nn.Module] = {}
     candidates[BASELINE] = _baseline(model, example_input, methods)
+    took: dict[str, float] = {}  # seconds each method took to quantize (training included)
     bar = tqdm(methods, desc="quantizing", unit="method", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         cls = get_method(name)
         trains = cls.needs_training_data or (named and cls.accepts_training_data and train is not None)
         extra = {"train": train, "test": test} if trains else {}
+        t0 = time.perf_counter()
         candidates[name] = quantize(model, name, calib=calib, config=configs.get(name),
                                     example_input=example_input, **extra)
+        took[name] = time.perf_counter() - t0
     candidates.update(models)
 
     rows: list[dict[str, Any]] = []
@@ -177,6 +181,7 @@ def compare(
                 "batch_size": batch_size,
                 "threads": lat[name].threads,
                 "float_layers": len(mm.get("float_layers", [])) + len(mm.get("float_ops", [])),
+                "quantize_s": round(took[name], 2) if name in took else None,
                 **_op_counts(m, bench_input),
             })
         rows = score(rows, BASELINE, lam)

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Extra columns shown by :func:`format_table` (and in the HTML table) when a row has them.
-OPTIONAL_COLUMNS: tuple[str, ...] = ("mul", "backend", "threads", "batch_size", "note")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("mul", "backend", "threads", "batch_size", "quantize_s", "note")
 
 _DEFAULT_TITLE = "Accuracy vs latency (marker area ∝ file size)"
 _META_ORDER = (

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .granularity import Granularity, PerTensor, parse_granularity
-from .levels import Codebook, Format, IntRange, format_from_dict
+from .levels import BinaryFormat, Codebook, Format, IntRange, format_from_dict
 
 __all__ = ["QSpec", "LAYOUTS", "as_spec"]
 
@@ -95,8 +95,11 @@ class QSpec:
 
     # --- conversion ---------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes of ``x`` in :attr:`format` (``clamp(round(x / s) + z)``, then the nearest level)."""
+        """Codes of ``x`` in :attr:`format` (``clamp(round(x / s) + z)``, then the nearest level; for ±1 the
+        sign of ``x``, ``+1`` where ``x > 0``)."""
         s, z = self._params(x)
+        if isinstance(self.format, BinaryFormat):  # the sign (+1 for x > 0), not the nearest of {-1, 0, +1}
+            return self.format.project(x.to(torch.float32) / s).to(self.format.dtype)
         q = torch.clamp(torch.round(x.to(torch.float32) / s) + z, self.format.qmin, self.format.qmax)
         if not self.format.uniform:
             q = self.format.project(q)

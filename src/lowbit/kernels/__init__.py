@@ -113,7 +113,7 @@ class PackedInt8(PackedWeights):
     """int8 weights [N, K] (or conv [N, C/g, kh, kw]) prepared once for the kernels.
 
     ``fmt``: the level set the codes come from (default all of int8); any format whose levels fit in
-    int8 runs here, e.g. 4-bit learned-step weights or APoT codebooks, and is stored at its own width.
+    int8 runs here, e.g. 4-bit learned-step weights, APoT codebooks or ±1, and is stored at its own width.
     """
 
     kernel = "int8"
@@ -158,7 +158,9 @@ class PackedInt8(PackedWeights):
 
     @classmethod
     def accepts(cls, fmt: Format) -> bool:
-        return fmt.dtype == torch.int8 and not getattr(fmt, "kind", "") == "binary"
+        """Any level set within int8, ±1 included (binary weights with 8-bit activations run here; binary
+        weights *and* activations run on the binary kernels, which :func:`pack_weights` prefers)."""
+        return fmt.dtype == torch.int8
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, fmt: Format, **extra: Any) -> PackedInt8:

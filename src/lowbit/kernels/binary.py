@@ -61,6 +61,7 @@ __all__ = [
     "binary_linear_ref",
     "binary_conv2d_ref",
     "native_path",
+    "max_pool2d_bits",
 ]
 
 _Pair = int | tuple[int, int]
@@ -416,4 +417,29 @@ def binary_conv2d(
     nat.binary_conv2d(xw.data_ptr(), B, C, H, W, w.native(groups), kh, kw, sh, sw, ph, pw, dh, dw, groups,
                       int(pad_value), kind, p0, p1, out.data_ptr())
     del keep
+    return out
+
+
+def max_pool2d_bits(x: torch.Tensor, geometry: Any) -> torch.Tensor:
+    """2-D max pooling of bit-packed signs: int64 words ``[B, H, W, CW]`` (channels packed per pixel, what a
+    :class:`Threshold` conv writes) -> ``[B, Ho, Wo, CW]``. The max of ±1 values is their OR in bits (+1 = 1);
+    padded positions are 0 bits (-1, the smallest value, so they never win a window, as torch ignores its
+    padding). ``geometry``: a :class:`~lowbit.kernels.PoolGeometry`. Exact; plain PyTorch."""
+    if x.dtype != torch.int64 or x.dim() != 4:
+        raise ValueError(f"bit max-pool takes int64 words [B, H, W, words], got {x.dtype} {tuple(x.shape)}")
+    h, w = int(x.shape[1]), int(x.shape[2])
+    (oh, ow), (kh, kw), (sh, sw) = geometry.output_size(h, w), geometry.kernel, geometry.stride
+    (ph, pw), (dh, dw) = geometry.padding, geometry.dilation
+    need_h, need_w = (oh - 1) * sh + dh * (kh - 1) + 1, (ow - 1) * sw + dw * (kw - 1) + 1
+    if ph or pw or need_h > h + ph or need_w > w + pw:
+        xp = x.new_zeros((x.shape[0], max(need_h, h + ph), max(need_w, w + pw), x.shape[3]))
+        xp[:, ph:ph + h, pw:pw + w] = x
+    else:
+        xp = x
+    out: torch.Tensor | None = None
+    for i in range(kh):
+        for j in range(kw):
+            v = xp[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+            out = v.clone() if out is None else out.bitwise_or_(v)
+    assert out is not None
     return out

@@ -4,11 +4,26 @@ A new method is one new module that subclasses :class:`Method`, decorates it wit
 plus its import line below.
 """
 
-from . import adapt, apot, dynamic, float16, full_integer, lsq, lsq_plus, static, w46, weight_only  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    adapt,
+    apot,
+    binary_ste,
+    dynamic,
+    float16,
+    full_integer,
+    lsq,
+    lsq_plus,
+    static,
+    ubq,
+    w46,
+    weight_only,
+)
 from .adapt import AdaptConfig
 from .api import available_methods, quantize
 from .apot import APoTConfig
 from .base import CONFIGS, METHODS, LayerSettings, Method, QuantConfig, TrainingData, get_method, register
+from .binary import BinaryConfig, BinaryMethod
+from .binary_ste import BinarySTEConfig
 from .dynamic import DynamicConfig
 from .float16 import Float16Config
 from .full_integer import FullIntegerConfig
@@ -16,12 +31,16 @@ from .lsq import LSQConfig
 from .lsq_plus import LSQPlusConfig
 from .qat import QATConfig, QATMethod
 from .static import StaticConfig
+from .ubq import UBQConfig
 from .w46 import W4Config, W8Config, W46Config
 from .weight_only import WeightOnlyConfig
 
 __all__ = [
     "AdaptConfig",
     "APoTConfig",
+    "BinaryConfig",
+    "BinaryMethod",
+    "BinarySTEConfig",
     "CONFIGS",
     "LSQConfig",
     "LSQPlusConfig",
@@ -32,6 +51,7 @@ __all__ = [
     "FullIntegerConfig",
     "METHODS",
     "StaticConfig",
+    "UBQConfig",
     "WeightOnlyConfig",
     "W4Config",
     "W8Config",

@@ -1,7 +1,9 @@
-"""Inference modules holding packed integer (or float16) weights; they call lowbit.kernels."""
+"""Inference modules holding packed integer (or float16) weights, and binary ones passing packed signs;
+they call lowbit.kernels."""
 
 from .attention import DynamicQMultiheadAttention
 from .base import MODULES, LowbitModule
+from .binary import QBinaryConv, QBinaryLinear, QBitMaxPool2d, QSignBits, QUnpackBits
 from .bm import QBMConv2d, QBMLinear
 from .layers import DynamicQConv, DynamicQLinear, F16Layer, QConv, QLinear
 from .ops import CheckInput, Dequantize, IOConvert, QAdd, QAvgPool2d, QClamp, QLookup, QMaxPool2d, Quantize
@@ -23,6 +25,9 @@ __all__ = [
     "LowbitModule",
     "QAdd",
     "QAvgPool2d",
+    "QBinaryConv",
+    "QBinaryLinear",
+    "QBitMaxPool2d",
     "QBMConv2d",
     "QBMLinear",
     "QClamp",
@@ -30,6 +35,8 @@ __all__ = [
     "QConv",
     "QLinear",
     "QLookup",
+    "QSignBits",
+    "QUnpackBits",
     "Quantize",
     "WeightOnly",
 ]

@@ -24,6 +24,9 @@ from lowbit.cliargs import positive_int, training_device
 __all__ = [
     "Results",
     "add_common_arguments",
+    "add_model_arguments",
+    "load_float",
+    "split_list",
     "command_line",
     "environment",
     "epochs_to_target",
@@ -37,6 +40,33 @@ __all__ = [
 ]
 
 Curve = list[tuple[float, float]]
+
+
+def add_model_arguments(p: argparse.ArgumentParser, model: str, data: str = "mnist") -> None:
+    """``--model``, ``--data``, ``--data-dir``, ``--checkpoint``: the trained float model a study starts from."""
+    p.add_argument("--model", default=model, help=f"built-in model (default {model})")
+    p.add_argument("--data", default=data, help=f"dataset (default {data})")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files")
+    p.add_argument("--checkpoint", default=None, help="float checkpoint (default lowbit's cache in runs/)")
+
+
+def load_float(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, float]:
+    """The trained float model of the ``add_model_arguments`` options (trained and cached if missing), the
+    dataset's splits and the model's test accuracy; sets the study's thread count first."""
+    from lowbit.data import load_dataset
+    from lowbit.train import train_or_load
+    from lowbit.trainer import evaluate
+
+    torch.set_num_threads(args.threads)
+    splits = load_dataset(args.data, data_dir=args.data_dir, seed=0)
+    model, _, _ = train_or_load(args.model, args.data, data_dir=args.data_dir, checkpoint=args.checkpoint,
+                                progress=not args.no_progress)
+    return model, splits, evaluate(model, splits.test)
+
+
+def split_list(text: str) -> list[str]:
+    """The non-empty items of a comma-separated option."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def add_common_arguments(p: argparse.ArgumentParser, default_out: str) -> None:

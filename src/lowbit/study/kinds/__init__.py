@@ -1,1 +1,2 @@
-"""Study kinds: one module each (``init``: step initializers of the learned-step methods)."""
+"""Study kinds: one module each (``init``: step initializers of the learned-step methods; ``adapt``: iterative
+adaptation against PTQ, layer-wise correction and QAT)."""

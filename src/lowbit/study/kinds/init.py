@@ -21,12 +21,15 @@ from lowbit.cliargs import positive_float
 from lowbit.study.core import (
     Results,
     add_common_arguments,
+    add_model_arguments,
     epochs_to_target,
     fmt_mean_std,
+    load_float,
     markdown_table,
     mean_std,
     plot_curves,
     run_grid,
+    split_list,
     write_markdown,
 )
 from lowbit.study.registry import StudyKind, register_study
@@ -36,20 +39,13 @@ _DEFAULT_METHODS = "lsq,lsq_plus,apot"
 _DEFAULT_INITS = "lsq,lsq_plus,mse,aciq"
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 @register_study
 class InitStudy(StudyKind):
     name = "init"
     help = "step initializers (lsq, lsq_plus, mse, aciq, ...) of the learned-step methods: accuracy, epochs, spread"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="small_cnn", help="built-in model (default small_cnn)")
-        p.add_argument("--data", default="mnist", help="dataset (default mnist)")
-        p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-        p.add_argument("--checkpoint", default=None, help="float checkpoint (default lowbit's cache in runs/)")
+        add_model_arguments(p, "small_cnn")
         p.add_argument("--bits", nargs="+", default=["4,4"], metavar="W,A", help="bit widths (default 4,4)")
         p.add_argument("--methods", default=_DEFAULT_METHODS, help=f"methods (default {_DEFAULT_METHODS})")
         p.add_argument("--inits", default=_DEFAULT_INITS,
@@ -66,19 +62,16 @@ class InitStudy(StudyKind):
 
     # -------------------------------------------------------------------------------------------
     def run(self, args: argparse.Namespace) -> int:
-        from lowbit.data import load_dataset
         from lowbit.methods import get_method
         from lowbit.methods.qat import QATMethod, parse_bits
         from lowbit.quantizers import INITIALIZERS
-        from lowbit.train import train_or_load
-        from lowbit.trainer import evaluate
 
         if args.quick:  # small data and few runs; methods and initializers the user named are kept
             args.data, args.model, args.bits = "digits", "small_cnn", ["4,4"]
             args.seeds, args.epochs, args.eval_every = min(args.seeds, 2), 0.2, 0.1
             args.methods = "lsq" if args.methods == _DEFAULT_METHODS else args.methods
             args.inits = "lsq,mse" if args.inits == _DEFAULT_INITS else args.inits
-        methods, inits = _list(args.methods), _list(args.inits)
+        methods, inits = split_list(args.methods), split_list(args.inits)
         bits = [parse_bits(b) for b in args.bits]
         for m in methods:
             if not issubclass(get_method(m), QATMethod):
@@ -90,11 +83,7 @@ class InitStudy(StudyKind):
                 raise ValueError(f"unknown initializer {i!r}; known: {OWN}, {', '.join(sorted(INITIALIZERS))}")
         out = Path(args.out)
         t0 = time.perf_counter()
-        torch.set_num_threads(args.threads)
-        splits = load_dataset(args.data, data_dir=args.data_dir, seed=0)
-        model, _, _ = train_or_load(args.model, args.data, data_dir=args.data_dir, checkpoint=args.checkpoint,
-                                    progress=not args.no_progress)
-        float_acc = evaluate(model, splits.test)
+        model, splits, float_acc = load_float(args)
         target = float_acc - args.target_drop
         key = {"study": "init", "model": args.model, "data": splits.name, "float_acc": float_acc,
                "epochs": args.epochs, "eval_every": args.eval_every, "lr": args.lr, "optimizer": args.optimizer,
