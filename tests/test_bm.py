@@ -14,6 +14,7 @@ from torch import nn
 import lowbit
 import lowbit.bm as bm
 from lowbit.bm.functional import maxplus, safe_log
+from lowbit.graph import prepare
 from lowbit.kernels.bm import bm_conv2d_ref, bm_linear_ref
 from lowbit.nn import QBMConv2d, QBMLinear
 
@@ -294,6 +295,13 @@ def test_bm_layers_save_and_load(digits_cnn, tmp_path):
     model, splits, _ = digits_cnn
     bmm = bm.convert(model, ["features.0", "fc2"]).eval()
     x = splits.test.tensors[0][:8]
+    # the float BM model as lowbit's graph holds it (compare's float row): BM layers are leaf modules
+    fbm = prepare(bmm, x[:1]).gm
+    fbm.lowbit_meta = {"method": "float", "input": {"dtype": "float32"}, "output": {"dtype": "float32"}}
+    back = lowbit.load(lowbit.save(fbm, tmp_path / "f.lowbit"))
+    assert sum(isinstance(m, (bm.BMConv2d, bm.BMLinear)) for m in back.modules()) == 2
+    with torch.no_grad():
+        assert torch.equal(back(x), fbm(x))
     q8 = bm.quantize_bm(bmm, splits.calib.tensors[0], code_bits=8)
     conv = next(m for m in q8.modules() if isinstance(m, QBMConv2d))
     assert conv.cpos.dtype == torch.int8

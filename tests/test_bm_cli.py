@@ -61,12 +61,12 @@ def test_bm_model_in_compare(digits_cnn, tmp_path):
     model, splits, _ = digits_cnn
     q = bm.quantize_bm(bm.convert(model, ["fc1"]), splits.calib.tensors[0])
     res = compare(model, splits.calib, lambda m: accuracy(m, splits.test), methods=["float16"],
-                         models={"bm": q}, repeats=3, warmup=1, report_dir=tmp_path / "rep", progress=False)
+                  models={"bm": q}, repeats=3, warmup=1, report_dir=tmp_path / "rep", progress=False)
     rows = {r["method"]: r for r in res.rows}
     assert set(rows) == {"float", "float16", "bm"}
     assert rows["bm"]["mul"] < rows["float16"]["mul"] and rows["bm"]["max"] > 500_000
     assert rows["bm"]["accuracy"] > 90
     assert " mul" in res.table().splitlines()[0]
-    with pytest.raises(ValueError, match="given both"):
+    with pytest.raises(ValueError, match="both as a method and as a ready model"):
         compare(model, splits.calib, lambda m: 0.0, methods=["static"], models={"static": q},
-                       report_dir=None, progress=False)
+                report_dir=None, progress=False)

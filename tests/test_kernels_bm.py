@@ -230,6 +230,47 @@ def test_bad_inputs():
                           4, 9, 8, 0, 0, 0, 255, True, x.data_ptr())
 
 
+@pytest.mark.skipif(not HAVE_NATIVE, reason="native extension not built")
+def test_bm_binding_checks_inputs():
+    """Raw-binding arguments the Python layer would refuse are ValueErrors naming the binding (never a crash or
+    a silently different result); an empty batch returns without touching the (null) buffers."""
+    g = torch.Generator().manual_seed(1)
+    cp = _codes((4, 6), 8, g)
+    w = pack_bm(cp, cp, 8).native(1)
+    L, T = log_table(4, 8), torch.zeros(16, dtype=torch.int32)
+    x = torch.zeros(2, 6, dtype=torch.uint8)
+    out = torch.zeros(2, 4, dtype=torch.uint8)
+    xp, Lp, Tp, op = x.data_ptr(), L.data_ptr(), T.data_ptr(), out.data_ptr()
+    nat.bm_linear(xp, 2, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, op)  # valid
+    bad = {
+        "null input": (0, 2, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, op),
+        "null output": (xp, 2, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, 0),
+        "row stride": (xp, 2, 6, 5, w, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, op),
+        "log table": (xp, 2, 6, 6, w, 0, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, op),
+        "exp table": (xp, 2, 6, 6, w, Lp, 0, 0, 4, 9, 8, 0, 0, 0, 255, False, op),
+        "log step bits": (xp, 2, 6, 6, w, Lp, Tp, 0, 15, 9, 8, 0, 0, 0, 255, False, op),
+        "exp shift": (xp, 2, 6, 6, w, Lp, Tp, 0, 4, 63, 8, 0, 0, 0, 255, False, op),
+        "output shift": (xp, 2, 6, 6, w, Lp, Tp, 0, 4, 9, 31, 0, 0, 0, 255, False, op),
+        "input zero point": (xp, 2, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 256, 0, 0, 255, False, op),
+        "output zero point": (xp, 2, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 0, -1, 0, 255, False, op),
+        "output clamp": (xp, 2, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 0, 0, 9, 8, False, op),
+        "negative row count": (xp, -1, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, op),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=f"bm_linear: .*{what}"):
+            nat.bm_linear(*args)
+    nat.bm_linear(0, 0, 6, 6, w, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, 0)  # empty batch: nothing read or written
+    wc = pack_bm(_codes((4, 3, 3, 3), 8, g), _codes((4, 3, 3, 3), 8, g), 8)
+    with pytest.raises(ValueError, match="bm_conv2d: weight does not match"):
+        nat.bm_conv2d(xp, 1, 4, 5, 5, wc.native(1), 3, 3, 1, 1, 0, 0, 1, 1, 1, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255,
+                      False, op)
+    nat.bm_conv2d(0, 0, 3, 5, 5, wc.native(1), 3, 3, 1, 1, 0, 0, 1, 1, 1, Lp, Tp, 0, 4, 9, 8, 0, 0, 0, 255, False, 0)
+    with pytest.raises(ValueError, match="bm_pack: null weight pointer"):
+        nat.bm_pack(0, cp.data_ptr(), 4, 6, 1, 8)
+    with pytest.raises(ValueError, match="bm_f32_maxplus: row stride"):
+        nat.bm_f32_maxplus(xp, 2, 6, 5, xp, 4, op, 0)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (13, 33, 40), (64, 70, 300)])
 def test_f32_maxplus(isa: str, shape):
     M, N, K = shape

@@ -206,8 +206,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     res = compare(
         model, splits.calib, _eval_fn(splits), methods=methods, lambdas=args.lambdas, configs=configs,
         batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, report_dir=args.report_dir,
-        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name}, models=extra,
-        train=splits.train, test=splits.test,
+        save_chosen=args.out, meta={"model": args.model, "dataset": splits.name},
+        train=splits.train, test=splits.test, models=extra,
     )
     print()
     print(res.table())
@@ -353,10 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("methods", help="list the quantization methods")
     sp.set_defaults(fn=cmd_methods)
     sp = sub.add_parser("info", help="CPU features and kernel backend; with FILE: what a saved model holds "
-                                     "(layers, kernels, bits per weight) and its operations per sample")
+                                     "(layers, kernels, bits per weight) and its operation count")
     sp.add_argument("file", nargs="?", default=None, help="a lowbit model file")
     sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check")
-    sp.add_argument("--input-shape", default=None, help="C,H,W of one input sample if the file does not record it")
+    sp.add_argument("--input-shape", default=None,
+                    help="C,H,W of one input sample, for the operation count, if the file does not record it")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")

@@ -65,13 +65,13 @@ def _cpu_name() -> str:
 
 
 def _op_counts(model: nn.Module, x: Any) -> dict[str, int]:
-    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``; none for a
-    model with several inputs (the counter follows one input tensor)."""
+    """Operations per sample (lowbit.opcount): ``mul``, ``add``, ``max``, ``lookup``, ``shift``.
+
+    ``x``: the benchmark input, one tensor or a tuple of tensors for a model with several inputs."""
     from lowbit.opcount import count_ops
 
-    if isinstance(x, (tuple, list)):
-        return {}
-    return count_ops(model, model_input(model, x[:1]))["total"]
+    first = tuple(t[:1] for t in x) if isinstance(x, (tuple, list)) else x[:1]
+    return count_ops(model, model_input(model, first))["total"]
 
 
 def compare(

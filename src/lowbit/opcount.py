@@ -118,12 +118,12 @@ def _module_counts(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Counts |
     return None
 
 
-def count_ops(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+def count_ops(model: nn.Module, example: Any) -> dict[str, Any]:
     """``{"total": counts, "layers": [(name, type, counts)], "uncounted": [names]}`` for one sample.
 
     ``example``: one input batch in the model's own input format (a float batch for float-input models);
-    its first sample is used."""
-    x0 = example[:1]
+    its first sample is used; a tuple of batches for a model with several inputs."""
+    x0 = tuple(t[:1] for t in example) if isinstance(example, (tuple, list)) else (example[:1],)
     rows: list[tuple[str, str, Counts]] = []
     uncounted: list[str] = []
     hooks = []
@@ -146,7 +146,7 @@ def count_ops(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(x0)
+            model(*x0)
     finally:
         for h in hooks:
             h.remove()
@@ -194,10 +194,20 @@ def cli_info_file(args: Any) -> int:
     """``lowbit info FILE``: the model's method and its operations per sample, per layer."""
     import lowbit
     from lowbit.evaluate import model_input
+    from lowbit.modelfile.container import read
 
-    model = lowbit.load(args.file, verify=not getattr(args, "no_verify", False))
-    meta = getattr(model, "lowbit_meta", {})
-    shape = _input_shape(meta, getattr(args, "input_shape", None))
+    verify = not getattr(args, "no_verify", False)
+    header, _ = read(args.file, verify)
+    meta = header.get("meta") or {}
+    text = getattr(args, "input_shape", None)
+    if header.get("kind", "graph") == "weights":
+        print("\noperation count: not available for a weights-only file (it needs the float model's code)")
+        return 0
+    if not text and not meta.get("input_shape"):  # older files: the table above is all we can say
+        print("\noperation count: the file does not record its input shape (pass --input-shape C,H,W)")
+        return 0
+    shape = _input_shape(meta, text)
+    model = lowbit.load(args.file, verify=verify)
     ops = count_ops(model, model_input(model, torch.zeros(1, *shape)))
     print(f"\n{args.file}: method {meta.get('method', '?')}, input {list(shape)}; operations per sample:")
     print(format_ops(ops))

@@ -116,6 +116,8 @@ def _quantize_modules(model: nn.Module, m: Any, batches: list[Batch], example: B
                "and MultiheadAttention layers)")
             + "; pass allow_float=True to get the float model back")
     meta.update(method=m.name, config=m.config.to_dict())
+    if example is not None:
+        meta["input_shape"] = list(_first_sample_shape(example))
     qm.lowbit_meta = meta
     if example is not None:
         _check_runs(qm, example, m.name)
