@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import lowbit
+    from lowbit.compare import _cpu_name
     from lowbit.kernels import native
 
     warnings.simplefilter("ignore")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Dynamic int8 on a BERT-base-shaped encoder ({args.layers} layers, hidden 768, 12 heads, seq "
              f"{args.seq})", "",
              f"Command: `{' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}`  ",
-             f"CPU: {platform.processor() or platform.machine()} ({_cpu()}), lowbit kernels "
+             f"CPU: {platform.processor() or platform.machine()} ({_cpu_name()}), lowbit kernels "
              f"{lowbit.kernels.backend_name()}, torch {torch.__version__}, load average before: {load_average()}", ""]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -210,17 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
         files.write_text(args.out, text)
     return 0
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -144,11 +144,10 @@ def write_report(path: str | os.PathLike[str], section: str, key: str) -> Path:
         text = pre + section + post
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
+    from lowbit import files
+
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
-    return p
+    return files.write_text(p, text)
 
 
 def run_bm(args: argparse.Namespace) -> int:
@@ -170,7 +169,9 @@ def run_bm(args: argparse.Namespace) -> int:
         path = write_report(args.report, _report_section(args, recs, wall), _key(args))
         print(f"report: {path}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": args.command_line, "cpu": _cpu_name(), "wall_s": wall,
+        from lowbit import files
+
+        files.write_text(args.json, json.dumps({"command": args.command_line, "cpu": _cpu_name(), "wall_s": wall,
                                                "records": recs}, indent=1, default=str))
     return 0
 
