@@ -7,7 +7,8 @@ import pytest
 import lowbit
 from lowbit.cli import main
 from lowbit.study import STUDIES
-from lowbit.study.core import Results, epochs_to_target, fmt_mean_std, mean_std
+from lowbit.study.core import Results, epochs_to_target, fmt_mean_std, mean_std, run_grid
+from lowbit.study.kinds.init import own_init_key
 from lowbit.study.registry import discover
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,10 +25,19 @@ def test_statistics_by_hand(tmp_path):
     assert Results(tmp_path / "r.jsonl", {"a": 1}).done({"seed": 0})["x"] == 1
     with pytest.raises(ValueError, match="another study setup"):
         Results(tmp_path / "r.jsonl", {"a": 2})
+    again = Results(tmp_path / "r.jsonl", {"a": 1})
+    recs = run_grid([{"seed": 0}, {"seed": 1}], lambda rid: {"x": 10 + rid["seed"]}, again, progress=False)
+    assert [r["x"] for r in recs] == [1, 11] and again.resumed == 1  # seed 0 came from the file
 
 
 def test_kinds_are_discovered():
     assert "init" in discover() and STUDIES["init"].name == "init"
+
+
+def test_own_initializer_of_a_method_in_the_comparison():
+    assert own_init_key("lsq", ["own", "mse"]) == "own"  # 'own' stands for each method's own initializer
+    assert own_init_key("lsq_plus", ["lsq_plus", "mse"]) == "lsq_plus"
+    assert own_init_key("apot", ["lsq", "mse"]) is None  # apot's own ('apot') was not run
 
 
 def test_study_init_quick(digits_cnn, tmp_path, capsys):
@@ -45,8 +55,10 @@ def test_study_init_quick(digits_cnn, tmp_path, capsys):
     recs = [json.loads(x) for x in lines[1:]]
     assert len(recs) == 4 and all(r["agreement"] >= 99.5 and len(r["curve"]) >= 3 for r in recs)
     before = (tmp_path / "res" / "init.jsonl").read_text()
+    assert "4 runs (0 taken from the results file" in text and "load average" in text
     assert main(argv) == 0  # every run is in the results file: nothing is trained again
     assert (tmp_path / "res" / "init.jsonl").read_text() == before
+    assert "4 runs (4 taken from the results file" in out.read_text()
     assert main(["study", "init", "--quick", "--inits", "lsq,golden", "--out", str(out)]) == 2
     assert "unknown initializer" in capsys.readouterr().err
 

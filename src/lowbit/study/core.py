@@ -8,6 +8,7 @@ import datetime
 import io
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -92,7 +93,8 @@ def environment() -> dict[str, Any]:
     from lowbit.compare import _cpu_name
 
     return {"cpu": _cpu_name(), "machine": platform.machine(), "torch": torch.__version__, "lowbit": __version__,
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()[0],
+            "cores": os.cpu_count()}
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -106,6 +108,7 @@ class Results:
         self.path = Path(path)
         self.key = json.loads(json.dumps(key))
         self.records: list[dict[str, Any]] = []
+        self.resumed = 0  # runs that run_grid found already done instead of running them
         if self.path.is_file():
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
             try:
@@ -140,6 +143,7 @@ def run_grid(runs: Sequence[dict[str, Any]], fn: Callable[[dict[str, Any]], dict
     for rid in bar:
         bar.set_postfix_str(label(rid))
         rec = results.done(rid)
+        results.resumed += rec is not None
         if rec is None:
             t0 = time.perf_counter()
             rec = {"id": rid, **fn(rid)}
@@ -221,12 +225,21 @@ def plot_curves(groups: dict[str, list[Curve]], path: Path, title: str, target: 
 
 
 def write_markdown(path: Path, title: str, args: argparse.Namespace, wall_s: float, body: str,
-                   notes: Sequence[str] = ()) -> Path:
+                   notes: Sequence[str] = (), records: Sequence[dict[str, Any]] = (), resumed: int = 0) -> Path:
+    """The report: title, command, machine (CPU, cores, load average when written), wall time of this
+    invocation and, given the ``records`` of the runs, their number, how many came from the results file of
+    an earlier invocation (``resumed``) and the sum of their own times, then ``notes`` and ``body``."""
     env = environment()
     device = getattr(args, "device", "cpu")
     trained = "" if device == "cpu" else f"training on {torch.cuda.get_device_name(torch.device(device))}, "
+    runs = ""
+    if records:
+        total = sum(float(r.get("time_s", 0.0)) for r in records) / 60
+        runs = (f" {len(records)} runs ({resumed} taken from the results file of an earlier invocation); "
+                f"the runs' own times add up to {total:.1f} min.")
     head = [f"# {title}", "", "```", command_line(args), "```", "",
-            f"CPU: {env['cpu']} ({env['machine']}), {trained}{args.threads} thread(s) per run, one run at a time; "
-            f"torch {env['torch']}, lowbit {env['lowbit']}; {env['date']}; wall time {wall_s / 60:.1f} min.", ""]
+            f"CPU: {env['cpu']} ({env['machine']}, {env['cores']} cores, load average {env['load']:.1f} when "
+            f"written), {trained}{args.threads} thread(s) per run, one run at a time; torch {env['torch']}, lowbit "
+            f"{env['lowbit']}; {env['date']}; wall time of this invocation {wall_s / 60:.1f} min.{runs}", ""]
     head += [*notes, ""] if notes else []
     return files.write_text(path, "\n".join(head) + body.rstrip() + "\n")

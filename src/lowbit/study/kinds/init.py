@@ -99,7 +99,7 @@ class InitStudy(StudyKind):
                            label=lambda r: f"W{r['bits'][0]}A{r['bits'][1]} {r['method']}/{r['init']} s{r['seed']}")
         body = _report(records, bits, methods, inits, float_acc, target, args, out)
         write_markdown(out, "Step initialization of learned-step quantization (`lowbit study init`)", args,
-                       time.perf_counter() - t0, body)
+                       time.perf_counter() - t0, body, records=records, resumed=results.resumed)
         print(f"study written to {out}")
         return 0
 
@@ -168,8 +168,8 @@ def _report(records: list[dict[str, Any]], bits: list[tuple[int, int]], methods:
                              fmt_mean_std([r["final_acc"] for r in rs]), _fmt_epochs(ett, args.epochs),
                              fmt_mean_std([r["int_acc"] for r in rs]), f"{min(r['agreement'] for r in rs):.2f}",
                              len(rs)])
-            own = _own_init(m)
-            if "mse" in inits and own in inits and own != "mse":
+            own = own_init_key(m, inits)
+            if "mse" in inits and own is not None:
                 cmp_rows.append(_compare_row(m, own, sel, target, args.epochs))
         parts.append(markdown_table(["method", "init", "acc. after init %", "final acc. %", "epochs to target",
                                      "integer acc. %", "same prediction (min %)", "seeds"], rows))
@@ -188,10 +188,15 @@ def _report(records: list[dict[str, Any]], bits: list[tuple[int, int]], methods:
     return "\n".join(parts)
 
 
-def _own_init(method: str) -> str:
+def own_init_key(method: str, inits: list[str]) -> str | None:
+    """Which of the study's ``inits`` stands for ``method``'s own initializer: ``own`` if given, else the
+    method's default initializer by name; None when neither was run or the method's own is ``mse``."""
     from lowbit.methods import get_method
 
-    return get_method(method).default_init  # type: ignore[attr-defined]
+    if OWN in inits:
+        return OWN
+    default = get_method(method).default_init  # type: ignore[attr-defined]
+    return default if default in inits and default != "mse" else None
 
 
 def _compare_row(method: str, own: str, sel: list[dict[str, Any]], target: float, horizon: float) -> list[Any]:
@@ -207,5 +212,8 @@ def _compare_row(method: str, own: str, sel: list[dict[str, Any]], target: float
 
     fewer = mean_epochs(e_mse) < mean_epochs(e_own)
     lower = mean_std(f_mse)[1] <= mean_std(f_own)[1]
-    return [method, own, _fmt_epochs(e_own, horizon), _fmt_epochs(e_mse, horizon), f"{mean_std(f_own)[1]:.3f}",
+    from lowbit.methods import get_method
+
+    name = f"{OWN} ({get_method(method).default_init})" if own == OWN else own  # type: ignore[attr-defined]
+    return [method, name, _fmt_epochs(e_own, horizon), _fmt_epochs(e_mse, horizon), f"{mean_std(f_own)[1]:.3f}",
             f"{mean_std(f_mse)[1]:.3f}", "yes" if fewer else "no", "yes" if lower else "no"]
