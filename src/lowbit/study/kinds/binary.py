@@ -27,16 +27,13 @@ from lowbit.study.core import (
     mean_std,
     plot_curves,
     run_grid,
+    split_list,
     write_markdown,
 )
 from lowbit.study.registry import StudyKind, register_study
 
 _DEFAULT_METHODS = "binary_ste,ubq"
 _DEFAULT_MODELS = "small_cnn,tiny_cnn"
-
-
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @register_study
@@ -76,7 +73,7 @@ class BinaryStudy(StudyKind):
         if args.quick:  # small data, few runs; the methods the user named are kept
             args.data, args.models, args.seeds = "digits", "small_cnn", min(args.seeds, 2)
             args.epochs, args.eval_every = 1.0, 0.5
-        methods, models = _list(args.methods), _list(args.models)
+        methods, models = split_list(args.methods), split_list(args.models)
         for m in methods:
             if not issubclass(get_method(m), BinaryMethod):
                 raise ValueError(f"{m!r} is not a binary-network method (binary_ste, ubq)")

@@ -30,16 +30,13 @@ from lowbit.study.core import (
     markdown_table,
     mean_std,
     run_grid,
+    split_list,
     write_markdown,
 )
 from lowbit.study.registry import StudyKind, register_study
 
 _METHODS = ("w46", "w4", "w8")
 _STAGES = ("rounding", "correction", "freezing")
-
-
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @register_study
@@ -74,7 +71,7 @@ class W46Study(StudyKind):
             args.data, args.models, args.seeds = "digits", "small_cnn", min(args.seeds, 2)
             args.correction_steps, args.freeze_epochs = min(args.correction_steps, 20), min(args.freeze_epochs, 0.05)
             args.calib_samples, args.speed_repeats = min(args.calib_samples, 128), min(args.speed_repeats, 3)
-        models = _list(args.models)
+        models = split_list(args.models)
         if not models:
             raise ValueError("--models is empty")
         if args.checkpoint is not None and len(models) != 1:
