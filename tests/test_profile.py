@@ -79,9 +79,10 @@ def test_layers_and_glue_add_up_to_the_whole_model(model_file):
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2", "vnni"])
-def test_kernel_path_is_what_dispatch_ran(model_file, isa):
+def test_kernel_path_is_what_dispatch_ran(model_file, isa, monkeypatch):
     if native._ISA_ORDER.index(isa) > native._ISA_ORDER.index(native.best_isa()):
         pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("LOWBIT_PLAN", "0")  # node by node (a model-level plan has its own kernel names)
     model, x = profile.load_for_profile(model_file)
     with native.isa(isa):
         p = profile.profile_model(model, x, repeats=1, warmup=0)
@@ -89,6 +90,24 @@ def test_kernel_path_is_what_dispatch_ran(model_file, isa):
     paths = _paths(p)
     want = {n: f"{isa} {d}" for n, d in DRIVER.items()}
     assert paths == want, paths
+
+
+def test_a_planned_model_is_timed_by_its_plan(model_file):
+    """A model that runs as a native plan (lowbit.runtime) is timed step by step by the plan; its steps and
+    the glue add up to the plain forward; a node folded into a step says which."""
+    runtime = pytest.importorskip("lowbit.runtime")
+    model, x = profile.load_for_profile(model_file)
+    if runtime.executor_of(model) is None or runtime.executor_of(model).plan_for((x,), {}) is None:
+        pytest.skip("this model does not run as a plan here")
+    for _ in range(3):
+        p = profile.profile_model(model, x, repeats=15)
+        if abs(p.parts_ms - p.total_ms) <= 0.10 * p.total_ms:
+            break
+    assert p.mode == "plan"
+    assert abs(p.parts_ms - p.total_ms) <= 0.10 * p.total_ms, (p.parts_ms, p.total_ms)
+    rows = {r.name: r for r in p.layers}
+    assert all(rows[n].ms > 0 and p.isa in rows[n].path for n in ("stem", "conv", "pw", "dw"))
+    assert rows["stem"].macs == 64 * 64 * 32 * 3 * 9
 
 
 def test_bad_input_is_refused_before_timing(model_file, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .roofline import Ceilings, ceilings, layer_bound
-from .timing import GLUE, ForwardTimes, HookTimer, LayerInfo
+from .timing import GLUE, ForwardTimes, HookTimer, LayerInfo, PlanTimer, plan_executor
 
 __all__ = ["LayerProfile", "ModelProfile", "profile_model", "profile_file"]
 
@@ -50,6 +50,7 @@ class ModelProfile:
     isa: str
     cpu: str
     repeats: int
+    mode: str  # "plan" (timed by the model-level executor, step by step) or "node-by-node" (forward hooks)
     total_ms: float  # whole forward, no instrumentation (median)
     parts_ms: float  # sum of the layers' medians + the glue median (instrumented forwards)
     kernel_ms: float  # inside native kernels (all layers and the glue)
@@ -81,8 +82,8 @@ def _weight(m: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _shape(m: nn.Module, w: torch.Tensor | None) -> str:
-    if w is None:
+def _shape(m: nn.Module | None, w: torch.Tensor | None) -> str:
+    if m is None or w is None:
         return ""
     geo = getattr(m, "geometry", None) or {}
     stride = geo.get("stride", getattr(m, "stride", None))
@@ -104,17 +105,19 @@ def _tensor_bytes(m: nn.Module) -> int:
     return total
 
 
-def _layer_row(info: LayerInfo, m: nn.Module, ms: float, kernel_ms: float, c: Ceilings) -> LayerProfile:
-    inner = _unwrap(m)
-    w = _weight(inner)
+def _layer_row(info: LayerInfo, m: nn.Module | None, ms: float, kernel_ms: float, c: Ceilings) -> LayerProfile:
+    inner = _unwrap(m) if m is not None else None
+    w = _weight(inner) if inner is not None else None
     macs = info.out_numel * math.prod(w.shape[1:]) if w is not None else 0
-    nbytes = info.in_bytes + info.out_bytes + _tensor_bytes(m)
-    int8_macs = any(p.split(" ")[1].startswith(("gemm", "conv", "depthwise")) or "4.6-bit" in p for p in info.paths)
+    nbytes = info.in_bytes + info.out_bytes + (_tensor_bytes(m) if m is not None else 0)
+    int8_macs = any(k in p for p in info.paths for k in ("gemm", "conv", "depthwise", "4.6-bit"))
     bound, limit = layer_bound(macs, nbytes, c, int8_macs)
+    if bound <= 0 or ms <= 0:  # nothing moved, or no time of its own (fused into another step)
+        limit = "-"
     path = ", ".join(info.paths) if info.paths else "torch"
     return LayerProfile(info.name, info.type, _shape(inner, w), path, info.calls, ms, kernel_ms, macs, nbytes,
                         macs / (ms * 1e6) if macs and ms > 0 else None, bound, limit,
-                        ms / bound if bound > 0 else math.inf)
+                        ms / bound if bound > 0 and ms > 0 else math.inf)
 
 
 def _median(xs: list[float]) -> float:
@@ -125,7 +128,10 @@ def profile_model(model: nn.Module, x: Any, *, threads: int = 1, repeats: int = 
                   name: str = "model") -> ModelProfile:
     """Profile ``model`` on the batch ``x`` (a tensor, or a tuple for several inputs) with ``threads``
     threads: ``warmup`` untimed forwards, then ``repeats`` rounds of one plain and one instrumented
-    forward. The ceilings of :func:`lowbit.profile.roofline.ceilings` are measured at the first call."""
+    forward. The ceilings of :func:`lowbit.profile.roofline.ceilings` are measured at the first call.
+
+    A model that runs as a native plan (:mod:`lowbit.runtime`) is timed step by step by the plan itself
+    (``mode == "plan"``); any other model by forward hooks on its layers (``mode == "node-by-node"``)."""
     from lowbit.bench.models import _Load, cpu_description
     from lowbit.evaluate import torch_threads
 
@@ -136,40 +142,48 @@ def profile_model(model: nn.Module, x: Any, *, threads: int = 1, repeats: int = 
     timer = HookTimer(model)
     c = ceilings(threads)
     plain: list[float] = []
-    layer_s: dict[str, list[float]] = {n: [] for n in timer.layers}
-    kernel_s: dict[str, list[float]] = {n: [] for n in [*timer.layers, GLUE]}
-    glue_s: list[float] = []
+    times: list[ForwardTimes] = []
     load = _Load()
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             model(*xs)
-        with timer.installed():
+        with timer.installed():  # node by node (hooks turn a plan off): shapes and kernel paths per layer
             timer.forward(lambda: model(*xs), record_shapes=True)
+        ex = plan_executor(model, xs[0]) if len(xs) == 1 else None
+        plan = PlanTimer(ex, xs[0]) if ex is not None else None
+        if plan is not None:
+            plan.forward(record_shapes=True)
         load.start()
         for i in range(repeats):
             if i % 2:  # which one goes first alternates: periodic preemption hits both alike
-                ft = _instrumented(timer, model, xs)
+                times.append(plan.forward() if plan else _instrumented(timer, model, xs))
             t0 = time.perf_counter()
             model(*xs)
             plain.append(time.perf_counter() - t0)
             if not i % 2:
-                ft = _instrumented(timer, model, xs)
-            for n in timer.layers:
-                layer_s[n].append(ft.layer_s.get(n, 0.0))
-            for n in kernel_s:
-                kernel_s[n].append(ft.kernel_s.get(n, 0.0))
-            glue_s.append(ft.glue_s)
+                times.append(plan.forward() if plan else _instrumented(timer, model, xs))
         load.stop()
         isa = _isa()
-    rows = [_layer_row(timer.info[n], timer.layers[n], _median(layer_s[n]) * 1e3, _median(kernel_s[n]) * 1e3, c)
-            for n in timer.layers if timer.info[n].calls]
+    names = [n for n in timer.layers if timer.info[n].calls]
+    if plan is not None:  # steps that are not modules of the graph (functions, the output copy)
+        names += [n for n in plan.paths if n not in timer.info]
+    rows = []
+    for n in names:
+        info = timer.info.get(n) or LayerInfo(n, "plan step", calls=1)
+        if plan is not None:
+            info.paths = [plan.paths[n]] if n in plan.paths else (
+                [f"fused into {plan.fused_into[n]}"] if n in plan.fused_into else ["not in the plan"])
+        ms = _median([t.layer_s.get(n, 0.0) for t in times]) * 1e3
+        kms = _median([t.kernel_s.get(n, 0.0) for t in times]) * 1e3
+        rows.append(_layer_row(info, timer.layers.get(n), ms, kms, c))
     layers_ms = sum(r.ms for r in rows)
-    kernel_ms = sum(r.kernel_ms for r in rows) + _median(kernel_s[GLUE]) * 1e3
-    glue_ms = _median(glue_s) * 1e3
+    kernel_ms = sum(r.kernel_ms for r in rows) + _median([t.kernel_s.get(GLUE, 0.0) for t in times]) * 1e3
+    glue_ms = _median([t.glue_s for t in times]) * 1e3
     shape = list(xs[0].shape) if isinstance(xs[0], torch.Tensor) else []
-    return ModelProfile(name, shape, threads, isa, cpu_description(), repeats, _median(plain) * 1e3,
-                        layers_ms + glue_ms, kernel_ms, layers_ms - sum(r.kernel_ms for r in rows), glue_ms,
-                        timer.glue_paths, c.peak_gmacs, c.copy_gbs, load.mean, rows)
+    return ModelProfile(name, shape, threads, isa, cpu_description(), repeats, "plan" if plan else "node-by-node",
+                        _median(plain) * 1e3, layers_ms + glue_ms, kernel_ms,
+                        layers_ms - sum(r.kernel_ms for r in rows), glue_ms, timer.glue_paths, c.peak_gmacs,
+                        c.copy_gbs, load.mean, rows)
 
 
 def _instrumented(timer: HookTimer, model: nn.Module, xs: tuple[Any, ...]) -> ForwardTimes:

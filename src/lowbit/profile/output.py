@@ -26,7 +26,7 @@ def _summary(p: ModelProfile) -> list[str]:
     load = "unknown" if math.isnan(p.load) else f"{100 * p.load:.0f}% of the CPU"
     share = (lambda v: f"{100 * v / t:.0f}%") if t > 0 else (lambda v: "-")
     return [
-        f"{p.model}: input {p.input_shape}, {p.threads} thread(s), int8 path {p.isa}; {p.cpu}",
+        f"{p.model}: input {p.input_shape}, {p.threads} thread(s), int8 path {p.isa}, runs {p.mode}; {p.cpu}",
         f"whole model {p.total_ms:.3f} ms (median of {p.repeats}, no instrumentation); layers + glue "
         f"{t:.3f} ms ({100 * (t / p.total_ms - 1):+.1f}%)" if p.total_ms > 0 else "whole model: not measured",
         f"native kernels {p.kernel_ms:.3f} ms ({share(p.kernel_ms)}), layer wrappers {p.layer_overhead_ms:.3f} ms "

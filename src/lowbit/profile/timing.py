@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["ForwardTimes", "HookTimer", "LayerInfo", "KERNEL_ENTRY_POINTS", "timed_layers"]
+__all__ = ["ForwardTimes", "HookTimer", "LayerInfo", "KERNEL_ENTRY_POINTS", "PlanTimer", "plan_executor",
+           "timed_layers"]
 
 #: The native entry points that do a layer's arithmetic, with the family they belong to.
 KERNEL_ENTRY_POINTS = {
@@ -79,6 +80,8 @@ def _kernel_path(entry: str, native: Any) -> str:
     """The path the call just made took, as dispatch chose it (read back from the native side)."""
     family = KERNEL_ENTRY_POINTS[entry]
     if family == "int8":
+        if not hasattr(native, "last_kernel_path"):  # a build from before the drivers recorded it
+            return f"{native.int8_isa()} int8"
         isa, kind, fused_add = native.last_kernel_path()
         return f"{isa} {kind}{'+add' if fused_add else ''}"
     if family in ("add", "pool"):
@@ -186,3 +189,41 @@ class HookTimer:
     @property
     def glue_paths(self) -> list[str]:
         return list(getattr(self, "_glue_paths", []))
+
+
+def plan_executor(model: nn.Module, x: Any) -> Any:
+    """The model-level executor (:mod:`lowbit.runtime`) when ``model(x)`` runs as a native plan, else None."""
+    try:
+        from lowbit.runtime import executor_of
+    except ImportError:
+        return None
+    ex = executor_of(model)
+    if ex is None or not isinstance(x, torch.Tensor) or not hasattr(ex, "run"):
+        return None
+    return ex if ex.plan_for((x,), {}) is not None else None
+
+
+class PlanTimer:
+    """Per-step times of a model that runs as a plan of native calls (:mod:`lowbit.runtime`): the executor
+    clocks each step inside its native runner (``Executor.run(x, timings)``). A step is one kernel call,
+    so all of its time is kernel time; the glue is what the forward spends outside the steps (the call
+    into the plan, the input and output copies). A graph node the plan folded into another step (a
+    residual add in a convolution's epilogue) has no time of its own: :attr:`fused_into` names its step."""
+
+    def __init__(self, executor: Any, x: torch.Tensor) -> None:
+        self.executor, self.x = executor, x
+        self.paths: dict[str, str] = {}
+        self.fused_into: dict[str, str] = {}
+
+    def forward(self, record_shapes: bool = False) -> ForwardTimes:
+        timings: dict[str, dict[str, Any]] = {}
+        t0 = time.perf_counter()
+        self.executor.run(self.x, timings)
+        total = time.perf_counter() - t0
+        if record_shapes:
+            for name, e in timings.items():
+                self.paths[name] = str(e.get("path", ""))
+                for node in e.get("fused", ()):
+                    self.fused_into[str(node)] = name
+        steps = {name: float(e["seconds"]) for name, e in timings.items()}
+        return ForwardTimes(total, steps, dict(steps), total - sum(steps.values()))
