@@ -28,6 +28,8 @@ namespace {
 std::atomic<int> g_spin_us{200};  // see set_spin_us()
 
 // Spins (with a CPU pause) until done() or until g_spin_us microseconds have passed; true if done().
+// Every few microseconds it yields the core, so on a machine busier than its cores a spinning worker
+// gives way to runnable threads (of this process or others) instead of taking their time slice.
 template <class Done>
 bool spin_until(Done done) {
     const int us = g_spin_us.load(std::memory_order_relaxed);
@@ -39,6 +41,7 @@ bool spin_until(Done done) {
             LOWBIT_CPU_RELAX();
         }
         if (std::chrono::steady_clock::now() >= until) return done();
+        std::this_thread::yield();
     }
 }
 
@@ -122,6 +125,7 @@ class Pool {
         {
             std::lock_guard<std::mutex> lk(mu_);
             stopping_ = true;
+            epoch_.fetch_add(1, std::memory_order_release);  // ends the spinning workers' wait too
         }
         cv_.notify_all();
         for (auto& t : workers_) t.join();
