@@ -30,7 +30,7 @@ import numpy as np
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # larq needs Keras 2 (tf-keras)
 
-WIDTHS = {"small_cnn": ((32, 32, 64, 64), 256), "tiny_cnn": ((2, 4, 4, 8), 16)}
+WIDTHS = {"small_cnn": ((32, 32, 64, 64), 256), "tiny_cnn": ((2, 4, 4, 8), 16), "tiny_cnn16": ((16, 16, 16, 16), 32)}
 POOL_AFTER = {0, 1, 3}  # lowbit's small_cnn on 28x28: three ceil-mode pools, after conv 1, 2 and 4
 MEAN, STD = 0.1307, 0.3081
 
