@@ -32,6 +32,7 @@ from torch import fx, nn
 import lowbit
 from lowbit import files
 from lowbit.kernels.threads import guard_model
+from lowbit.runtime import install as install_executor
 from lowbit.modelfile import LoadedModel, ModelFileError, Node
 from lowbit.modelfile.aliases import dedupe, resolve
 from lowbit.modelfile.container import FORMAT_VERSION, read, to_bytes
@@ -218,6 +219,7 @@ def _build(header: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.M
         raise ModelFileError(f"modules or tensors no node uses: {unused[:5]}")
     modules = {p: build_module(spec, per_module[p], f"{p}") for p, spec in specs.items()}
     model = LoadedModel(nodes, modules, constants, meta)
+    install_executor(model)  # model(x) runs a native plan when every op has one (lowbit.runtime)
     return guard_model(model.eval())  # torch single-threaded while it runs (lowbit.kernels.threads)
 
 
