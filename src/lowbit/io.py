@@ -32,7 +32,6 @@ from torch import fx, nn
 import lowbit
 from lowbit import files
 from lowbit.kernels.threads import guard_model
-from lowbit.runtime import install as install_executor
 from lowbit.modelfile import LoadedModel, ModelFileError, Node
 from lowbit.modelfile.aliases import dedupe, resolve
 from lowbit.modelfile.container import FORMAT_VERSION, read, to_bytes
@@ -40,6 +39,7 @@ from lowbit.modelfile.header import check_fields, check_meta, module_paths, spli
 from lowbit.modelfile.modules import build_module, module_spec
 from lowbit.modelfile.program import parse_nodes, program_from_fx
 from lowbit.modelfile.weights import load_into, weights_parts
+from lowbit.runtime import install as install_executor
 
 __all__ = ["FORMAT_VERSION", "LoadedModel", "ModelFileError", "file_size", "load", "read_header", "save"]
 

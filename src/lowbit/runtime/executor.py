@@ -5,7 +5,8 @@ model's ``forward``. On each call with one CPU tensor it looks up the plan for t
 dtype (compiling it on the first call with that shape: :func:`lowbit.runtime.plan.build_plan`) and runs
 it; anything it cannot plan runs the model's own node-by-node forward, unchanged, and
 :func:`plan_status` says why. A module of the graph with forward hooks (a profiler, an activation
-recorder) also makes the call run node by node, so that its hooks see the module calls they expect. The results are the same integers either way (tests/test_plan.py).
+recorder) also makes the call run node by node, so that its hooks see the module calls they expect.
+The results are the same integers either way (tests/test_plan.py).
 
 Off switches, for debugging and comparisons: ``set_plan(model, False)`` and the environment variable
 ``LOWBIT_PLAN=0`` (``1`` or unset: on). ``LOWBIT_KERNELS=torch`` also turns it off (the plan runs

@@ -223,7 +223,8 @@ class _Builder:
         if not isinstance(p, PackedInt8) or p.native is None:
             raise Unplannable(f"node '{node.name}': weights of the {p.kernel} kernels")
         if mod.conv1d or mod.snap is not None:
-            raise Unplannable(f"node '{node.name}': {'a 1-D convolution' if mod.conv1d else 'non-uniform output codes'}")
+            what = "a 1-D convolution" if mod.conv1d else "non-uniform output codes"
+            raise Unplannable(f"node '{node.name}': {what}")
         v = self.codes(node, self.arg(node))
         g = mod.geometry
         n, cg, kh, kw = (int(s) for s in p.weight.shape)
@@ -364,7 +365,8 @@ def _fuse_clamps(steps: list[Step]) -> list[Step]:
     out: list[Step] = []
     for s in steps:
         src = producer.get(id(s.ins[0].store)) if s.kind == "clamp" else None
-        if src is not None and src.kind in ("add", "conv") and readers[id(s.ins[0].store)] == 1 and src.out.store is s.ins[0].store:
+        if (src is not None and src.kind in ("add", "conv") and readers[id(s.ins[0].store)] == 1
+                and src.out.store is s.ins[0].store):
             lo_key, hi_key = ("qmin", "qmax") if src.kind == "conv" else ("lo", "hi")
             lo, hi = max(src.args[lo_key], s.args["lo"]), min(src.args[hi_key], s.args["hi"])
             if lo <= hi and (src.kind == "add" or src.args["kind"] == EPI_KIND["requant_u8"]):
