@@ -22,6 +22,7 @@
 #include "bind_checks.h"
 #include "int8_common.h"
 #include "qops.h"
+#include "quantize.h"
 
 namespace py = pybind11;
 
@@ -77,18 +78,27 @@ void relayout(int layout, int64_t b, int64_t c, int64_t hw, F&& f) {
     }
 }
 
-void run_convert(const Step& s, const void* src, void* dst) {
+void run_convert(const Step& s, const void* src, void* dst, uint8_t* tmp) {
     switch (s.cvt) {
-        case Cvt::quant: {  // SpecQ.quantize: clamp(round_half_even(x / s) + z, lo, hi), float32
+        case Cvt::quant: {  // QSpec.quantize: clamp(round_half_even(x / s) + z, lo, hi) in float32 (quantize.h)
             const float* x = static_cast<const float*>(src);
             uint8_t* y = static_cast<uint8_t*>(dst);
-            const float sc = s.scale, z = static_cast<float>(s.zp), lo = static_cast<float>(s.lo),
-                        hi = static_cast<float>(s.hi);
-            relayout(s.layout, s.b, s.c, s.hw, [&](int64_t i, int64_t o) {
-                float v = std::nearbyint(x[i] / sc) + z;
-                v = v < lo ? lo : (v > hi ? hi : v);
-                y[o] = v == v ? static_cast<uint8_t>(v) : static_cast<uint8_t>(s.lo);  // NaN: the lowest code
-            });
+            quant::QuantParams qp;
+            qp.scale = &s.scale;
+            qp.zp = static_cast<float>(s.zp);
+            qp.lo = static_cast<float>(s.lo);
+            qp.hi = static_cast<float>(s.hi);
+            if (s.layout == 0 || s.c == 1 || s.hw == 1) {
+                quant::quantize_u8(x, y, 1, s.n, qp);
+                return;
+            }
+            // one image at a time: quantize its NCHW planes in one pass into tmp (c * hw bytes), then
+            // transpose the bytes
+            uint8_t* t = tmp;
+            for (int64_t ib = 0; ib < s.b; ++ib) {
+                quant::quantize_u8(x + ib * s.c * s.hw, t, 1, s.c * s.hw, qp);
+                relayout(s.layout, 1, s.c, s.hw, [&](int64_t i, int64_t o) { y[ib * s.c * s.hw + o] = t[i]; });
+            }
             return;
         }
         case Cvt::dequant: {  // scale * (q - z) as float32
@@ -187,6 +197,10 @@ class Plan {
         s.lo = lo;
         s.hi = hi;
         s.xor_mask = static_cast<uint8_t>(xor_mask);
+        if (s.cvt == Cvt::quant && c * hw > tmp_bytes_) {  // the quantize step's per-image scratch
+            tmp_.reset(static_cast<uint8_t*>(int8::aligned_alloc64(static_cast<size_t>(c * hw))));
+            tmp_bytes_ = c * hw;
+        }
         steps_.push_back(s);
     }
 
@@ -324,7 +338,7 @@ class Plan {
     void exec(const Step& s, const void* in, void* out) const {
         switch (s.kind) {
             case Step::Kind::convert:
-                run_convert(s, src(s.in0, in), dst(s.out, out));
+                run_convert(s, src(s.in0, in), dst(s.out, out), tmp_.get());
                 return;
             case Step::Kind::conv:
                 if (s.conv.s.b) s.conv.run(src(s.in0, in));
@@ -352,6 +366,8 @@ class Plan {
     std::vector<int8::AlignedPtr<uint8_t>> bufs_;
     int64_t in_bytes_ = 0, out_bytes_ = 0;
     std::vector<Step> steps_;
+    int8::AlignedPtr<uint8_t> tmp_;
+    int64_t tmp_bytes_ = 0;
     std::vector<py::object> keep_;  // the weights and tensors the steps point into
 };
 

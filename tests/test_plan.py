@@ -237,3 +237,30 @@ def test_forward_hooks_run_the_graph(residual_models, digits_cnn):
         h.remove()
     assert len(seen) == 1 and "forward hooks" in plan_status(q)["reason"]
     assert torch.equal(y, _planned(q, x))
+
+
+def test_plan_runs_with_torch_single_threaded(residual_models, digits_cnn, monkeypatch):
+    """Like the node-by-node path (tests/test_threads.py): inside the plan torch has 1 thread and lowbit's
+    pool the user's count."""
+    from lowbit.runtime.plan import CompiledPlan
+
+    models, _ = residual_models
+    q, _ = models["resnet20"]
+    seen = []
+    real = CompiledPlan.run
+
+    def spy(self, *a, **k):
+        seen.append((torch.get_num_threads(), nat.num_threads()))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CompiledPlan, "run", spy)
+    old = torch.get_num_threads()
+    torch.set_num_threads(3)
+    nat.set_num_threads(None)
+    try:
+        with torch.no_grad():
+            q(_digits(digits_cnn[1], 1))
+        assert seen == [(1, 3)] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(old)
+        nat.set_num_threads(None)

@@ -1,7 +1,7 @@
 """The model-level executor: a converted integer model runs as a native plan behind ``model(x)``.
 
-:func:`install` (done by ``lowbit.quantize`` and ``lowbit.load``) puts an :class:`Executor` in the
-model's ``forward``. On each call with one CPU tensor it looks up the plan for the input's shape and
+:func:`install` (done by ``lowbit.quantize`` and ``lowbit.load``) gives the model an :class:`Executor`
+that its ``forward`` calls. On each call with one CPU tensor it looks up the plan for the input's shape and
 dtype (compiling it on the first call with that shape: :func:`lowbit.runtime.plan.build_plan`) and runs
 it; anything it cannot plan runs the model's own node-by-node forward, unchanged, and
 :func:`plan_status` says why. A module of the graph with forward hooks (a profiler, an activation
@@ -15,6 +15,7 @@ lowbit's native kernels only).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -68,7 +69,8 @@ class Executor:
         self.enabled = state["enabled"]
 
     def fallback(self, *args: Any, **kwargs: Any) -> Any:
-        return type(self.model).forward(self.model, *args, **kwargs)
+        """The model's node-by-node forward."""
+        return _graph_forward(self.model)(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = self.plan_for(args, kwargs)
@@ -108,6 +110,9 @@ class Executor:
         """The plan for these arguments (compiled on first use), or None (the reason in ``last_reason``)."""
         if not self.enabled:
             self.last_reason = "turned off for this model (set_plan(model, False))"
+            return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            self.last_reason = "traced or compiled (torch.export, torch.compile, jit): the graph runs"
             return None
         if not plan_enabled_by_env():
             self.last_reason = "turned off by LOWBIT_PLAN=0"
@@ -179,23 +184,69 @@ def _program(model: nn.Module) -> tuple[list[Any], Any]:
     raise Unplannable(f"a {type(model).__name__} is neither a torch.fx graph nor a loaded lowbit model")
 
 
+def _graph_forward(model: nn.Module) -> Any:
+    """The model's own forward, bound (without the executor)."""
+    from lowbit.modelfile.program import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        return model.graph_forward
+    f = type(model).forward
+    return getattr(f, "__wrapped__", f).__get__(model) if getattr(f, "__lowbit_plan__", False) else \
+        f.__get__(model)
+
+
+def _wrap_class_forward(gm: fx.GraphModule) -> None:
+    """Route the GraphModule's forward (its own generated class's) through its executor. ``recompile()``
+    (a changed graph) puts the plain generated forward back: the graph then runs node by node."""
+    cls = type(gm)
+    orig = cls.forward
+    if getattr(orig, "__lowbit_plan__", False):
+        return
+
+    @functools.wraps(orig)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ex = self.__dict__.get("_lowbit_executor")
+        if ex is None:
+            return orig(self, *args, **kwargs)
+        return ex(*args, **kwargs)
+
+    forward.__lowbit_plan__ = True  # type: ignore[attr-defined]
+    cls.forward = forward
+
+
+def _reinstall(copy: fx.GraphModule) -> None:  # copy.deepcopy hook (a fresh class, a copied executor)
+    ex = copy.__dict__.get("_lowbit_executor")
+    if ex is not None:
+        ex.model = copy
+        _wrap_class_forward(copy)
+
+
 def install(model: nn.Module) -> nn.Module:
-    """Give a converted model (GraphModule or loaded file) the executor (idempotent); returns the model."""
-    if isinstance(getattr(model, "forward", None), Executor):
+    """Give a converted model (GraphModule or loaded file) the executor (idempotent); returns the model.
+    The executor lives in ``model._lowbit_executor``; a GraphModule's forward is routed through it, a
+    loaded model's forward looks it up."""
+    from lowbit.modelfile.program import LoadedModel
+
+    if executor_of(model) is not None:
         return model
+    if not isinstance(model, (fx.GraphModule, LoadedModel)):
+        raise TypeError(f"the plan executor runs converted graphs, not a {type(model).__name__}")
     ex = Executor(model)
     if isinstance(model, fx.GraphModule):
         from lowbit.graph.attrs import set_preserved
 
-        set_preserved(model, "forward", ex)  # survives copy.deepcopy (a fresh executor, plans recompiled)
+        set_preserved(model, "_lowbit_executor", ex)  # copy.deepcopy keeps it (then _reinstall)
+        _wrap_class_forward(model)
+        model._register_deepcopy_hook(_reinstall)
     else:
-        model.forward = ex  # type: ignore[method-assign]
+        model.__dict__["_lowbit_executor"] = ex
     return model
 
 
 def executor_of(model: nn.Module) -> Executor | None:
-    f = getattr(model, "forward", None)
-    return f if isinstance(f, Executor) else None
+    """The model's executor, or None."""
+    ex = model.__dict__.get("_lowbit_executor")
+    return ex if isinstance(ex, Executor) else None
 
 
 def plan_status(model: nn.Module) -> dict[str, Any]:
