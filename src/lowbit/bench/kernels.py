@@ -471,8 +471,9 @@ def run(
     return records
 
 
-def _ratio(v: float | None) -> str:
-    return f"{'-':>9s}" if v is None else f"{v:9.2f}"
+def _ratio(v: float | None, width: int = 9) -> str:
+    """A speed-up column; ``-`` where there is nothing to compare with (NaN / None)."""
+    return f"{'-':>{width}s}" if v is None or math.isnan(v) else f"{v:{width}.2f}"
 
 
 def _print_table(records: list[dict]) -> None:
@@ -486,7 +487,7 @@ def _print_table(records: list[dict]) -> None:
             print()
         last = r["case"]
         print(f"{r['case']:22s} {r['impl']:17s} {r['path']:9s} {r['median_ms']:10.3f} {r['gops']:9.1f} "
-              f"{r['vs_torch_fp32']:8.2f} {r['vs_torch_int8']:9.2f} {_ratio(r['vs_lowbit_int8'])}")
+              f"{_ratio(r['vs_torch_fp32'], 8)} {_ratio(r['vs_torch_int8'])} {_ratio(r['vs_lowbit_int8'])}")
     if records:
         print(f"\n(threads: {records[0]['threads']}; median of interleaved repeats; GOP/s = 2*M*N*K / time; "
               "x fp32 / x t-int8 / x lb-int8: speed-up over torch_fp32 / the faster torch int8 path / lowbit_int8 "
