@@ -543,3 +543,26 @@ def qadd(a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, m_a: int, m_b: 
     c.qops_add(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), int(m_a), int(m_b), int(rshift), za, zb,
                int(out_zp), int(lo), int(hi))
     return out
+
+
+def quantize_u8(x: torch.Tensor, scale: float | torch.Tensor, zp: int, lo: int, hi: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zp, lo, hi)`` of a float32 tensor in one pass (csrc/quantize.h);
+    ``scale``: a float (per tensor) or a float32 tensor [M, 1] of per-row scales of ``x`` viewed as [M, K]."""
+    c = _require()
+    if x.dtype != torch.float32 or not x.is_cpu:
+        raise TypeError(f"quantize_u8 takes a float32 CPU tensor, got {x.dtype} on {x.device}")
+    x = x.contiguous()
+    cols = int(x.shape[-1]) if x.dim() else 1
+    rows = x.numel() // cols if cols else 0
+    per_row = isinstance(scale, torch.Tensor) and scale.numel() != 1
+    if isinstance(scale, torch.Tensor):
+        s = scale.to(torch.float32).reshape(-1).contiguous()
+        if per_row and s.numel() != rows:
+            raise ValueError(f"{s.numel()} row scales for {rows} rows")
+    else:
+        s = torch.tensor([float(scale)], dtype=torch.float32)
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    if not _threads_set:
+        _ensure_threads()
+    c.quant_f32_u8(x.data_ptr(), out.data_ptr(), rows, cols, s.data_ptr(), per_row, int(zp), int(lo), int(hi))
+    return out
