@@ -49,6 +49,8 @@ __all__ = [
     "set_num_threads",
     "threads",
     "num_threads",
+    "spin_us",
+    "set_spin_us",
     "pack_int8",
     "pack_weight",
     "ConvPending",
@@ -168,6 +170,17 @@ def threads(n: int) -> Iterator[int]:
         yield n
     finally:
         set_num_threads(prev if explicit else None)  # back to following torch's count if it did
+
+
+def spin_us() -> int:
+    """How long idle pool workers spin (waiting for the next kernel call) before they sleep, in µs."""
+    return int(_require().spin_us())
+
+
+def set_spin_us(us: int) -> None:
+    """Set :func:`spin_us` (0 .. 100000; 0 = sleep at once). The default, 200 µs, covers the gaps between
+    the kernel calls of a model; longer spins burn a core between models."""
+    _require().set_spin_us(int(us))
 
 
 def num_threads() -> int:
