@@ -92,6 +92,7 @@ void register_runtime(py::module_& m) {
         },
         py::arg("n"), py::arg("throw_at") = -1, py::arg("alloc_bytes") = 0, py::arg("sleep_us") = 0);
     t.def("in_parallel_region", &in_parallel_region, "True inside a parallel_for chunk on this thread.");
+    t.def("spinning_workers", &spinning_workers, "Pool workers in their idle spin right now.");
     t.def("rendezvous_reset", []() { g_rendezvous.store(0); });
     t.def(
         "rendezvous",

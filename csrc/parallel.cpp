@@ -26,8 +26,11 @@ namespace lowbit {
 namespace {
 
 std::atomic<int> g_spin_us{200};  // see set_spin_us()
+std::atomic<int> g_spinning{0};   // workers in their idle spin now (spinning_workers())
 
 // Spins (with a CPU pause) until done() or until g_spin_us microseconds have passed; true if done().
+// Every few microseconds it yields the core, so on a machine busier than its cores a spinning worker
+// gives way to runnable threads (of this process or others) instead of taking their time slice.
 template <class Done>
 bool spin_until(Done done) {
     const int us = g_spin_us.load(std::memory_order_relaxed);
@@ -39,6 +42,7 @@ bool spin_until(Done done) {
             LOWBIT_CPU_RELAX();
         }
         if (std::chrono::steady_clock::now() >= until) return done();
+        std::this_thread::yield();
     }
 }
 
@@ -122,6 +126,7 @@ class Pool {
         {
             std::lock_guard<std::mutex> lk(mu_);
             stopping_ = true;
+            epoch_.fetch_add(1, std::memory_order_release);  // ends the spinning workers' wait too
         }
         cv_.notify_all();
         for (auto& t : workers_) t.join();
@@ -143,7 +148,9 @@ class Pool {
             if (!j && !stopping_) {
                 const uint64_t seen = epoch_.load(std::memory_order_acquire);
                 lk.unlock();
+                g_spinning.fetch_add(1);
                 spin_until([&] { return epoch_.load(std::memory_order_acquire) != seen; });
+                g_spinning.fetch_sub(1);
                 lk.lock();
                 cv_.wait(lk, [&] { return stopping_ || (j = find_job()) != nullptr; });
             }
@@ -213,6 +220,8 @@ int num_threads() { return g_threads.load(); }
 void set_spin_us(int us) { g_spin_us.store(std::max(0, std::min(us, 100000))); }
 
 int spin_us() { return g_spin_us.load(); }
+
+int spinning_workers() { return g_spinning.load(); }
 
 bool in_parallel_region() { return t_inside; }
 

@@ -27,6 +27,8 @@ int num_threads();
 // microseconds (default 200, clamped to [0, 100000]; 0 = sleep at once). Process-wide.
 void set_spin_us(int us);
 int spin_us();
+// Workers spinning idle right now (for the tests).
+int spinning_workers();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n). Chunks have at least `grain` items
 // (except possibly the last), so tiny problems stay on the calling thread. Not reentrant: a
