@@ -10,10 +10,11 @@ The network mirrors lowbit's binary form of ``small_cnn`` / ``tiny_cnn16`` / ``t
 (src/lowbit/models.py): the first conv takes the float image with float weights (lowbit: int8), every
 later conv and the hidden dense layer take ``ste_sign`` inputs and ``ste_sign`` weights clipped to [-1, 1]
 (``weight_clip``), BatchNorm before each sign, max-pooling at the same places, padding with -1
-(``pad_values=-1``), and the last dense layer takes signs with float weights (lowbit: int8). Larq trains from scratch (Adam, lr 1e-3 with cosine decay);
-lowbit starts from the trained float network — the report says so. MNIST is read from the idx files
-(``../shared/data/mnist`` relative to the checkout, or ``--data-dir``), normalized like lowbit's loader; the
-first ``--train-samples`` training images are used, the full test set is evaluated.
+(``pad_values=-1``), and the last dense layer takes signs with float weights (lowbit: int8). Larq trains
+from scratch (Adam, lr 1e-3 with cosine decay); lowbit starts from the trained float network — the report
+says so. MNIST is read from the idx files (``../shared/data/mnist`` relative to the checkout, or
+``--data-dir``), normalized like lowbit's loader; the first ``--train-samples`` training images are used,
+the full test set is evaluated.
 Not part of the test suite.
 """
 
