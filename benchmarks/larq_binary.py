@@ -3,17 +3,18 @@
 Larq (on tensorflow-cpu) is not a lowbit dependency; run this in its own environment::
 
     python3.11 -m venv /tmp/larq && /tmp/larq/bin/pip install larq tensorflow-cpu tf-keras
-    TF_USE_LEGACY_KERAS=1 /tmp/larq/bin/python benchmarks/larq_binary.py --models tiny_cnn,small_cnn \\
-        --seeds 3 --epochs 2 --train-samples 6000
+    TF_USE_LEGACY_KERAS=1 /tmp/larq/bin/python benchmarks/larq_binary.py --models small_cnn,tiny_cnn16 \\
+        --seeds 5 --epochs 1 --train-samples 12000
 
-The network mirrors lowbit's binary form of ``small_cnn`` / ``tiny_cnn16`` / ``tiny_cnn`` (src/lowbit/models.py): the first
-conv takes the float image with float weights (lowbit: int8), every later conv and the hidden dense layer
-take ``ste_sign`` inputs and ``ste_sign`` weights clipped to [-1, 1] (``weight_clip``), BatchNorm before
-each sign, max-pooling at the same places, padding with -1 (``pad_values=-1``), and the last dense layer
-takes signs with float weights (lowbit: int8). Larq trains from scratch (Adam, lr 1e-3 with cosine decay);
-lowbit starts from the trained float network — the report says so. MNIST is read from the idx files
-(``../shared/data/mnist`` relative to the checkout, or ``--data-dir``), normalized like lowbit's loader; the
-first ``--train-samples`` training images are used, the full test set is evaluated.
+The network mirrors lowbit's binary form of ``small_cnn`` / ``tiny_cnn16`` / ``tiny_cnn``
+(src/lowbit/models.py): the first conv takes the float image with float weights (lowbit: int8), every
+later conv and the hidden dense layer take ``ste_sign`` inputs and ``ste_sign`` weights clipped to [-1, 1]
+(``weight_clip``), BatchNorm before each sign, max-pooling at the same places, padding with -1
+(``pad_values=-1``), and the last dense layer takes signs with float weights (lowbit: int8). Larq trains
+from scratch (Adam, lr 1e-3 with cosine decay); lowbit starts from the trained float network — the report
+says so. MNIST is read from the idx files (``../shared/data/mnist`` relative to the checkout, or
+``--data-dir``), normalized like lowbit's loader; the first ``--train-samples`` training images are used,
+the full test set is evaluated.
 Not part of the test suite.
 """
 
