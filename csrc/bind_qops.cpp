@@ -3,11 +3,13 @@
 // write out of bounds is checked here again and raises ValueError.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "qops.h"
+#include "quantize.h"
 
 namespace py = pybind11;
 
@@ -97,6 +99,30 @@ void register_qops(py::module_& m) {
         py::arg("a"), py::arg("b"), py::arg("out"), py::arg("n"), py::arg("m_a"), py::arg("m_b"), py::arg("rshift"),
         py::arg("a_zp"), py::arg("b_zp"), py::arg("out_zp"), py::arg("lo"), py::arg("hi"),
         "Residual add of uint8 codes, one rounding (see csrc/qops.h).");
+    m.def(
+        "quant_f32_u8",
+        [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t cols, std::uintptr_t scale, bool per_row,
+           int zp, int lo, int hi) {
+            require(rows >= 0 && cols >= 0, "negative size");
+            require(rows * cols == 0 || (x != 0 && out != 0 && scale != 0), "null pointer");
+            require(zp >= -(1 << 24) && zp <= (1 << 24), "zero point out of range");
+            require(0 <= lo && lo <= hi && hi <= 255, "clamp must satisfy 0 <= lo <= hi <= 255");
+            const float* s = reinterpret_cast<const float*>(scale);
+            const int64_t ns = per_row ? rows : 1;
+            for (int64_t i = 0; i < ns && rows * cols > 0; ++i)
+                require(std::isfinite(s[i]) && s[i] > 0.f, "scales must be finite and positive");
+            quant::QuantParams p;
+            p.scale = s;
+            p.per_row = per_row;
+            p.zp = static_cast<float>(zp);
+            p.lo = static_cast<float>(lo);
+            p.hi = static_cast<float>(hi);
+            py::gil_scoped_release rel;
+            quant::quantize_u8(reinterpret_cast<const float*>(x), reinterpret_cast<uint8_t*>(out), rows, cols, p);
+        },
+        py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("per_row"),
+        py::arg("zp"), py::arg("lo"), py::arg("hi"),
+        "float32 -> uint8 codes clamp(round(x / scale) + zp, lo, hi), per tensor or per row (csrc/quantize.h).");
 }
 
 }  // namespace lowbit

@@ -16,6 +16,7 @@
 
 #include "cpu_features.h"
 #include "epilogue.h"
+#include "int8_common.h"
 #include "parallel.h"
 
 namespace py = pybind11;
@@ -47,6 +48,16 @@ void register_runtime(py::module_& m) {
         py::arg("name"),
         "Cap the ISA for kernel calls made from this thread ('' removes the cap); returns the previous thread "
         "cap ('' for none).");
+    m.def("set_spin_us", &set_spin_us, py::arg("us"),
+          "How long idle pool workers spin before sleeping, in microseconds (0..100000).");
+    m.def("spin_us", &spin_us);
+    m.def(
+        "last_kernel_path",
+        []() {
+            const int8::KernelPath p = int8::last_kernel_path();
+            return py::make_tuple(std::string(isa_name(p.isa)), std::string(p.kind), p.fused_add);
+        },
+        "(isa, driver, fused residual add) of the last int8 kernel call made by this thread.");
     m.def("epilogue_kinds", []() {
         py::dict d;
         for (int k = 0; k <= static_cast<int>(EpiKind::bits); ++k) d[epi_kind_name(static_cast<EpiKind>(k))] = k;

@@ -124,6 +124,15 @@ void chunk_vnni(const GemmJob& j, int64_t m0, int64_t m1, int64_t b0, int64_t b1
 // The int8 kernel family actually used under the current ISA cap ("portable", "avx2" or "vnni").
 Isa int8_isa();
 
+// The kernel the last int8 call of this thread ran (for `lowbit profile`): its ISA path, the driver
+// ("gemm", "conv-1x1", "conv-im2col", "depthwise") and whether a residual add was fused in the epilogue.
+struct KernelPath {
+    Isa isa = Isa::portable;
+    const char* kind = "";
+    bool fused_add = false;
+};
+KernelPath last_kernel_path();
+
 // C = epi(A . W^T + bias); bias (int32, indexed [col_off + n]) may be null.
 void gemm(const Rows& a, int64_t m, int32_t zp, const Packed& w, const int32_t* bias, const Epi& e);
 

@@ -111,6 +111,13 @@ void epilogue_scalar(const Epi& e, const int32_t* T, int64_t ldt, int64_t row0, 
     }
 }
 
+namespace {
+thread_local KernelPath t_path;
+void note_path(Isa isa, const char* kind, const Epi& e) { t_path = KernelPath{isa, kind, e.add_res != nullptr}; }
+}  // namespace
+
+KernelPath last_kernel_path() { return t_path; }
+
 Isa int8_isa() {
     const Isa a = active_isa();
 #ifdef LOWBIT_INT8_X86
@@ -125,9 +132,13 @@ namespace {
 
 using ChunkFn = void (*)(const GemmJob&, int64_t, int64_t, int64_t, int64_t);
 
-// Rows per chunk (a multiple of the micro-tile height), chosen so that the packed activation panel
-// (rows x K) stays in L2.
-int64_t chunk_rows(Isa isa, int64_t k4) {
+// Largest rows per chunk (a multiple of the micro-tile height mr), chosen so that the packed activation
+// panel (rows x K) stays in L2.
+struct RowBlocking {
+    int64_t mr, mc;
+};
+
+RowBlocking chunk_rows(Isa isa, int64_t k4) {
     int64_t mr = 4, bytes_per_row = k4 * 4 * 2, cap = 64;
     if (isa == Isa::avx2) {
         mr = 6;
@@ -139,7 +150,7 @@ int64_t chunk_rows(Isa isa, int64_t k4) {
     }
     int64_t mc = (192 * 1024) / std::max<int64_t>(bytes_per_row, 1);
     mc = std::min(cap, std::max(mr, mc / mr * mr));
-    return mc;
+    return {mr, mc};
 }
 
 }  // namespace
@@ -169,23 +180,35 @@ void gemm(const Rows& a, int64_t m, int32_t zp, const Packed& w, const int32_t* 
     if (isa == Isa::vnni) fn = chunk_vnni;
     else if (isa == Isa::avx2) fn = chunk_avx2;
 #endif
-    const int64_t mc = chunk_rows(isa, w.k4);
-    const int64_t mchunks = (m + mc - 1) / mc;
+    note_path(isa, "gemm", e);
+    // Work split: mchunks row chunks x ngroups column groups, every job about the same size, so that the
+    // contiguous split of the jobs over the threads is balanced. With several threads the row chunks
+    // are a multiple of the thread count (rows dealt in units of mr); a product with fewer rows than
+    // threads x chunk is split over the output columns as well.
+    const RowBlocking rb = chunk_rows(isa, w.k4);
+    const int64_t units = (m + rb.mr - 1) / rb.mr;
+    int64_t mchunks = std::min(units, (m + rb.mc - 1) / rb.mc);
     const int nt = num_threads();
-    const int64_t target = nt > 1 ? int64_t(nt) * 4 : 1;
-    const int64_t ngroups = std::min<int64_t>(w.nblocks, std::max<int64_t>(1, (target + mchunks - 1) / mchunks));
-    const int64_t njobs = mchunks * ngroups;
     const int64_t nb = w.nblocks;
+    int64_t ngroups = 1;
+    if (nt > 1) {
+        if (mchunks >= nt)
+            mchunks = std::min(units, (mchunks + nt - 1) / nt * nt);
+        else
+            ngroups = std::min<int64_t>(nb, (nt + mchunks - 1) / mchunks);
+    }
+    const int64_t njobs = mchunks * ngroups;
     // Hand a thread at least ~256k multiply-adds (several microseconds): waking a worker costs more than
     // the work for tiny products.
-    const int64_t job_macs = std::max<int64_t>(1, std::min(m, mc) * (nb * kBlockN / ngroups) * std::max<int64_t>(w.k, 1));
+    const int64_t job_macs =
+        std::max<int64_t>(1, (m / mchunks) * (nb * kBlockN / ngroups) * std::max<int64_t>(w.k, 1));
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / job_macs);
     parallel_for(njobs, grain, [&](int64_t j0, int64_t j1) {
         for (int64_t jj = j0; jj < j1; ++jj) {
             const int64_t mi = jj / ngroups, gi = jj % ngroups;
-            const int64_t m0 = mi * mc, m1 = std::min(m, m0 + mc);
+            const int64_t m0 = (mi * units / mchunks) * rb.mr, m1 = std::min(m, ((mi + 1) * units / mchunks) * rb.mr);
             const int64_t b0 = gi * nb / ngroups, b1 = (gi + 1) * nb / ngroups;
-            if (b0 < b1) fn(job, m0, m1, b0, b1);
+            if (m0 < m1 && b0 < b1) fn(job, m0, m1, b0, b1);
         }
     });
 }
@@ -353,10 +376,11 @@ void conv2d_gemm(const uint8_t* x, const ConvShape& s, int32_t zp, const std::ve
     const int64_t m = s.b * s.ho * s.wo;
     const int64_t cg = s.c / s.groups, ng = s.n / s.groups;
     if (m <= 0) return;
+    const bool dense = s.groups == 1 && s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
     for (int64_t g = 0; g < s.groups; ++g) {
         Epi eg = e;
         eg.col_off = e.col_off + g * ng;
-        if (s.groups == 1 && s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0) {
+        if (dense) {
             DenseRows rows;
             rows.k = s.c;
             rows.x = x;
@@ -376,6 +400,7 @@ void conv2d_gemm(const uint8_t* x, const ConvShape& s, int32_t zp, const std::ve
             gemm(rows, m, zp, *w[static_cast<size_t>(g)], bias, eg);
         }
     }
+    note_path(int8_isa(), dense ? "conv-1x1" : "conv-im2col", e);
 }
 
 void dw_rows_portable(const DwJob& j, int64_t r0, int64_t r1) {
@@ -436,15 +461,21 @@ void conv2d_depthwise(const uint8_t* x, const ConvShape& s, int32_t zp, const in
 #ifdef LOWBIT_INT8_X86
     std::vector<int16_t> wpair;
     std::vector<int8_t> wq;
+    Isa ran = Isa::portable;
     if (int8_isa() == Isa::vnni && !e.add_res) {  // (a fused residual add: the AVX2 path)
         dw_pack_vnni(w, s.c, s.kh, s.kw, wq);
         job.wq = wq.data();
         fn = dw_rows_vnni;
+        ran = Isa::vnni;
     } else if (raw_u8) {
         dw_pack_avx2(w, s.c, s.kh * s.kw, wpair);
         job.wpair = wpair.data();
         fn = dw_rows_avx2;
+        ran = Isa::avx2;
     }
+    note_path(ran, "depthwise", e);
+#else
+    note_path(Isa::portable, "depthwise", e);
 #endif
     // Enough output rows per chunk to amortize the hand-off (~64k MACs).
     const int64_t per_row = std::max<int64_t>(1, s.wo * s.c * s.kh * s.kw);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -13,10 +14,33 @@
 #include <pthread.h>
 #define LOWBIT_HAVE_ATFORK 1
 #endif
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#include <immintrin.h>
+#define LOWBIT_CPU_RELAX() _mm_pause()
+#else
+#define LOWBIT_CPU_RELAX() std::this_thread::yield()
+#endif
 
 namespace lowbit {
 
 namespace {
+
+std::atomic<int> g_spin_us{200};  // see set_spin_us()
+
+// Spins (with a CPU pause) until done() or until g_spin_us microseconds have passed; true if done().
+template <class Done>
+bool spin_until(Done done) {
+    const int us = g_spin_us.load(std::memory_order_relaxed);
+    if (us <= 0) return done();
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    for (;;) {
+        for (int i = 0; i < 64; ++i) {
+            if (done()) return true;
+            LOWBIT_CPU_RELAX();
+        }
+        if (std::chrono::steady_clock::now() >= until) return done();
+    }
+}
 
 // One parallel_for call: its chunks, how many workers are inside it, its first error. Lives on the
 // caller's stack; the caller unlinks it from the pool and waits for helpers == 0 before returning.
@@ -24,7 +48,7 @@ struct Job {
     const std::function<void(int)>* task = nullptr;
     int nchunks = 0;
     std::atomic<int> next{0};
-    int helpers = 0;            // workers working on this job (guarded by Pool::mu_)
+    std::atomic<int> helpers{0};  // workers working on this job (changed under Pool::mu_)
     std::exception_ptr error;   // first exception (guarded by err_mu)
     std::mutex err_mu;
 
@@ -72,12 +96,18 @@ class Pool {
             {
                 std::lock_guard<std::mutex> lk(mu_);
                 jobs_.push_back(&job);
+                epoch_.fetch_add(1, std::memory_order_release);  // wakes the spinning workers
             }
-            cv_.notify_all();
+            cv_.notify_all();  // the sleeping ones (no system call when none sleeps)
             job.work();
             std::unique_lock<std::mutex> lk(mu_);
             jobs_.erase(std::find(jobs_.begin(), jobs_.end(), &job));  // no new helper can join now
-            done_cv_.wait(lk, [&] { return job.helpers == 0; });
+            lk.unlock();
+            // The helpers are finishing their last chunks: wait for them spinning, then sleeping.
+            if (!spin_until([&] { return job.helpers.load(std::memory_order_acquire) == 0; })) {
+                lk.lock();
+                done_cv_.wait(lk, [&] { return job.helpers.load() == 0; });
+            }
         }
         if (job.error) std::rethrow_exception(job.error);
     }
@@ -104,17 +134,25 @@ class Pool {
         return nullptr;
     }
 
+    // A worker: helps the active jobs; when there is none it spins for up to g_spin_us (a new job is
+    // announced by epoch_, so the next kernel call of a model finds it awake), then sleeps on cv_.
     void loop() {
         std::unique_lock<std::mutex> lk(mu_);
         for (;;) {
-            Job* j = nullptr;
-            cv_.wait(lk, [&] { return stopping_ || (j = find_job()) != nullptr; });
+            Job* j = find_job();
+            if (!j && !stopping_) {
+                const uint64_t seen = epoch_.load(std::memory_order_acquire);
+                lk.unlock();
+                spin_until([&] { return epoch_.load(std::memory_order_acquire) != seen; });
+                lk.lock();
+                cv_.wait(lk, [&] { return stopping_ || (j = find_job()) != nullptr; });
+            }
             if (stopping_) return;
-            ++j->helpers;
+            j->helpers.fetch_add(1);
             lk.unlock();
             j->work();
             lk.lock();
-            if (--j->helpers == 0) done_cv_.notify_all();
+            if (j->helpers.fetch_sub(1) == 1) done_cv_.notify_all();  // j may be gone after this line
         }
     }
 
@@ -123,6 +161,7 @@ class Pool {
     std::condition_variable cv_, done_cv_;
     std::vector<std::thread> workers_;
     std::vector<Job*> jobs_;
+    std::atomic<uint64_t> epoch_{0};  // incremented (under mu_) when a job is added
     bool stopping_ = false;
 };
 
@@ -170,6 +209,10 @@ void set_num_threads(int n) {
 }
 
 int num_threads() { return g_threads.load(); }
+
+void set_spin_us(int us) { g_spin_us.store(std::max(0, std::min(us, 100000))); }
+
+int spin_us() { return g_spin_us.load(); }
 
 bool in_parallel_region() { return t_inside; }
 

@@ -64,7 +64,7 @@ def test_views_and_stages_of_a_residual_network():
 def test_one_step_lowers_the_error_and_trains_only_the_window(digits_cnn):
     model, splits, _ = digits_cnn
     x = splits.calib.tensors[0]
-    ad, teacher = _adapter(model, x, bits=(4, 4), window=1, steps=1, batch_size=len(x), lr=1e-4)
+    ad, teacher = _adapter(model, x, bits=(4, 4), window=1, steps=1, batch_size=len(x), lr=1e-4, safeguard=False)
     with torch.no_grad():
         target = teacher(x)
     ad.quantize(0)
@@ -72,7 +72,7 @@ def test_one_step_lowers_the_error_and_trains_only_the_window(digits_cnn):
     before = _snapshot(ad)
     with torch.no_grad():
         e0 = F.mse_loss(ad.view(1)(x), target).item()
-    assert ad.adapt(1) == [ad.layers[2]]
+    assert ad.adapt(1)["trained"] == [ad.layers[2]]
     with torch.no_grad():
         e1 = F.mse_loss(ad.view(1)(x), target).item()
     assert e1 < e0
@@ -100,11 +100,12 @@ def test_feature_term_trains_the_window_towards_the_teachers_features(digits_cnn
     x = splits.calib.tensors[0]
     outs = {}
     for fw in (0.0, 100.0):
-        ad, teacher = _adapter(model, x, bits=(4, 4), window=1, steps=3, batch_size=len(x), lr=1e-4, feature_weight=fw)
+        ad, teacher = _adapter(model, x, bits=(4, 4), window=1, steps=3, batch_size=len(x), lr=1e-4, feature_weight=fw,
+                               safeguard=False)
         ad.quantize(0)
         name = ad.layers[1]
         e0 = _feature_error(ad, teacher, 0, name, x)
-        assert ad.adapt(0) == [name]
+        assert ad.adapt(0)["trained"] == [name]
         outs[fw] = (e0, _feature_error(ad, teacher, 0, name, x))
         inner = ad.qm.get_submodule(name).layer
         assert not inner._forward_hooks  # the feature hooks are gone after training
@@ -115,7 +116,7 @@ def test_feature_term_trains_the_window_towards_the_teachers_features(digits_cnn
 def test_frozen_layers_stay_frozen(digits_cnn):
     model, splits, _ = digits_cnn
     x = splits.calib.tensors[0]
-    ad, _ = _adapter(model, x, bits=(4, 4), window=2, steps=2)
+    ad, _ = _adapter(model, x, bits=(4, 4), window=2, steps=2, safeguard=False)
     names = [u for u, _ in ad.units]
     frozen: dict[str, list[torch.Tensor]] = {}
     steps = {}
@@ -125,7 +126,7 @@ def test_frozen_layers_stay_frozen(digits_cnn):
         steps[layer] = q.step.step.clone()
         frozen[layer] = [p.detach().clone() for p in ad.units[names.index(layer)][1]]
         before = _snapshot(ad)
-        trained = ad.adapt(i)
+        trained = ad.adapt(i)["trained"]
         assert trained == names[names.index(layer) + 1:][:2]
         changed = _changed(before, _snapshot(ad))
         assert changed == set(trained)  # the window and nothing else
@@ -135,6 +136,60 @@ def test_frozen_layers_stay_frozen(digits_cnn):
         assert all(torch.equal(a, b) for a, b in zip(frozen[layer], now, strict=True)), layer
         assert torch.equal(ad.qm.get_submodule(layer).weight_quantizer.step.step, steps[layer])
     assert all(p.requires_grad for p in ad.qm.parameters())  # restored
+
+
+def test_safeguard_reverts_adaptations_that_hurt_to_the_ptq_model(digits_cnn):
+    model, splits, _ = digits_cnn
+    x, xt = splits.calib.tensors[0], splits.test.tensors[0]
+    kw = {**FAST, "bits": (4, 4), "batch_size": 32, "seed": 1}
+    ptq = lowbit.quantize(model, "adapt", calib=x, steps=0, **kw)
+    with torch.no_grad():
+        want = ptq(xt)
+    for lr, why in ((10.0, None), (1e30, "diverged")):  # every adaptation hurts; the loss overflows at 1e30
+        bad = lowbit.quantize(model, "adapt", calib=x, steps=3, lr=lr, **kw)
+        meta = bad.lowbit_meta["adapt"]
+        rows = [r for r in meta["layers"] if r["trained"]]
+        assert len(rows) == 5 and meta["reverted"] == [r["layer"] for r in rows]
+        assert all(not r["kept"] and r["mse_adapted"] == r["mse_quantized"] for r in rows)
+        assert why is None or all(r["stopped"] == why for r in rows)
+        with torch.no_grad():
+            assert torch.equal(bad(xt), want)  # exactly the sequentially calibrated (PTQ) model
+    unguarded = lowbit.quantize(model, "adapt", calib=x, steps=3, lr=10.0, safeguard=False, **kw)
+    assert unguarded.lowbit_meta["adapt"]["reverted"] == []
+    with torch.no_grad():
+        assert not torch.equal(unguarded(xt), want)
+    with pytest.raises(FloatingPointError, match="loss became"):
+        lowbit.quantize(model, "adapt", calib=x, steps=3, lr=1e30, safeguard=False, **kw)
+
+
+def test_safeguard_keeps_what_helps_judged_on_held_out_samples(digits_cnn):
+    model, splits, _ = digits_cnn
+    x = splits.calib.tensors[0]
+    ad, teacher = _adapter(model, x, bits=(4, 4), steps=40, lr=1e-4, batch_size=32, patience=2, check_every=5)
+    n_held = len(ad.held_target)
+    assert n_held == round(0.125 * len(x)) and len(ad.target) == len(x) - n_held
+    rows = {tuple(r.tolist()) for r in ad.train_xs[0].flatten(1)}
+    assert not any(tuple(r.tolist()) in rows for r in ad.held_xs[0].flatten(1))  # held out of training
+    with torch.no_grad():
+        held_target = teacher(ad.held_xs[0])
+    kept = 0
+    for i in range(len(ad.layers) - 1):
+        ad.quantize(i)
+        before = _snapshot(ad)
+        with torch.no_grad():
+            e0 = F.mse_loss(ad.view(i)(ad.held_xs[0]), held_target).item()
+        row = ad.adapt(i)
+        with torch.no_grad():
+            e1 = F.mse_loss(ad.view(i)(ad.held_xs[0]), held_target).item()
+        assert row["mse_quantized"] == pytest.approx(e0, rel=1e-5) and row["mse_adapted"] == pytest.approx(e1, rel=1e-5)
+        if row["kept"]:
+            kept += 1
+            assert e1 < e0 and _changed(before, _snapshot(ad)) == set(row["trained"])
+        else:
+            assert e1 == e0 and not _changed(before, _snapshot(ad))
+        assert row["steps"] == 40 or (row["stopped"] == "patience" and row["steps"] % 5 == 0)
+    assert kept >= 1
+    ad.close()
 
 
 def test_deterministic_under_a_seed(digits_cnn):
@@ -189,7 +244,12 @@ def test_bad_input(digits_cnn):
     assert AdaptConfig(window="all").window is None
     with pytest.raises(ValueError, match="initializer"):
         AdaptConfig(act_init="golden")
-    with pytest.warns(UserWarning, match=r"over the 40 calibration samples.*overfit"):
+    for bad in ({"holdout": 0}, {"holdout": 1.0}, {"patience": 0}, {"check_every": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AdaptConfig(**bad)
+    with pytest.raises(ValueError, match="leaves 0 held out"):
+        lowbit.quantize(model, "adapt", calib=x[:3], steps=1, holdout=0.1, **FAST)
+    with pytest.warns(UserWarning, match=r"over the 35 calibration samples it trains on \(5 more held out\).*overfit"):
         lowbit.quantize(model, "adapt", calib=x[:40], steps=30, batch_size=16, **FAST)
     torch.manual_seed(0)
     one = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))

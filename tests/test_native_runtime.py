@@ -103,6 +103,33 @@ def test_failed_allocation_is_memory_error(two_threads):
     assert torch.equal(native.int8_gemm(x, 7, h), want)
 
 
+def _idle_cpu_s(wait_s: float) -> float:
+    """CPU time this process (all its threads) uses while the calling thread sleeps ``wait_s``."""
+    c0 = time.process_time()
+    time.sleep(wait_s)
+    return time.process_time() - c0
+
+
+def test_idle_workers_spin_briefly_then_sleep(two_threads):
+    """After a parallel_for the idle workers spin at most spin_us() (so a model's next kernel call finds them
+    awake), then sleep: an idle pool uses no CPU between models. The positive control shows the
+    measurement sees a spinning worker."""
+    prev = C.spin_us()
+    try:
+        C.set_spin_us(2000)
+        assert T.parallel_run(8, sleep_us=1000) >= 2
+        time.sleep(0.02)  # 10x the spin
+        assert _idle_cpu_s(0.2) < 0.02
+        C.set_spin_us(100000)  # 100 ms, the cap
+        assert T.parallel_run(8, sleep_us=1000) >= 2
+        assert _idle_cpu_s(0.08) > 0.005
+        C.set_spin_us(10**9)
+        assert C.spin_us() == 100000
+    finally:
+        C.set_spin_us(prev)
+    assert prev == native.spin_us()
+
+
 # ------------------------------------------------------------------------------------------ concurrency
 
 

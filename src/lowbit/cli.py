@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lowbit.bench.cli",
     "lowbit.bm.cli",
     "lowbit.export.cli",
+    "lowbit.profile.cli",
     "lowbit.qat.cli",
     "lowbit.study.cli",
 )

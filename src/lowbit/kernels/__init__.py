@@ -39,6 +39,7 @@ __all__ = [
     "int8_linear",
     "int8_conv2d",
     "qadd",
+    "quantize_u8",
     "max_pool2d_codes",
     "PoolGeometry",
     "avg_pool2d",
@@ -281,3 +282,17 @@ def max_pool2d_codes(x: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:
         g.output_size(int(x.shape[-2]), int(x.shape[-1]))  # its error for a window larger than the map
         return _native_module().max_pool2d(x, g.kernel, g.stride, g.padding, g.dilation, g.ceil_mode)
     return pooling.max_pool2d_codes(x, geometry)
+
+
+def quantize_u8(x: torch.Tensor, scale: float | torch.Tensor, zp: int, lo: int = 0, hi: int = 255) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zp, lo, hi)`` (round half to even) of a float tensor, as
+    float32 operations in that order: the rule of :func:`lowbit.formats.affine.quantize`. ``scale``: a float
+    (per tensor) or a tensor [M, 1] of per-row scales of ``x`` viewed as [M, K]. One native pass over ``x``
+    when the kernels are built (the same codes; a NaN gives ``lo`` there, so callers reject NaN first),
+    else torch ops (:func:`lowbit.kernels.reference.quantize_u8_ref`)."""
+    if not 0 <= lo <= hi <= 255:
+        raise ValueError(f"clamp [{lo}, {hi}] must lie in [0, 255]")
+    x = x.to(torch.float32)
+    if x.is_cpu and _use_native():
+        return _native_module().quantize_u8(x, scale, zp, lo, hi)
+    return reference.quantize_u8_ref(x, scale, zp, lo, hi)

@@ -49,6 +49,8 @@ __all__ = [
     "set_num_threads",
     "threads",
     "num_threads",
+    "spin_us",
+    "set_spin_us",
     "pack_int8",
     "pack_weight",
     "ConvPending",
@@ -168,6 +170,17 @@ def threads(n: int) -> Iterator[int]:
         yield n
     finally:
         set_num_threads(prev if explicit else None)  # back to following torch's count if it did
+
+
+def spin_us() -> int:
+    """How long idle pool workers spin (waiting for the next kernel call) before they sleep, in µs."""
+    return int(_require().spin_us())
+
+
+def set_spin_us(us: int) -> None:
+    """Set :func:`spin_us` (0 .. 100000; 0 = sleep at once). The default, 200 µs, covers the gaps between
+    the kernel calls of a model; longer spins burn a core between models."""
+    _require().set_spin_us(int(us))
 
 
 def num_threads() -> int:
@@ -542,4 +555,27 @@ def qadd(a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, m_a: int, m_b: 
         _ensure_threads()
     c.qops_add(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), int(m_a), int(m_b), int(rshift), za, zb,
                int(out_zp), int(lo), int(hi))
+    return out
+
+
+def quantize_u8(x: torch.Tensor, scale: float | torch.Tensor, zp: int, lo: int, hi: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zp, lo, hi)`` of a float32 tensor in one pass (csrc/quantize.h);
+    ``scale``: a float (per tensor) or a float32 tensor [M, 1] of per-row scales of ``x`` viewed as [M, K]."""
+    c = _require()
+    if x.dtype != torch.float32 or not x.is_cpu:
+        raise TypeError(f"quantize_u8 takes a float32 CPU tensor, got {x.dtype} on {x.device}")
+    x = x.contiguous()
+    cols = int(x.shape[-1]) if x.dim() else 1
+    rows = x.numel() // cols if cols else 0
+    per_row = isinstance(scale, torch.Tensor) and scale.numel() != 1
+    if isinstance(scale, torch.Tensor):
+        s = scale.to(torch.float32).reshape(-1).contiguous()
+        if per_row and s.numel() != rows:
+            raise ValueError(f"{s.numel()} row scales for {rows} rows")
+    else:
+        s = torch.tensor([float(scale)], dtype=torch.float32)
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    if not _threads_set:
+        _ensure_threads()
+    c.quant_f32_u8(x.data_ptr(), out.data_ptr(), rows, cols, s.data_ptr(), per_row, int(zp), int(lo), int(hi))
     return out

@@ -154,3 +154,15 @@ def add_ref(
     acc = (a.to(torch.int64) - int(a_zp)) * int(m_a) + (b.to(torch.int64) - int(b_zp)) * int(m_b)
     out = torch.bitwise_right_shift(acc + (1 << (int(rshift) - 1)), int(rshift)) + int(out_zp)
     return torch.clamp(out, int(lo), int(hi)).to(torch.uint8)
+
+
+def quantize_u8_ref(x: torch.Tensor, scale: float | torch.Tensor, zp: int, lo: int = 0, hi: int = 255
+                    ) -> torch.Tensor:
+    """``clamp(round(x / scale) + zp, lo, hi)`` as uint8, float32 operations in that order."""
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        scale = scale.to(torch.float32).reshape(-1, 1)
+        q = torch.div(x.to(torch.float32).reshape(scale.shape[0], -1), scale).reshape(x.shape)
+    else:
+        q = torch.div(x.to(torch.float32), float(scale))
+    q.round_().add_(zp).clamp_(lo, hi)
+    return q.to(torch.uint8)

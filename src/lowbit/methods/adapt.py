@@ -10,6 +10,16 @@ network's output match the float network's (mean squared error of the outputs on
 data; ``feature_weight`` > 0 adds the squared error of the trained layers' own outputs). Layer ``i`` and
 everything before it stay frozen from then on.
 
+The safeguard (``safeguard=True``, the default): a share ``holdout`` of the calibration samples (drawn with
+``seed``) is kept out of training, and each layer's adaptation is judged by the output MSE on them, every
+``check_every`` steps and after the last. The window keeps the best judged weights only if they lower that
+MSE below its value before the adaptation; otherwise its weights are restored (a diverging loss is restored
+too, instead of raising). A layer whose adaptation is reverted is therefore exactly sequentially calibrated,
+and a run where every adaptation is reverted gives exactly the model of ``steps=0`` (the steps are set on all
+calibration samples either way). ``patience`` stops a layer's training after that many checks without
+improvement. Each layer's row in ``lowbit_meta["adapt"]["layers"]`` says what happened (held-out MSE before
+and after, steps run, kept or reverted, why it stopped); ``reverted`` lists the reverted layers.
+
 lowbit's reading [ours]: the steps are fixed once set (no learned steps); the first and the last layer use
 ``first_last_bits`` (8 by default), as the training-aware methods do; Adam's learning rate decays by a
 cosine within each layer's steps; minibatches are drawn without replacement, pass after pass over the
@@ -57,8 +67,13 @@ class AdaptConfig(QuantConfig):
         calibration samples per step; feature_weight: weight of the trained layers' own output error.
     weight_observer / activation_observer: observers choosing the steps (``mse`` by default);
         init / weight_init / act_init: a step initializer instead (see ``lowbit.quantizers.INITIALIZERS``).
-    seed: minibatch order (and any randomness of the run); device: where the adaptation runs; threads:
-        intra-op threads while it runs (None: unchanged).
+    safeguard: keep a layer's adaptation only if it lowers the output MSE on the held-out calibration samples
+        (else its window's weights are restored); holdout: the share of the calibration samples held out of
+        training for that check and for early stopping (used only when one of them is on); patience: stop a
+        layer's training after this many held-out checks without improvement and keep the best checked
+        weights (None: no early stopping); check_every: steps between held-out checks.
+    seed: minibatch order, held-out split (and any randomness of the run); device: where the adaptation
+        runs; threads: intra-op threads while it runs (None: unchanged).
     """
 
     weight_observer: str = "mse"
@@ -72,6 +87,10 @@ class AdaptConfig(QuantConfig):
     lr: float = 1e-4
     batch_size: int = 64
     feature_weight: float = 0.0
+    safeguard: bool = True
+    holdout: float = 0.125
+    patience: int | None = None
+    check_every: int = 25
     init: str | None = None
     weight_init: str | None = None
     act_init: str | None = None
@@ -101,6 +120,11 @@ class AdaptConfig(QuantConfig):
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {v!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1):
+            raise ValueError(f"holdout is the share of calibration samples held out, in (0, 1); got {self.holdout!r}")
+        for name, v in (("patience", self.patience), ("check_every", self.check_every)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1{' or None' if name == 'patience' else ''}, got {v!r}")
         if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
             raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight!r}")
         for name in ("init", "weight_init", "act_init"):
@@ -176,7 +200,9 @@ class Adapt(Method):
             out = convert(qm)
         meta = dict(out.lowbit_meta)
         meta["adapt"] = {"wall_time_s": time.perf_counter() - t0, "window": cfg.window, "steps": cfg.steps,
-                         "calib_samples": sum(len(as_inputs(b)[0]) for b in calib), "layers": log}
+                         "calib_samples": sum(len(as_inputs(b)[0]) for b in calib), "safeguard": cfg.safeguard,
+                         "patience": cfg.patience, "reverted": [r["layer"] for r in log if not r["kept"]],
+                         "layers": log}
         set_preserved(out, "lowbit_meta", meta)
         return out
 
@@ -274,7 +300,23 @@ class _Features:
             h.remove()
 
 
-def _check(units: list[tuple[str, list[nn.Parameter]]], first: str, n: int, cfg: AdaptConfig) -> None:
+def _split(n: int, cfg: AdaptConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) sample indices: ``cfg.holdout`` of the ``n`` calibration samples, drawn with
+    ``cfg.seed``, are held out when the safeguard or early stopping judges the adaptation; else none."""
+    everything = torch.arange(n)
+    if cfg.steps == 0 or not (cfg.safeguard or cfg.patience is not None):
+        return everything, everything[:0]
+    held = round(cfg.holdout * n)
+    if held < 1 or held >= n:
+        raise ValueError(f"adapt holds out {cfg.holdout:g} of the calibration samples to judge each layer's "
+                         f"adaptation (safeguard / patience), which leaves {held} held out and {n - held} to train on "
+                         f"from {n} samples; pass more calibration data, another holdout, or safeguard=False and "
+                         "patience=None")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(cfg.seed) + 7919))
+    return perm[held:].sort().values, perm[:held].sort().values
+
+
+def _check(units: list[tuple[str, list[nn.Parameter]]], first: str, n: int, n_held: int, cfg: AdaptConfig) -> None:
     if cfg.steps == 0:
         return
     names = [u for u, _ in units]
@@ -285,11 +327,12 @@ def _check(units: list[tuple[str, list[nn.Parameter]]], first: str, n: int, cfg:
                          f"('{first}') has trainable parameters (later layers with parameters: {shown}); "
                          "use steps=0 (sequential calibration) or a post-training method such as static")
     passes = cfg.steps * min(cfg.batch_size, n) / n
+    held = f" ({n_held} more held out)" if n_held else ""
     if passes > MAX_PASSES:
         warnings.warn(f"adapt: {cfg.steps} steps of {min(cfg.batch_size, n)} samples per layer go {passes:.0f} times "
-                      f"over the {n} calibration samples (more than {MAX_PASSES}): the adapted layers may overfit "
-                      f"them; pass more calibration data (calib_samples, at most {cfg.calib_samples} are used) or "
-                      "use fewer steps", UserWarning, stacklevel=5)
+                      f"over the {n} calibration samples it trains on{held} (more than {MAX_PASSES}): the adapted "
+                      f"layers may overfit them; pass more calibration data (calib_samples, at most "
+                      f"{cfg.calib_samples} are used) or use fewer steps", UserWarning, stacklevel=5)
 
 
 class Adapter:
@@ -308,18 +351,23 @@ class Adapter:
         self.units = _units(qm)
         xs = _stack(calib, torch.device("cpu"))
         self.n = len(xs[0])
-        _check(self.units, self.st.layers[0], self.n, cfg)
+        train, held = _split(self.n, cfg)
+        _check(self.units, self.st.layers[0], len(train), len(held), cfg)
         self.was = {p: p.requires_grad for p in qm.parameters()}
         for p in qm.parameters():
             p.requires_grad_(False)
-        self.target = _outputs(self.teacher, xs).to(self.dev)
-        self.xs = tuple(x.to(self.dev) for x in xs)
+        target = _outputs(self.teacher, xs)
+        self.xs = tuple(x.to(self.dev) for x in xs)  # every sample sets the steps (observers, initializers)
+        self.train_xs = tuple(x[train].to(self.dev) for x in xs)  # the adaptation trains on these
+        self.target = target[train].to(self.dev)
+        self.held_xs = tuple(x[held].to(self.dev) for x in xs)  # and is judged on these (if any held out)
+        self.held_target = target[held].to(self.dev)
         qm.to(self.dev)
         self.teacher.to(self.dev)
         size = cfg.calib_batch_size
         batches = [tuple(x[i:i + size] for x in self.xs) for i in range(0, self.n, size)]
         self.batches = [b[0] if len(b) == 1 else b for b in batches]
-        self.minibatches = _Minibatches(self.n, cfg.batch_size, cfg.seed)
+        self.minibatches = _Minibatches(len(train), cfg.batch_size, cfg.seed)
         self.rules = cfg.rules()
         self.log: list[dict[str, Any]] = []
 
@@ -339,37 +387,49 @@ class Adapter:
         after = self.units[names.index(self.st.layers[i]) + 1:]
         return after if self.cfg.window is None else after[: self.cfg.window]
 
-    def mse(self, i: int) -> float:
-        """Output MSE against the teacher on the calibration set, layers ``0..i`` quantized."""
-        return _mse(self.view(i), self.xs, self.target)
+    def mse(self, i: int, view: nn.Module | None = None) -> float:
+        """Output MSE against the teacher, layers ``0..i`` quantized, on the held-out calibration samples (on
+        the training samples when none are held out)."""
+        view = self.view(i) if view is None else view
+        if len(self.held_target):
+            return _mse(view, self.held_xs, self.held_target)
+        return _mse(view, self.train_xs, self.target)
 
     def quantize(self, i: int) -> None:
         from lowbit.qat.stages import calibrate_stage
 
         calibrate_stage(self.qm, self.st, i, self.batches, *self.rules)
 
-    def adapt(self, i: int, steps: int | None = None) -> list[str]:
-        """Train the window after layer ``i`` (``steps``: default the config's); returns the modules trained."""
+    def adapt(self, i: int, steps: int | None = None) -> dict[str, Any]:
+        """Train the window after layer ``i`` (``steps``: default the config's). Returns what happened:
+        ``trained`` (the modules trained), ``steps`` (run), ``mse_quantized`` / ``mse_adapted`` (:meth:`mse`
+        before training and of the weights kept), ``kept`` (False: the safeguard restored the weights the
+        window had before), ``stopped`` (why training ended early: ``"patience"``, ``"diverged"``, or None)."""
         steps = self.cfg.steps if steps is None else steps
         window = [(u, ps) for u, ps in self.window(i) if ps]
+        view = self.view(i)
+        before = self.mse(i, view)
+        row: dict[str, Any] = {"trained": [], "steps": 0, "mse_quantized": before, "mse_adapted": before,
+                               "kept": True, "stopped": None}
+        if not (window and steps):
+            return row
+        row["trained"] = [u for u, _ in window]
+        judge = _Judge(self, i, view, [self.qm.get_submodule(u) for u, _ in window], before)
         params = [p for _, ps in window for p in ps]
-        if params and steps:
-            _train(self.view(i), self, params, [u for u, _ in window], steps, self.st.layers[i])
-        return [u for u, _ in window]
+        row["steps"], row["stopped"] = _train(view, self, params, row["trained"], steps, self.st.layers[i], judge)
+        row["mse_adapted"], row["kept"] = judge.finish()
+        return row
 
     def run(self) -> list[dict[str, Any]]:
-        """Quantize and adapt every layer in turn; one row per layer (its name, the modules trained after it,
-        the output MSE right after quantizing it and after the adaptation)."""
+        """Quantize and adapt every layer in turn; one row per layer: its name and what :meth:`adapt` did."""
         bar = tqdm(self.st.layers, desc="adapting layers", unit="layer", disable=not self.cfg.progress)
         try:
             for i, name in enumerate(bar):
                 self.quantize(i)
-                before = self.mse(i)
-                trained = self.adapt(i)
-                after = self.mse(i) if trained and self.cfg.steps else before
-                bar.set_postfix_str(f"{name}: mse {before:.3g} -> {after:.3g}")
-                self.log.append({"layer": name, "trained": trained, "mse_quantized": before, "mse_adapted": after,
-                                 "steps": self.cfg.steps if trained else 0})
+                row = self.adapt(i)
+                note = "" if row["kept"] else " (reverted)"
+                bar.set_postfix_str(f"{name}: mse {row['mse_quantized']:.3g} -> {row['mse_adapted']:.3g}{note}")
+                self.log.append({"layer": name, **row})
         finally:
             self.close()
         return self.log
@@ -382,8 +442,48 @@ class Adapter:
         self.teacher.cpu()
 
 
+class _Judge:
+    """The held-out checks of one layer's adaptation: the best weights of the window so far (with the
+    safeguard, the weights before training are a candidate too) and when to stop (``patience``)."""
+
+    def __init__(self, ad: Adapter, i: int, view: nn.Module, modules: list[nn.Module], before: float) -> None:
+        self.ad, self.i, self.view, self.modules = ad, i, view, modules
+        cfg = ad.cfg
+        self.on = cfg.safeguard or cfg.patience is not None
+        self.best = before if cfg.safeguard else math.inf
+        self.state = self._save() if cfg.safeguard else None
+        self.from_start = cfg.safeguard  # True while the best weights are those before training
+        self.stale = 0
+
+    def _save(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules]
+
+    def check(self) -> bool:
+        """Judge the current weights on the held-out samples; True: stop training (patience ran out)."""
+        if not self.on:
+            return False
+        mse = self.ad.mse(self.i, self.view)
+        if mse < self.best:
+            self.best, self.state, self.from_start, self.stale = mse, self._save(), False, 0
+        else:
+            self.stale += 1
+        return self.ad.cfg.patience is not None and self.stale >= self.ad.cfg.patience
+
+    def finish(self) -> tuple[float, bool]:
+        """Load the best judged weights; (their held-out MSE, whether they are adapted ones)."""
+        if not self.on:
+            return self.ad.mse(self.i, self.view), True
+        if self.state is not None:
+            with torch.no_grad():
+                for m, sd in zip(self.modules, self.state, strict=True):
+                    m.load_state_dict(sd)
+        return self.best, not self.from_start
+
+
 def _train(view: fx.GraphModule, ad: Adapter, params: list[nn.Parameter], window: list[str], steps: int,
-           layer: str) -> None:
+           layer: str, judge: _Judge) -> tuple[int, str | None]:
+    """Adam on the output MSE for up to ``steps`` steps, judged every ``check_every`` steps and after the last;
+    (steps run, why training ended early: "patience", "diverged" (with the safeguard; else an error), or None)."""
     cfg = ad.cfg
     for p in params:
         p.requires_grad_(True)
@@ -394,19 +494,28 @@ def _train(view: fx.GraphModule, ad: Adapter, params: list[nn.Parameter], window
     try:
         for t in range(steps):
             idx = ad.minibatches.next().to(ad.target.device)
-            x = tuple(v[idx] for v in ad.xs)
+            x = tuple(v[idx] for v in ad.train_xs)
             loss = F.mse_loss(view(*x), ad.target[idx])
             if feats is not None:
                 with torch.no_grad():
                     ad.teacher(*x)
                 loss = loss + cfg.feature_weight * feats.loss()
             if not torch.isfinite(loss):
+                if cfg.safeguard:  # the judge restores the best weights judged so far (at worst, those before)
+                    return t, "diverged"
                 raise FloatingPointError(f"adapt: the loss became {float(loss.detach())} at step {t} after quantizing "
                                          f"layer '{layer}' (lower lr, or check the model and data for NaN/Inf)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if (t + 1) % cfg.check_every == 0 or t + 1 == steps:
+                view.eval()
+                stop = judge.check()
+                view.train()
+                if stop and t + 1 < steps:
+                    return t + 1, "patience"
+        return steps, None
     finally:
         view.eval()
         if feats is not None:

@@ -33,9 +33,7 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor | float, zp: torch.Tenso
                    hi: int = 255) -> torch.Tensor:
     """``clamp(round(x / scale) + zp, lo, hi)`` as uint8 (round half to even), with one temporary: the
     same numbers as :func:`lowbit.formats.affine.quantize`, in fewer passes over ``x``."""
-    q = torch.div(x.to(torch.float32), scale)
-    q.round_().add_(zp).clamp_(lo, hi)
-    return q.to(torch.uint8)
+    return kernels.quantize_u8(x, scale, int(zp), lo, hi)
 
 
 def token_qparams(x2: torch.Tensor) -> torch.Tensor:

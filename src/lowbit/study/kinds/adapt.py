@@ -61,6 +61,10 @@ def _windows(text: str) -> list[int | None]:
     return out
 
 
+def _patience(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else positive_int(text)
+
+
 def _first_last(text: str) -> int | None:
     if text.strip().lower() in ("none", "same"):
         return None
@@ -83,6 +87,13 @@ class AdaptStudy(StudyKind):
         p.add_argument("--steps", type=positive_int, default=300, help="adapt steps per layer (default 300)")
         p.add_argument("--lr", type=positive_float, default=3e-3, help="adapt learning rate (default 3e-3)")
         p.add_argument("--batch-size", type=positive_int, default=64, help="adapt and LSQ batch size (default 64)")
+        p.add_argument("--patience", type=_patience, default=None,
+                       help="adapt: stop a layer's training after this many held-out checks without improvement "
+                            "('none': never; default none)")
+        p.add_argument("--check-every", type=positive_int, default=25,
+                       help="adapt: steps between held-out checks (default 25)")
+        p.add_argument("--no-safeguard", action="store_true",
+                       help="adapt: keep every adaptation, even one that raises the held-out output MSE")
         p.add_argument("--calib-samples", type=positive_int, default=2048,
                        help="unlabelled calibration samples drawn from the training set (default 2048)")
         p.add_argument("--observers", default=_DEFAULT_OBSERVERS,
@@ -103,7 +114,6 @@ class AdaptStudy(StudyKind):
 
     # -------------------------------------------------------------------------------------------
     def run(self, args: argparse.Namespace) -> int:
-        from lowbit.methods.adapt import AdaptConfig
         from lowbit.methods.qat import parse_bits
         from lowbit.observers import OBSERVERS
         from lowbit.quantizers import INITIALIZERS
@@ -123,7 +133,7 @@ class AdaptStudy(StudyKind):
         if args.qat_init not in INITIALIZERS:
             raise ValueError(f"unknown --qat-init {args.qat_init!r}; known: {', '.join(sorted(INITIALIZERS))}")
         for b in bits:  # bit widths and options outside adapt's range fail before any work
-            AdaptConfig(bits=b, first_last_bits=args.first_last_bits, steps=args.steps, lr=args.lr)
+            _adapt_config(b, args)
         for name, chosen in (("--qat-long", long_bits), ("--qat-equal", equal_bits)):
             if not chosen <= set(bits):
                 raise ValueError(f"{name} bit widths {sorted(chosen - set(bits))} are not in --bits")
@@ -134,6 +144,7 @@ class AdaptStudy(StudyKind):
         key = {"study": "adapt", "model": args.model, "data": splits.name, "float_acc": float_acc,
                "first_last_bits": args.first_last_bits, "steps": args.steps, "lr": args.lr,
                "batch_size": args.batch_size, "calib_samples": args.calib_samples, "observers": observers,
+               "safeguard": not args.no_safeguard, "patience": args.patience, "check_every": args.check_every,
                "correct_steps": args.correct_steps, "qat_init": args.qat_init, "qat_lr": args.qat_lr,
                "qat_epochs": args.qat_epochs, "eval_every": args.eval_every,
                **({"device": args.device} if args.device != "cpu" else {})}  # CPU results files stay valid
@@ -181,11 +192,8 @@ def _one_run(rid: dict[str, Any], model: torch.nn.Module, splits: Any, args: arg
         qm, extra = _ptq(model, calib, tuple(rid["bits"]), args, correct=method == "correct", seed=seed)
     elif method.startswith("adapt_"):
         w = method.removeprefix("adapt_")
-        qm = lowbit.quantize(model, "adapt", calib=calib, bits=tuple(rid["bits"]),
-                             window=None if w == "all" else int(w),
-                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed,
-                             first_last_bits=args.first_last_bits, calib_samples=args.calib_samples,
-                             device=args.device, progress=not args.no_progress)
+        cfg = _adapt_config(tuple(rid["bits"]), args, window=None if w == "all" else int(w), seed=seed)
+        qm = lowbit.quantize(model, "adapt", calib=calib, config=cfg)
         extra = {"layers": qm.lowbit_meta["adapt"]["layers"]}
     else:
         qm, extra = _lsq(model, calib, splits, tuple(rid["bits"]), args, seed, long=method == "lsq_long")
@@ -193,6 +201,15 @@ def _one_run(rid: dict[str, Any], model: torch.nn.Module, splits: Any, args: arg
     with tempfile.TemporaryDirectory() as d:
         size = lowbit.save(qm, Path(d) / "m.lowbit").stat().st_size
     return {"acc": evaluate(qm, splits.test), "time_s": took, "size_bytes": size, **extra}
+
+
+def _adapt_config(bits: tuple[int, int], args: argparse.Namespace, **kw: Any) -> Any:
+    from lowbit.methods.adapt import AdaptConfig
+
+    return AdaptConfig(bits=bits, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                       first_last_bits=args.first_last_bits, calib_samples=args.calib_samples,
+                       safeguard=not args.no_safeguard, patience=args.patience, check_every=args.check_every,
+                       device=args.device, progress=not args.no_progress, **kw)
 
 
 def _fake_quant(model: torch.nn.Module, calib: torch.Tensor, cfg: Any) -> tuple[Any, Any]:
@@ -328,6 +345,8 @@ def _report(records: list[dict[str, Any]], bits: list[tuple[int, int]], methods:
                 note = f"{rs[0]['epochs']:.2f} epochs"
             elif m == "correct":
                 note = f"corrections kept in {min(r['kept'] for r in rs)}+ layers"
+            elif m.startswith("adapt_"):
+                note = _adapt_note(rs)
             rows.append([m, fmt_mean_std([r["acc"] for r in rs]), fmt_mean_std([_time_s(r) for r in rs], 1),
                          f"{rs[0]['size_bytes']:,}", len(rs), note])
         parts.append(markdown_table(["method", "int. accuracy %", "wall time s", "file bytes", "seeds", "notes"], rows))
@@ -341,6 +360,16 @@ def _report(records: list[dict[str, Any]], bits: list[tuple[int, int]], methods:
                         mean_std(adapted)[0] if adapted else None, xlabel="training wall time (s, first seed's)")
             parts += [f"![LSQ W{w}A{a}]({png.name})", ""]
     return "\n".join(parts)
+
+
+def _adapt_note(rs: list[dict[str, Any]]) -> str:
+    """How many layer adaptations the safeguard reverted and how many steps ran, over the seeds."""
+    rows = [row for r in rs for row in r["layers"] if row["trained"]]
+    if not rows or "kept" not in rows[0]:
+        return ""
+    reverted = sum(not row["kept"] for row in rows)
+    steps = sum(row["steps"] for row in rows) / len(rs)
+    return f"reverted {reverted}/{len(rows)} layer adaptations; {steps:.0f} steps per run"
 
 
 def _targets(records: list[dict[str, Any]], b: tuple[int, int], methods: list[str], float_acc: float) -> list[str]:
