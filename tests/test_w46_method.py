@@ -234,6 +234,7 @@ def test_study_w46_quick(digits_cnn, tmp_path, capsys):
     before = (tmp_path / "res" / "w46.jsonl").read_text()
     assert main([*argv, "--speed-repeats", "0"]) == 0  # every run is in the results file: nothing is redone
     assert (tmp_path / "res" / "w46.jsonl").read_text() == before and "speed vs w8" not in out.read_text()
+    assert "6 runs (6 taken from the results file of an earlier invocation)" in out.read_text()
     assert main(["study", "w46", "--quick", "--pair", "27,21", "--out", str(out)]) == 2
     assert "K_x·K_w = 13·10 = 130" in capsys.readouterr().err
 

@@ -102,7 +102,7 @@ class W46Study(StudyKind):
         speed = {m: _speed(floats[m], splits, pair, args) for m in models} if args.speed_repeats else {}
         body = _report(records, models, float_acc, speed, pair, args)
         write_markdown(out, "4.6-bit against 4-bit and 8-bit, one pipeline (`lowbit study w46`)", args,
-                       time.perf_counter() - t0, body)
+                       time.perf_counter() - t0, body, records=records, resumed=results.resumed)
         print(f"study written to {out}")
         return 0
 
