@@ -6,7 +6,7 @@ Larq (on tensorflow-cpu) is not a lowbit dependency; run this in its own environ
     TF_USE_LEGACY_KERAS=1 /tmp/larq/bin/python benchmarks/larq_binary.py --models tiny_cnn,small_cnn \\
         --seeds 3 --epochs 2 --train-samples 6000
 
-The network mirrors lowbit's binary form of ``small_cnn`` / ``tiny_cnn`` (src/lowbit/models.py): the first
+The network mirrors lowbit's binary form of ``small_cnn`` / ``tiny_cnn16`` / ``tiny_cnn`` (src/lowbit/models.py): the first
 conv takes the float image with float weights (lowbit: int8), every later conv and the hidden dense layer
 take ``ste_sign`` inputs and ``ste_sign`` weights clipped to [-1, 1] (``weight_clip``), BatchNorm before
 each sign, max-pooling at the same places, padding with -1 (``pad_values=-1``), and the last dense layer
@@ -30,7 +30,7 @@ import numpy as np
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # larq needs Keras 2 (tf-keras)
 
-WIDTHS = {"small_cnn": ((32, 32, 64, 64), 256), "tiny_cnn": ((2, 4, 4, 8), 16)}
+WIDTHS = {"small_cnn": ((32, 32, 64, 64), 256), "tiny_cnn": ((2, 4, 4, 8), 16), "tiny_cnn16": ((16, 16, 16, 16), 32)}
 POOL_AFTER = {0, 1, 3}  # lowbit's small_cnn on 28x28: three ceil-mode pools, after conv 1, 2 and 4
 MEAN, STD = 0.1307, 0.3081
 
@@ -98,7 +98,7 @@ def run(name: str, seed: int, data, epochs: int, batch: int) -> tuple[float, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="tiny_cnn,small_cnn")
+    ap.add_argument("--models", default="small_cnn,tiny_cnn16")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)

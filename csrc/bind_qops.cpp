@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bind_checks.h"
 #include "qops.h"
 #include "quantize.h"
 
@@ -30,38 +31,62 @@ int64_t pool_out(int64_t n, int64_t k, int64_t s, int64_t p, int64_t d, bool cei
 
 }  // namespace
 
+qops::PoolShape check_pool2d(py::tuple in_shape, py::tuple out_hw, py::tuple geom, bool fixed, int op, int zp,
+                             bool ceil_mode) {
+    require(in_shape.size() == 4 && out_hw.size() == 2 && geom.size() == 8, "bad shape tuples");
+    qops::PoolShape s;
+    s.b = in_shape[0].cast<int64_t>();
+    s.c = in_shape[1].cast<int64_t>();
+    s.h = in_shape[2].cast<int64_t>();
+    s.w = in_shape[3].cast<int64_t>();
+    s.ho = out_hw[0].cast<int64_t>();
+    s.wo = out_hw[1].cast<int64_t>();
+    int64_t* g[8] = {&s.kh, &s.kw, &s.sh, &s.sw, &s.ph, &s.pw, &s.dh, &s.dw};
+    for (int i = 0; i < 8; ++i) *g[i] = geom[static_cast<size_t>(i)].cast<int64_t>();
+    s.fixed = fixed;
+    require(op == 0 || op == 1, "pool op must be 0 (max) or 1 (average)");
+    require(s.b >= 0 && s.c >= 1 && s.h >= 1 && s.w >= 1 && s.ho >= 1 && s.wo >= 1, "bad pooling shape");
+    require(zp >= 0 && zp <= 255, "zero point must be in [0, 255]");
+    if (fixed) {
+        require(s.kh >= 1 && s.kw >= 1 && s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && s.ph >= 0 && s.pw >= 0,
+                "kernel, stride and dilation must be >= 1, padding >= 0");
+        require(2 * s.ph <= (s.kh - 1) * s.dh + 1 && 2 * s.pw <= (s.kw - 1) * s.dw + 1,
+                "padding must be at most half of the (dilated) kernel");
+        require(s.ho == pool_out(s.h, s.kh, s.sh, s.ph, s.dh, ceil_mode) &&
+                    s.wo == pool_out(s.w, s.kw, s.sw, s.pw, s.dw, ceil_mode),
+                "output size does not match the pooling geometry");
+    } else {
+        require(s.ho <= s.h && s.wo <= s.w, "adaptive pooling to a larger size");
+    }
+    return s;
+}
+
+qops::AddParams check_add(int64_t m_a, int64_t m_b, int rshift, int a_zp, int b_zp, int out_zp, int lo, int hi) {
+    require(m_a >= 1 && m_b >= 1 && m_a <= (int64_t(1) << 31) && m_b <= (int64_t(1) << 31),
+            "add multipliers must be in [1, 2^31]");
+    require(rshift >= 1 && rshift <= 62, "add shift " + std::to_string(rshift) + " outside [1, 62]");
+    require(a_zp >= 0 && a_zp <= 255 && b_zp >= 0 && b_zp <= 255, "input zero points must be in [0, 255]");
+    require(out_zp >= -(1 << 24) && out_zp <= (1 << 24), "output zero point out of range");
+    require(0 <= lo && lo <= hi && hi <= 255, "add clamp must satisfy 0 <= lo <= hi <= 255");
+    qops::AddParams p;
+    p.m_a = m_a;
+    p.m_b = m_b;
+    p.rshift = rshift;
+    p.a_zp = a_zp;
+    p.b_zp = b_zp;
+    p.out_zp = out_zp;
+    p.lo = lo;
+    p.hi = hi;
+    return p;
+}
+
 void register_qops(py::module_& m) {
     m.def(
         "qops_pool2d",
         [](std::uintptr_t x, py::tuple in_shape, py::tuple out_hw, py::tuple geom, bool fixed, int op, int zp,
            bool nhwc, bool ceil_mode, std::uintptr_t y) {
-            require(in_shape.size() == 4 && out_hw.size() == 2 && geom.size() == 8, "bad shape tuples");
-            qops::PoolShape s;
-            s.b = in_shape[0].cast<int64_t>();
-            s.c = in_shape[1].cast<int64_t>();
-            s.h = in_shape[2].cast<int64_t>();
-            s.w = in_shape[3].cast<int64_t>();
-            s.ho = out_hw[0].cast<int64_t>();
-            s.wo = out_hw[1].cast<int64_t>();
-            int64_t* g[8] = {&s.kh, &s.kw, &s.sh, &s.sw, &s.ph, &s.pw, &s.dh, &s.dw};
-            for (int i = 0; i < 8; ++i) *g[i] = geom[static_cast<size_t>(i)].cast<int64_t>();
-            s.fixed = fixed;
-            require(op == 0 || op == 1, "pool op must be 0 (max) or 1 (average)");
-            require(s.b >= 0 && s.c >= 1 && s.h >= 1 && s.w >= 1 && s.ho >= 1 && s.wo >= 1, "bad pooling shape");
-            require(zp >= 0 && zp <= 255, "zero point must be in [0, 255]");
+            qops::PoolShape s = check_pool2d(in_shape, out_hw, geom, fixed, op, zp, ceil_mode);
             require(x != 0 && y != 0, "null pointer");
-            if (fixed) {
-                require(s.kh >= 1 && s.kw >= 1 && s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && s.ph >= 0 &&
-                            s.pw >= 0,
-                        "kernel, stride and dilation must be >= 1, padding >= 0");
-                require(2 * s.ph <= (s.kh - 1) * s.dh + 1 && 2 * s.pw <= (s.kw - 1) * s.dw + 1,
-                        "padding must be at most half of the (dilated) kernel");
-                require(s.ho == pool_out(s.h, s.kh, s.sh, s.ph, s.dh, ceil_mode) &&
-                            s.wo == pool_out(s.w, s.kw, s.sw, s.pw, s.dw, ceil_mode),
-                        "output size does not match the pooling geometry");
-            } else {
-                require(s.ho <= s.h && s.wo <= s.w, "adaptive pooling to a larger size");
-            }
             if (s.b == 0) return;
             py::gil_scoped_release rel;
             qops::pool2d(reinterpret_cast<const uint8_t*>(x), reinterpret_cast<uint8_t*>(y), s,
@@ -77,21 +102,7 @@ void register_qops(py::module_& m) {
            int a_zp, int b_zp, int out_zp, int lo, int hi) {
             require(n >= 0, "negative element count");
             require(n == 0 || (a != 0 && b != 0 && out != 0), "null pointer");
-            require(m_a >= 1 && m_b >= 1 && m_a <= (int64_t(1) << 31) && m_b <= (int64_t(1) << 31),
-                    "add multipliers must be in [1, 2^31]");
-            require(rshift >= 1 && rshift <= 62, "add shift " + std::to_string(rshift) + " outside [1, 62]");
-            require(a_zp >= 0 && a_zp <= 255 && b_zp >= 0 && b_zp <= 255, "input zero points must be in [0, 255]");
-            require(out_zp >= -(1 << 24) && out_zp <= (1 << 24), "output zero point out of range");
-            require(0 <= lo && lo <= hi && hi <= 255, "add clamp must satisfy 0 <= lo <= hi <= 255");
-            qops::AddParams p;
-            p.m_a = m_a;
-            p.m_b = m_b;
-            p.rshift = rshift;
-            p.a_zp = a_zp;
-            p.b_zp = b_zp;
-            p.out_zp = out_zp;
-            p.lo = lo;
-            p.hi = hi;
+            qops::AddParams p = check_add(m_a, m_b, rshift, a_zp, b_zp, out_zp, lo, hi);
             py::gil_scoped_release rel;
             qops::add_u8(reinterpret_cast<const uint8_t*>(a), reinterpret_cast<const uint8_t*>(b),
                          reinterpret_cast<uint8_t*>(out), n, p);

@@ -16,6 +16,7 @@ void register_binary(py::module_& m);
 void register_bm(py::module_& m);
 void register_qops(py::module_& m);
 void register_runtime(py::module_& m);
+void register_plan(py::module_& m);
 }  // namespace lowbit
 
 PYBIND11_MODULE(_native, m) {
@@ -53,4 +54,5 @@ PYBIND11_MODULE(_native, m) {
     lowbit::register_bm(m);
     lowbit::register_qops(m);
     lowbit::register_runtime(m);
+    lowbit::register_plan(m);
 }

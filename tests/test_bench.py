@@ -20,7 +20,8 @@ native = pytest.importorskip("lowbit.kernels.native")
 if not native.available():  # pragma: no cover - depends on the build
     pytest.skip("lowbit._native is not built: the benchmark compares its kernels", allow_module_level=True)
 
-KEYS = {"case", "impl", "path", "threads", "median_ms", "gops", "repeats", "kernel", "vs_torch_fp32", "vs_torch_int8"}
+KEYS = {"case", "impl", "path", "threads", "median_ms", "gops", "repeats", "kernel", "vs_torch_fp32", "vs_torch_int8",
+        "vs_lowbit_int8"}
 _RANK = {"portable": 0, "avx2": 2, "avx512bw": 3, "vnni": 4}
 
 
@@ -62,3 +63,38 @@ def test_bench_paths_filter():
     assert lb and {r["path"] for r in lb} == {"portable"}
     with pytest.raises(ValueError, match="unknown dispatch path"):
         run(threads=1, quick=True, paths=["sse9"])
+
+
+def test_bench_lowbit_int8_ratio_and_impls_filter():
+    """``vs_lowbit_int8``: each lowbit row against the int8 kernel its own cap runs (the BM target's ratio)."""
+    want = ["lowbit_int8", "lowbit_bm8", "lowbit_bm16", "torch_fp32"]
+    records = run(threads=1, quick=True, impls=want)
+    assert {r["impl"] for r in records} == set(want)
+    for case in QUICK_CASES:
+        rows = [r for r in records if r["case"] == case.name]
+        int8 = {r["kernel"]: r["median_ms"] for r in rows if r["impl"] == "lowbit_int8"}
+        for r in rows:
+            if not r["path"]:
+                assert r["vs_lowbit_int8"] is None
+                continue
+            with native.isa(r["path"]):  # the int8 kernel this row's cap runs (its own row may be a higher path's)
+                ref = native.int8_isa()
+            assert r["vs_lowbit_int8"] == pytest.approx(int8[ref] / r["median_ms"], rel=1e-9)
+        assert {r["path"] for r in rows if r["impl"] == "lowbit_bm16"} >= {"portable"}
+    with pytest.raises(ValueError, match="unknown implementation"):
+        run(threads=1, quick=True, impls=["lowbit_bm32"])
+
+
+def test_bench_honours_the_isa_cap():
+    """Under ``LOWBIT_ISA=avx2`` (here: the process cap) no row runs above AVX2, and the cap is kept."""
+    before = native.isa_cap()
+    native.set_isa("avx2")
+    try:
+        records = run(threads=1, quick=True, impls=["lowbit_int8", "lowbit_bm8"])
+        assert native.isa_cap() == "avx2"
+        paths = {r["path"] for r in records}
+        assert "portable" in paths and paths <= {"portable", "avx2"}
+        if _RANK.get(native.best_isa(), 0) >= _RANK["avx2"]:
+            assert "avx2" in paths
+    finally:
+        native.set_isa(before)

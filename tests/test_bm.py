@@ -325,3 +325,85 @@ def test_bm_method_through_quantize(digits_cnn):
     assert meta["method"] == "bm" and meta["bm"]["layers"] == ["fc1"]
     assert any(isinstance(m, QBMLinear) for m in q.modules())
     assert abs(accuracy(q, splits.test) - meta["bm"]["float_bm_acc"]) <= 1.5
+
+
+class _Branchy(nn.Module):
+    """A model torch.export cannot capture (control flow on a tensor value): saved weights-only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc1 = nn.Linear(3 * 4 * 4, 6)
+        self.fc2 = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1)))
+        if h.sum() > 0:
+            h = h + 0
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("method", ["float16", "dynamic"])
+def test_float_bm_layers_in_a_weights_only_file(tmp_path, method):
+    """A graph-free model with float BM layers: its weights-only file loads into the float model (or the
+    converted one); hostile BM fields are refused before the user's model is touched."""
+    import copy
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowbit.io import ModelFileError
+    from lowbit.modelfile.container import DIGEST_KEY, digest
+
+    torch.manual_seed(0)
+    float_model = _Branchy().eval()
+    q = lowbit.quantize(bm.convert(float_model, ["conv", "fc1"]), method)
+    path = lowbit.save(q, tmp_path / "w.lowbit", weights_only=True)
+    x = torch.rand(2, 2, 4, 4)
+    with torch.no_grad():
+        want = q(x)
+        for target in (copy.deepcopy(float_model), bm.convert(float_model, ["conv", "fc1"])):
+            back = lowbit.load(path, model=target)
+            assert isinstance(back.conv, bm.BMConv2d) and isinstance(back.fc1, bm.BMLinear)
+            assert torch.equal(back(x), want)
+
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = json.loads(f.metadata()["lowbit"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert header["meta"]["swapped"]["fc1"] == {"class": "torch.nn.modules.linear.Linear",
+                                                 "params": {"weight": [6, 48], "bias": [6]}}
+
+    def attr(path: str, **kv: object):
+        return lambda h, t: h["modules"][path]["attrs"].update(kv)
+
+    def tensor(key: str, value: torch.Tensor):
+        return lambda h, t: t.update({key: value})
+
+    cases = {
+        "negative temperature": attr("fc1", temperature=-1.0),
+        "zero floor": attr("conv", floor=0.0),
+        "code width": attr("fc1", code_bits=12),
+        "activation": attr("conv", act="os.system"),
+        "unknown attribute": attr("fc1", __class__="builtins.eval"),
+        "negative size": attr("fc1", in_features=-48),
+        "groups": attr("conv", groups=2),
+        "huge kernel": attr("conv", kernel_size=[1 << 20, 1 << 20]),
+        "class": lambda h, t: h["modules"]["fc1"].update({"class": "_BMPrivate"}),
+        "broadcast tensor": tensor("fc1::v_pos", torch.zeros(1, 48)),
+        "tensor dtype": tensor("fc1::v_neg", torch.zeros(6, 48, dtype=torch.float64)),
+        "NaN": tensor("conv::v_pos", torch.full((3, 2, 3, 3), float("nan"))),
+        "missing tensor": lambda h, t: t.pop("conv::v_neg"),
+        "swapped class": lambda h, t: h["meta"]["swapped"]["conv"].update({"class": "torch.nn.modules.linear.Linear"}),
+        "swapped shape": lambda h, t: h["meta"]["swapped"]["fc1"]["params"].update({"weight": [6, 47]}),
+        "no origin": lambda h, t: h["meta"]["swapped"].pop("conv"),
+    }
+    for what, damage in cases.items():
+        h, t = copy.deepcopy(header), dict(tensors)
+        damage(h, t)
+        text = json.dumps(h)
+        bad = tmp_path / f"{what.replace(' ', '_')}.lowbit"
+        save_file(t, str(bad), metadata={"lowbit": text, DIGEST_KEY: digest(text, t)})
+        target = copy.deepcopy(float_model)
+        with pytest.raises(ModelFileError):
+            lowbit.load(bad, model=target)
+        assert type(target.conv) is nn.Conv2d and type(target.fc1) is nn.Linear, what  # untouched

@@ -46,6 +46,20 @@ def test_lowbit_bm_quick_and_info(tmp_path, capsys):
     assert line.split()[1] == "QBMLinear" and line.split()[2] == "0"  # no multiplication in the BM layer
 
 
+def test_lowbit_bm_seeds_share_a_checkpoint(tmp_path, capsys):
+    """``--checkpoint`` with several seeds: one float model (trained once, then reused), BM seeds vary."""
+    ck, js, md = tmp_path / "float.pt", tmp_path / "bm.json", tmp_path / "bm.md"
+    rc = main(["bm", "small_cnn", "--quick", "--layers", "fc2", "--code-bits", "8", "--seeds", "3,4",
+               "--checkpoint", str(ck), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "bm.lowbit"),
+               "--json", str(js), "--report", str(md), "--no-progress", "--threads", "1"])
+    assert rc == 0 and ck.exists() and not (tmp_path / "runs").exists()
+    recs = json.loads(js.read_text())["records"]
+    assert [r["seed"] for r in recs] == [3, 4] and [r["float_seed"] for r in recs] == [3, 3]
+    assert recs[0]["float_acc"] == recs[1]["float_acc"]
+    assert "Float model: one checkpoint (seed 3) for every seed" in md.read_text()
+    capsys.readouterr()
+
+
 def test_lowbit_bm_bad_options(capsys):
     assert main(["bm", "small_cnn", "--quick", "--code-bits", "12"]) == 2
     assert "--code-bits" in capsys.readouterr().err

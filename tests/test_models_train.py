@@ -72,6 +72,13 @@ def test_small_cnn_size(shape):
     assert 200_000 <= n <= 450_000, n
 
 
+def test_tiny_cnn16_is_under_20k_parameters():
+    """The binary study's tiny net: at most 20 K parameters on MNIST, 16 channels in every conv."""
+    m = models.build("tiny_cnn16", 1, 10, 28)
+    assert 10_000 <= sum(p.numel() for p in m.parameters()) <= 20_000
+    assert [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)] == [16, 16, 16, 16]
+
+
 def test_mobilenet_is_depthwise_separable():
     m = models.build("mobilenet", 3, 10, 32)
     dw = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1]

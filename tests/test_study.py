@@ -7,7 +7,7 @@ import pytest
 import lowbit
 from lowbit.cli import main
 from lowbit.study import STUDIES
-from lowbit.study.core import Results, epochs_to_target, fmt_mean_std, mean_std, run_grid
+from lowbit.study.core import Results, curve_ylim, epochs_to_target, fmt_mean_std, mean_std, run_grid
 from lowbit.study.kinds.init import own_init_key
 from lowbit.study.registry import discover
 
@@ -28,6 +28,14 @@ def test_statistics_by_hand(tmp_path):
     again = Results(tmp_path / "r.jsonl", {"a": 1})
     recs = run_grid([{"seed": 0}, {"seed": 1}], lambda rid: {"x": 10 + rid["seed"]}, again, progress=False)
     assert [r["x"] for r in recs] == [1, 11] and again.resumed == 1  # seed 0 came from the file
+
+
+def test_curve_axis_shows_where_every_curve_ends():
+    # zoom: the lowest of the upper three quarters (95) minus 0.5, the highest point plus 0.3
+    assert curve_ylim([[90.0, 95.0, 96.0, 97.0, 98.0]]) == pytest.approx((94.5, 98.3))
+    # a curve that falls (gradual freezing): its last point stays on the axis, and so does the target
+    assert curve_ylim([[97.0, 94.0, 93.0, 89.0, 87.5]]) == pytest.approx((87.0, 97.3))
+    assert curve_ylim([[97.0, 98.0]], target=90.0) == pytest.approx((89.5, 98.3))
 
 
 def test_kinds_are_discovered():

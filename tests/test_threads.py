@@ -41,6 +41,7 @@ def spy(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(native, "int8_conv2d", conv)
+    monkeypatch.setenv("LOWBIT_PLAN", "0")  # the node-by-node path; tests/test_plan.py checks the plan's threads
     return seen
 
 

@@ -39,6 +39,7 @@ from lowbit.modelfile.header import check_fields, check_meta, module_paths, spli
 from lowbit.modelfile.modules import build_module, module_spec
 from lowbit.modelfile.program import parse_nodes, program_from_fx
 from lowbit.modelfile.weights import load_into, weights_parts
+from lowbit.runtime import install as install_executor
 
 __all__ = ["FORMAT_VERSION", "LoadedModel", "ModelFileError", "file_size", "load", "read_header", "save"]
 
@@ -218,6 +219,7 @@ def _build(header: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.M
         raise ModelFileError(f"modules or tensors no node uses: {unused[:5]}")
     modules = {p: build_module(spec, per_module[p], f"{p}") for p, spec in specs.items()}
     model = LoadedModel(nodes, modules, constants, meta)
+    install_executor(model)  # model(x) runs a native plan when every op has one (lowbit.runtime)
     return guard_model(model.eval())  # torch single-threaded while it runs (lowbit.kernels.threads)
 
 

@@ -10,6 +10,9 @@ and residual adds, with static shapes and no data-dependent control flow, so eve
   ``ceil_mode``) so the flatten size, and hence the parameter count (~0.33 M), is the same everywhere.
 * ``tiny_cnn``: ``small_cnn`` with 2, 4, 4, 8 channels and a 16-unit hidden layer (~2.8 k parameters): a
   net with little redundancy, where 4-bit quantization costs points even on MNIST (the ``adapt`` study).
+* ``tiny_cnn16``: ``small_cnn`` with 16 channels in every conv and a 32-unit hidden layer (~15.7 k
+  parameters at 28x28): the smallest net of this shape that still learns MNIST with binary weights and
+  activations (the ``binary`` study's "tiny CNN of <= 20 K parameters"; ``tiny_cnn`` is too narrow).
 * ``resnet20``: He et al.'s CIFAR ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels) with
   option-B shortcuts (1x1 conv + BN) where the shape changes; ~0.27 M parameters.
 * ``mobilenet``: MobileNet-v1 style depthwise-separable blocks (3x3 depthwise conv + BN + ReLU6,
@@ -27,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "available_models", "build", "SmallCNN", "TinyCNN", "ResNet20", "MobileNet"]
+__all__ = ["MODELS", "available_models", "build", "SmallCNN", "TinyCNN", "TinyCNN16", "ResNet20", "MobileNet"]
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -85,6 +88,13 @@ class TinyCNN(SmallCNN):
 
     widths = (2, 4, 4, 8)
     hidden = 16
+
+
+class TinyCNN16(SmallCNN):
+    """:class:`SmallCNN` with 16 channels per conv and 32 hidden units (module docstring)."""
+
+    widths = (16, 16, 16, 16)
+    hidden = 32
 
 
 # ----------------------------------------------------------------------------------------- resnet20
@@ -181,6 +191,7 @@ class MobileNet(nn.Module):
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "small_cnn": SmallCNN,
     "tiny_cnn": TinyCNN,
+    "tiny_cnn16": TinyCNN16,
     "resnet20": ResNet20,
     "mobilenet": MobileNet,
 }

@@ -49,7 +49,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 # mnist/small_cnn: ~1.5 min per epoch on one thread (99.2% after one).
 _DEFAULT_EPOCHS: dict[str, dict[str, int]] = {
     "digits": {"small_cnn": 20, "resnet20": 30, "mobilenet": 30},
-    "mnist": {"small_cnn": 2, "tiny_cnn": 2, "resnet20": 2, "mobilenet": 2},
+    "mnist": {"small_cnn": 2, "tiny_cnn": 2, "tiny_cnn16": 2, "resnet20": 2, "mobilenet": 2},
     "fashion_mnist": {"small_cnn": 5, "resnet20": 5, "mobilenet": 5},
     "cifar10": {"small_cnn": 15, "resnet20": 30, "mobilenet": 30},
     "cifar100": {"small_cnn": 20, "resnet20": 40, "mobilenet": 40},

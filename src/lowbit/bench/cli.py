@@ -10,7 +10,8 @@ from lowbit.cliargs import add_threads, positive_int
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from lowbit.bench.kernels import run
 
-    run(threads=args.threads, json_path=args.json, repeats=args.repeats, quick=args.quick)
+    run(threads=args.threads, json_path=args.json, repeats=args.repeats, quick=args.quick,
+        paths=_names(args.paths), impls=_names(args.impls))
     return 0
 
 
@@ -45,6 +46,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--json", default=None, help="write the records to this JSON file")
     bp.add_argument("--repeats", type=positive_int, default=20, help="timed repeats (default 20)")
     bp.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
+    bp.add_argument("--paths", default=None, help="comma-separated lowbit dispatch paths to measure (default: all "
+                    "this CPU runs, at most LOWBIT_ISA)")
+    bp.add_argument("--impls", default=None, help="comma-separated implementations to measure (default: all), "
+                    "e.g. lowbit_int8,lowbit_bm8,lowbit_bm16")
     bp.set_defaults(fn=cmd_bench_kernels)
 
     from lowbit.bench.models import DEFAULT_IMPLS, IMPLS, MODELS

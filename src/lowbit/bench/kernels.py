@@ -31,8 +31,11 @@ What each implementation computes (all from the same random operands):
 
 The lowbit rows are repeated for every native dispatch path this CPU can run (``path``: ``vnni``,
 ``avx512bw``, ``avx2``, ``portable``; a path whose kernel is the same as a higher one's is not repeated);
-``path`` is empty for the peers. The ratios compare with ``torch_fp32`` and with the faster of the two
-torch int8 paths on the same case.
+``path`` is empty for the peers; ``LOWBIT_ISA`` (the process cap) bounds the paths measured, so
+``LOWBIT_ISA=avx2`` gives the AVX2-level rows on an AVX-512 machine. The ratios compare with
+``torch_fp32``, with the faster of the two torch int8 paths on the same case, and (lowbit rows) with
+``lowbit_int8`` at the same cap (the int8 kernel that cap runs), e.g. the BM max-plus layer against
+the int8 GEMM of the same shape.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ from lowbit import files
 __all__ = ["run", "CASES"]
 
 PATH_ORDER = ("portable", "avx2", "avx512bw", "vnni")
+IMPLS = ("torch_fp32", "torch_int_mm", "torch_ao_int8", "onnxruntime_int8", "lowbit_int8", "lowbit_w46",
+         "lowbit_binary", "lowbit_bm8", "lowbit_bm16")
 _RANK = {"portable": 0, "neon": 1, "avx2": 2, "avx512bw": 3, "vnni": 4}
 
 
@@ -257,14 +262,16 @@ def _native_settings() -> tuple[str, int]:
 
 
 def _paths(paths: list[str] | None) -> list[str]:
+    """The dispatch paths to measure: those this CPU runs under the caps in force (``LOWBIT_ISA``, set_isa,
+    the calling thread's ``native.isa`` block)."""
     nat = _native()
     if nat is None:
         return []
-    best = str(nat.best_isa())
-    if best == "neon":
+    active = str(nat.active_isa())
+    if active == "neon":
         avail = ["portable"]  # no NEON paths for these kernels yet: the portable C++ runs
     else:
-        avail = [p for p in PATH_ORDER if _RANK[p] <= _RANK.get(best, 0)]
+        avail = [p for p in PATH_ORDER if _RANK[p] <= _RANK.get(active, 0)]
     if paths is not None:
         unknown = [p for p in paths if p not in PATH_ORDER]
         if unknown:
@@ -388,18 +395,25 @@ def run(
     warmup: int = 3,
     quick: bool = False,
     paths: list[str] | None = None,
+    impls: list[str] | None = None,
 ) -> list[dict]:
     """Run the kernel benchmark; print a table and return (and optionally write as JSON) the records.
 
     Records: ``case`` (``gemm_MxNxK``, ``conv_HxW_C``), ``impl``, ``path`` (lowbit dispatch path, empty for
     peers), ``threads``, ``median_ms``, ``gops`` (2*M*N*K / median), plus ``repeats``, ``kernel`` (the native
     kernel that ran), ``vs_torch_fp32`` and ``vs_torch_int8`` (speed-up over torch_fp32 and over the faster
-    of torch_int_mm / torch_ao_int8). ``quick``: small shapes and few repeats (a smoke test).
-    ``paths``: restrict the lowbit dispatch paths.
+    of torch_int_mm / torch_ao_int8) and ``vs_lowbit_int8`` (speed-up over ``lowbit_int8`` at the same
+    ISA cap; None for peers or when that row is not measured). ``quick``: small shapes and few repeats (a
+    smoke test). ``paths``: restrict the lowbit dispatch paths (never above ``LOWBIT_ISA``). ``impls``:
+    measure only these implementations (names as in :data:`IMPLS`).
     """
     threads = int(threads)
     if threads < 1:
         raise ValueError("threads must be >= 1")
+    if impls is not None and (not impls or set(impls) - set(IMPLS)):
+        raise ValueError(f"unknown implementation(s) {sorted(set(impls) - set(IMPLS)) or impls}; use "
+                         f"{', '.join(IMPLS)}")
+    only = None if impls is None else set(impls)
     if json_path:
         files.check_output(json_path)  # before minutes of measuring
     cases = QUICK_CASES if quick else CASES
@@ -407,6 +421,7 @@ def run(
         repeats, warmup = min(repeats, 3), min(warmup, 1)
     budget = 0.3 if quick else 3.0
     lb_paths = _paths(paths)
+    int8_kernel = {p: _kernel_name("int8", p) for p in lb_paths}  # the int8 kernel each cap runs
     prev_cap, prev_threads = _native_settings() if lb_paths else ("vnni", 0)
     prev_torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -421,11 +436,14 @@ def run(
             if ort_impl is not None:
                 impls.append(ort_impl)
             impls += _lowbit_impls(case, lb_paths, g) if lb_paths else []
+            if only is not None:
+                impls = [im for im in impls if im.impl in only]
             _measure(impls, repeats, warmup, budget)
             med = {id(im): statistics.median(im.times) for im in impls}
             t_fp32 = next((med[id(im)] for im in impls if im.impl == "torch_fp32"), math.nan)
             t_int8 = min((med[id(im)] for im in impls if im.impl in ("torch_int_mm", "torch_ao_int8")),
                          default=math.nan)
+            lb_int8 = {im.kernel: med[id(im)] for im in impls if im.impl == "lowbit_int8"}
             for im in impls:
                 t = med[id(im)]
                 records.append({
@@ -439,6 +457,8 @@ def run(
                     "kernel": im.kernel,
                     "vs_torch_fp32": t_fp32 / t,
                     "vs_torch_int8": t_int8 / t,
+                    "vs_lowbit_int8": lb_int8[int8_kernel[im.path]] / t
+                    if im.path and int8_kernel[im.path] in lb_int8 else None,
                 })
     finally:
         torch.set_num_threads(prev_torch_threads)
@@ -451,8 +471,14 @@ def run(
     return records
 
 
+def _ratio(v: float | None, width: int = 9) -> str:
+    """A speed-up column; ``-`` where there is nothing to compare with (NaN / None)."""
+    return f"{'-':>{width}s}" if v is None or math.isnan(v) else f"{v:{width}.2f}"
+
+
 def _print_table(records: list[dict]) -> None:
-    head = f"{'case':22s} {'impl':17s} {'path':9s} {'median ms':>10s} {'GOP/s':>9s} {'x fp32':>8s} {'x t-int8':>9s}"
+    head = (f"{'case':22s} {'impl':17s} {'path':9s} {'median ms':>10s} {'GOP/s':>9s} {'x fp32':>8s} {'x t-int8':>9s} "
+            f"{'x lb-int8':>9s}")
     print(head)
     print("-" * len(head))
     last = None
@@ -461,7 +487,8 @@ def _print_table(records: list[dict]) -> None:
             print()
         last = r["case"]
         print(f"{r['case']:22s} {r['impl']:17s} {r['path']:9s} {r['median_ms']:10.3f} {r['gops']:9.1f} "
-              f"{r['vs_torch_fp32']:8.2f} {r['vs_torch_int8']:9.2f}")
+              f"{_ratio(r['vs_torch_fp32'], 8)} {_ratio(r['vs_torch_int8'])} {_ratio(r['vs_lowbit_int8'])}")
     if records:
         print(f"\n(threads: {records[0]['threads']}; median of interleaved repeats; GOP/s = 2*M*N*K / time; "
-              "x fp32 / x t-int8: speed-up over torch_fp32 / the faster torch int8 path)")
+              "x fp32 / x t-int8 / x lb-int8: speed-up over torch_fp32 / the faster torch int8 path / lowbit_int8 "
+              "at the same ISA cap)")

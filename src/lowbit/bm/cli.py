@@ -1,7 +1,8 @@
 """``lowbit bm MODEL --data mnist``: convert a trained network to BM layer by layer, train, quantize to the
 integer BM model, measure, save; over several seeds, with a results table (mean ± std) in Markdown.
 
-Per seed: the float model (trained, or from its checkpoint ``runs/MODEL-DATA-seedS.pt``), its test
+Per seed: the float model (trained, or from its checkpoint ``runs/MODEL-DATA-seedS.pt``; with
+``--checkpoint`` the same float model for every seed, the seeds then vary the BM training only), its test
 accuracy, :func:`lowbit.bm.train_layerwise`, the float BM accuracy, then for each code width the integer
 BM model (:func:`lowbit.bm.quantize_bm`), its accuracy, file size and operation count. The integer
 model of the first seed and first code width is saved to ``--out``.
@@ -38,9 +39,22 @@ _BEGIN, _END = "<!-- lowbit-bm:{key} -->", "<!-- /lowbit-bm:{key} -->"
 
 
 def _checkpoint(args: argparse.Namespace, seed: int) -> Path:
-    if args.checkpoint and len(args.seed_list) == 1:
+    if args.checkpoint:
         return Path(args.checkpoint)
     return Path(args.runs_dir) / f"{args.model}-{args.data}-seed{seed}.pt"
+
+
+def _float_seed(args: argparse.Namespace, seed: int) -> int:
+    """Seed of the float model (and its data split) BM seed ``seed`` starts from: its own, or with
+    ``--checkpoint`` that checkpoint's (the first seed's if it must be trained) for every seed."""
+    if not args.checkpoint:
+        return seed
+    path = Path(args.checkpoint)
+    if path.exists():
+        from lowbit.train import load_checkpoint
+
+        return int(load_checkpoint(path)[1].get("seed", args.seed_list[0]))
+    return args.seed_list[0]
 
 
 def _one_seed(args: argparse.Namespace, seed: int, progress: bool) -> dict[str, Any]:
@@ -53,7 +67,8 @@ def _one_seed(args: argparse.Namespace, seed: int, progress: bool) -> dict[str, 
     from .training import BMTrainConfig, quantize_bm, train_layerwise
 
     t0 = time.perf_counter()
-    model, splits, meta = train_or_load(args.model, args.data, data_dir=args.data_dir, epochs=args.epochs, seed=seed,
+    fseed = _float_seed(args, seed)
+    model, splits, meta = train_or_load(args.model, args.data, data_dir=args.data_dir, epochs=args.epochs, seed=fseed,
                                         checkpoint=_checkpoint(args, seed), progress=progress, threads=args.threads)
     float_acc = accuracy(model, splits.test)
     cfg = BMTrainConfig(layers=args.layers, epochs_per_layer=args.epochs_per_layer,
@@ -61,7 +76,8 @@ def _one_seed(args: argparse.Namespace, seed: int, progress: bool) -> dict[str, 
                         finetune_lr=args.finetune_lr, batch_size=args.batch_size, temperature=args.temperature,
                         seed=seed, threads=args.threads)
     bm_model, hist = train_layerwise(model, splits, cfg, progress=progress)
-    rec: dict[str, Any] = {"seed": seed, "float_acc": float_acc, "bm_acc": hist["bm_acc"], "layers": hist["layers"],
+    rec: dict[str, Any] = {"seed": seed, "float_seed": fseed, "float_acc": float_acc, "bm_acc": hist["bm_acc"],
+                           "layers": hist["layers"],
                            "stages": hist["stages"], "bm_train_s": hist["time_s"], "integer": {}}
     calib = splits.calib.tensors[0]
     for bits in args.bits_list:
@@ -118,6 +134,10 @@ def _report_section(args: argparse.Namespace, recs: list[dict[str, Any]], wall: 
         f"(other jobs running); wall time {wall / 60:.1f} min for {len(recs)} seed(s); lowbit {lowbit.__version__}.",
         "",
         f"Data: {r0['dataset']}. Converted layers, in order: {', '.join(r0['layers'])}.",
+        "",
+        (f"Float model: one checkpoint (seed {r0['float_seed']}) for every seed; the seeds vary the BM training "
+         "(training subsets, shuffling)." if args.checkpoint else
+         "Float model: one per seed (trained with that seed, or its checkpoint); the seeds vary both."),
         "",
         summary_table(recs, args.bits_list),
         "",
@@ -228,7 +248,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (split, initialization, shuffling)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: one run each and mean ± std")
     p.add_argument("--epochs", type=int, default=None, help="float training epochs if no checkpoint exists")
-    p.add_argument("--checkpoint", default=None, help="float checkpoint (one seed; default runs/MODEL-DATA-seedS.pt)")
+    p.add_argument("--checkpoint", default=None, help="float checkpoint shared by every seed (default: one per seed, "
+                   "runs/MODEL-DATA-seedS.pt)")
     p.add_argument("--runs-dir", default="runs", help="where per-seed float checkpoints go (default runs/)")
     p.add_argument("--layers", default=None, help="comma-separated layer names / patterns to convert (default all)")
     p.add_argument("--epochs-per-layer", type=int, default=None, help="training epochs after each conversion (1)")

@@ -48,6 +48,7 @@ class BMLayer(LowbitModule):
 
     lowbit_layer: ClassVar[bool] = True  # lowbit.graph.prepare: a layer (leaf, BN folding, act fusion)
     batchnorm_type: ClassVar[type[nn.Module]] = nn.BatchNorm1d
+    float_type: ClassVar[type[nn.Module]] = nn.Linear  # the float layer a BM layer replaces
 
     v_pos: nn.Parameter
     v_neg: nn.Parameter
@@ -76,6 +77,16 @@ class BMLayer(LowbitModule):
             if self.bias is not None:
                 self.bias.copy_(bias.detach() if bias is not None else torch.zeros_like(self.bias))
 
+    def float_origin(self) -> dict[str, Any]:
+        """The float layer this one replaces (class and parameter shapes), as a weights-only file records
+        each replaced layer (:mod:`lowbit.modelfile.weights`): such a file loads into the float model."""
+        from lowbit.methods.module_swap import class_key
+
+        params = {"weight": list(self.v_pos.shape)}
+        if self.bias is not None:
+            params["bias"] = list(self.bias.shape)
+        return {"class": class_key(self.float_type), "params": params}
+
     def weight(self) -> torch.Tensor:
         """The equivalent float weight ``exp(v+) - exp(v-)``."""
         return torch.exp(self.v_pos) - torch.exp(self.v_neg)
@@ -89,6 +100,16 @@ class BMLayer(LowbitModule):
         if self.bias is not None:
             t["bias"] = self.bias.detach()
         return t
+
+    @staticmethod
+    def _check_shapes(tensors: dict[str, torch.Tensor], shape: tuple[int, ...], bias: bool) -> None:
+        """A file's tensors have exactly the shapes its attributes give (checked before anything of that
+        size is allocated; ``copy_`` would broadcast a smaller tensor)."""
+        want = {"v_pos": shape, "v_neg": shape, **({"bias": (shape[0],)} if bias else {})}
+        for k, s in want.items():
+            got = tuple(tensors[k].shape) if k in tensors else None
+            if got != tuple(s):
+                raise ValueError(f"BM layer tensor {k}: expected shape {tuple(s)}, got {got or 'nothing'}")
 
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -172,6 +193,7 @@ class BMLinear(BMLayer):
 
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BMLinear:
+        cls._check_shapes(tensors, (attrs["out_features"], attrs["in_features"]), attrs["bias"])
         m = cls(**attrs)
         m._load(tensors)
         return m
@@ -185,6 +207,7 @@ class BMConv2d(BMLayer):
     """BM version of ``nn.Conv2d`` (stride, padding, dilation, groups; zero padding)."""
 
     batchnorm_type = nn.BatchNorm2d
+    float_type = nn.Conv2d
     spec_attrs = {"in_channels": Count, "out_channels": Count, "kernel_size": Pair, "bias": bool, **Geometry,
                   **_OPTIONS}
 
@@ -237,6 +260,10 @@ class BMConv2d(BMLayer):
     @classmethod
     def from_spec(cls, attrs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BMConv2d:
         a = {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
+        groups, cin = a.get("groups", 1), a["in_channels"]
+        if groups < 1 or cin % groups:
+            raise ValueError(f"{cin} input channels are not divisible into {groups} groups")
+        cls._check_shapes(tensors, (a["out_channels"], cin // groups, *pair(a["kernel_size"])), a["bias"])
         m = cls(**a)
         m._load(tensors)
         return m

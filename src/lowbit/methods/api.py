@@ -13,6 +13,7 @@ from lowbit.graph import layer_names, prepare
 from lowbit.graph.attrs import set_preserved
 from lowbit.graph.capture import input_checks, restore_input_checks
 from lowbit.kernels.threads import guard_model
+from lowbit.runtime import install as install_executor
 
 from .base import (
     METHODS,
@@ -94,6 +95,7 @@ def quantize(
     set_preserved(gm, "lowbit_meta", meta)  # kept by copy.deepcopy and pickling
     gm.eval()
     guard_model(gm)  # torch single-threaded while it runs, lowbit's pool at the user's count
+    install_executor(gm)  # model(x) runs a native plan when every op has one (lowbit.runtime)
     _check_runs(gm, example_input, cls.name)
     set_preserved(gm, "lowbit_example", _small(example_input))
     return gm

@@ -26,7 +26,7 @@ OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method",
 #: Attribute names of a LoadedModel (and of any nn.Module): no module path atom may take one.
 RESERVED = frozenset(dir(nn.Module())) | {"lowbit_meta", "lowbit_nodes", "lowbit_constants", "constants",
                                           "called_modules", "_const", "_free", "_dynamic", "_input_index",
-                                          "_n_inputs", "_run"}
+                                          "_n_inputs", "_run", "graph_forward", "_lowbit_executor"}
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,13 @@ class LoadedModel(nn.Module):
         return {n.target: self.get_submodule(n.target) for n in self.lowbit_nodes if n.op == "call_module"}
 
     def forward(self, *inputs: Any) -> Any:
+        ex = self.__dict__.get("_lowbit_executor")  # a native plan per input shape (lowbit.runtime)
+        if ex is not None:
+            return ex(*inputs)
+        return self.graph_forward(*inputs)
+
+    def graph_forward(self, *inputs: Any) -> Any:
+        """The node-by-node forward."""
         if len(inputs) > self._n_inputs:
             raise TypeError(f"this model takes {self._n_inputs} input(s), got {len(inputs)}")
         env: list[Any] = [None] * len(self.lowbit_nodes)

@@ -7,7 +7,9 @@ file), the model's remaining float tensors under their state-dict names, and in 
 module each replaced layer was (``swapped``: class and parameter shapes) and where a module shared
 between paths appears again (``module_aliases``). :func:`load_into` checks all of it against the
 user's own model, built from its code, then swaps the layers in and copies the tensors. No code comes
-from the file: the model's code is the user's.
+from the file: the model's code is the user's. A lowbit module the quantization method did not swap in
+(a float BM layer from ``lowbit.bm.convert``) is recorded by its own ``float_origin()``: the float layer
+it replaced, so the file loads into the float model as well.
 """
 
 from __future__ import annotations
@@ -63,7 +65,13 @@ def weights_parts(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Ten
     for key, t in model.state_dict(keep_vars=True).items():
         if not _under(key, swapped):
             tensors[f"::{key}"] = t.detach()
-    return specs, tensors, {"module_aliases": aliases}
+    extra: dict[str, Any] = {"module_aliases": aliases}
+    info = dict((getattr(model, "lowbit_meta", None) or {}).get("swapped") or {})
+    origin = {p: found[aliases.get(p, p)].float_origin() for p in swapped
+              if p not in info and hasattr(found[aliases.get(p, p)], "float_origin")}
+    if origin:
+        extra["swapped"] = {**info, **origin}
+    return specs, tensors, extra
 
 
 def _meta_paths(meta: dict[str, Any], specs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -87,6 +95,8 @@ def _check_target(model: nn.Module, path: str, info: dict[str, Any]) -> None:
         m = model.get_submodule(path)
     except AttributeError:
         raise ModelFileError(f"the file replaces layer '{path}', which the given model does not have") from None
+    if hasattr(m, "float_origin") and m.float_origin() == info:
+        return  # the model already holds the converted layer (a float BM layer of the same shapes)
     cls = f"{type(m).__module__}.{type(m).__qualname__}"
     if cls != info["class"]:
         raise ModelFileError(f"layer '{path}' is a {cls} in the given model, a {info['class']} in the file's model")

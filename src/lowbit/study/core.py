@@ -187,6 +187,14 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def curve_ylim(means: Sequence[Sequence[float]], target: float | None = None) -> tuple[float, float]:
+    """The accuracy axis of :func:`plot_curves`: zoomed on the upper three quarters of every mean curve, but
+    always showing where each curve ends and the target."""
+    lo = min(min(sorted(m)[len(m) // 4], m[-1]) for m in means)
+    lo = min(lo, target) if target is not None else lo
+    return max(0.0, lo - 0.5), min(100.0, max(max(m) for m in means) + 0.3)
+
+
 def plot_curves(groups: dict[str, list[Curve]], path: Path, title: str, target: float | None = None,
                 xlabel: str = "epoch", ylabel: str = "test accuracy (%)") -> Path:
     """Mean accuracy per evaluation point with a ±1 std band over the curves of each group; PNG, atomic."""
@@ -209,10 +217,8 @@ def plot_curves(groups: dict[str, list[Curve]], path: Path, title: str, target: 
         means.append(mean)
     if target is not None:
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.2f}%")
-    if means:  # zoom on the interesting part: the upper three quarters of every curve
-        lo = min(sorted(m)[len(m) // 4] for m in means)
-        lo = min(lo, target) if target is not None else lo
-        ax.set_ylim(max(0.0, lo - 0.5), min(100.0, max(max(m) for m in means) + 0.3))
+    if means:
+        ax.set_ylim(*curve_ylim(means, target))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -10,7 +10,7 @@ from the training images with the seed:
   (:func:`lowbit.qat.layerwise.correct_layers`: per-layer output MSE, ``--correct-steps`` Adam steps each);
 * ``adapt_all``, ``adapt_K``: ``adapt`` with window = every later layer, or the next K (``--windows``);
 * ``lsq_equal``: LSQ quantization-aware training on the labelled training set for as many samples as
-  ``adapt`` with window = all pushes through the network (``(layers - 1) × steps × batch``);
+  ``adapt`` with window = all pushes through the network at most (``(layers - 1) × steps × adapt batch``);
 * ``lsq_long``: LSQ for ``--qat-epochs`` (at the bit widths of ``--qat-long``), evaluated every
   ``--eval-every`` epoch, to measure the training time QAT needs to reach ``adapt``'s accuracy.
 
@@ -83,15 +83,16 @@ class AdaptStudy(StudyKind):
         p.add_argument("--first-last-bits", default="none", type=_first_last,
                        help="bits of the first and last layer for every method ('none': the same as the others; "
                             "default none, so the small net loses points at 4 bits)")
-        p.add_argument("--windows", default="all,1,2", help="adapt windows: 'all' and layer counts (default all,1,2)")
-        p.add_argument("--steps", type=positive_int, default=300, help="adapt steps per layer (default 300)")
+        p.add_argument("--windows", default="1,2", help="adapt windows: 'all' and layer counts (default 1,2)")
+        p.add_argument("--steps", type=positive_int, default=50, help="adapt steps per layer, at most (default 50)")
         p.add_argument("--lr", type=positive_float, default=3e-3, help="adapt learning rate (default 3e-3)")
-        p.add_argument("--batch-size", type=positive_int, default=64, help="adapt and LSQ batch size (default 64)")
-        p.add_argument("--patience", type=_patience, default=None,
+        p.add_argument("--batch-size", type=positive_int, default=64, help="LSQ and correction batch size (default 64)")
+        p.add_argument("--adapt-batch-size", type=positive_int, default=32, help="adapt batch size (default 32)")
+        p.add_argument("--patience", type=_patience, default=1,
                        help="adapt: stop a layer's training after this many held-out checks without improvement "
-                            "('none': never; default none)")
-        p.add_argument("--check-every", type=positive_int, default=25,
-                       help="adapt: steps between held-out checks (default 25)")
+                            "('none': never; default 1)")
+        p.add_argument("--check-every", type=positive_int, default=10,
+                       help="adapt: steps between held-out checks (default 10)")
         p.add_argument("--no-safeguard", action="store_true",
                        help="adapt: keep every adaptation, even one that raises the held-out output MSE")
         p.add_argument("--calib-samples", type=positive_int, default=2048,
@@ -143,7 +144,8 @@ class AdaptStudy(StudyKind):
         model, splits, float_acc = load_float(args)
         key = {"study": "adapt", "model": args.model, "data": splits.name, "float_acc": float_acc,
                "first_last_bits": args.first_last_bits, "steps": args.steps, "lr": args.lr,
-               "batch_size": args.batch_size, "calib_samples": args.calib_samples, "observers": observers,
+               "batch_size": args.batch_size, "adapt_batch_size": args.adapt_batch_size,
+               "calib_samples": args.calib_samples, "observers": observers,
                "safeguard": not args.no_safeguard, "patience": args.patience, "check_every": args.check_every,
                "correct_steps": args.correct_steps, "qat_init": args.qat_init, "qat_lr": args.qat_lr,
                "qat_epochs": args.qat_epochs, "eval_every": args.eval_every,
@@ -206,7 +208,7 @@ def _one_run(rid: dict[str, Any], model: torch.nn.Module, splits: Any, args: arg
 def _adapt_config(bits: tuple[int, int], args: argparse.Namespace, **kw: Any) -> Any:
     from lowbit.methods.adapt import AdaptConfig
 
-    return AdaptConfig(bits=bits, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+    return AdaptConfig(bits=bits, steps=args.steps, lr=args.lr, batch_size=args.adapt_batch_size,
                        first_last_bits=args.first_last_bits, calib_samples=args.calib_samples,
                        safeguard=not args.no_safeguard, patience=args.patience, check_every=args.check_every,
                        device=args.device, progress=not args.no_progress, **kw)
@@ -271,7 +273,7 @@ def _lsq(model: torch.nn.Module, calib: torch.Tensor, splits: Any, bits: tuple[i
     qm = lowbit.qat.prepare(model, cfg, calib=calib).to(args.device)
     prep_s = time.perf_counter() - t0
     n_layers = len(layer_order(qm))
-    epochs = args.qat_epochs if long else (n_layers - 1) * args.steps * args.batch_size / len(splits.train)
+    epochs = args.qat_epochs if long else (n_layers - 1) * args.steps * args.adapt_batch_size / len(splits.train)
     extra: dict[str, Any] = {"epochs": epochs}
     test = None
     if long:
@@ -325,8 +327,10 @@ def _report(records: list[dict[str, Any]], bits: list[tuple[int, int]], methods:
     fl = "the same bits" if args.first_last_bits is None else f"{args.first_last_bits} bits"
     parts = [f"Float model: {args.model} on {args.data}, test accuracy **{float_acc:.2f}%**. First and last layer at "
              f"{fl}. {args.seeds} seed(s) per setting (the seed draws the {args.calib_samples} unlabelled calibration "
-             f"images from the training set and orders every minibatch). adapt: {args.steps} Adam steps per layer, lr "
-             f"{args.lr:g}, batch {args.batch_size}; correction: {args.correct_steps} steps per layer; PTQ chooses "
+             f"images from the training set and orders every minibatch). adapt: at most {args.steps} Adam steps per "
+             f"layer, lr {args.lr:g}, batch {args.adapt_batch_size}, safeguard {'off' if args.no_safeguard else 'on'}, "
+             f"patience {args.patience} check(s) of {args.check_every} steps; correction: {args.correct_steps} steps "
+             "per layer; PTQ chooses "
              f"among {args.observers} by calibration output MSE; LSQ: init {args.qat_init}, lr {args.qat_lr:g}, batch "
              f"{args.batch_size}, labelled training set. Accuracy: the integer model on lowbit's kernels, full test "
              "set, mean ± std over seeds. Time: wall time to make the integer model (no evaluation), one thread.", ""]
@@ -354,9 +358,10 @@ def _report(records: list[dict[str, Any]], bits: list[tuple[int, int]], methods:
         longs = _sel(records, b, "lsq_long")
         if longs:
             png = out.with_name(f"{out.stem}-w{w}a{a}-lsq.png")
-            adapted = [r["acc"] for r in _sel(records, b, "adapt_all")]
+            first = next((m for m in methods if m.startswith("adapt_")), "adapt_all")
+            adapted = [r["acc"] for r in _sel(records, b, first)]
             plot_curves({"lsq (fake-quant)": [[(t, acc) for _e, acc, t in r["curve"]] for r in longs]}, png,
-                        f"LSQ W{w}A{a}: accuracy vs training time (dashed: adapt_all)",
+                        f"LSQ W{w}A{a}: accuracy vs training time (dashed: {first})",
                         mean_std(adapted)[0] if adapted else None, xlabel="training wall time (s, first seed's)")
             parts += [f"![LSQ W{w}A{a}]({png.name})", ""]
     return "\n".join(parts)

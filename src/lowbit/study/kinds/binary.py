@@ -33,7 +33,7 @@ from lowbit.study.core import (
 from lowbit.study.registry import StudyKind, register_study
 
 _DEFAULT_METHODS = "binary_ste,ubq"
-_DEFAULT_MODELS = "small_cnn,tiny_cnn"
+_DEFAULT_MODELS = "small_cnn,tiny_cnn16"
 
 
 @register_study
