@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lowbit.bench.models import IMPLS, run
+from lowbit.bench.models import DEFAULT_IMPLS, run
 from lowbit.bench.nets import NETS, make_net
 from lowbit.cli import main
 
@@ -21,7 +21,7 @@ def test_bench_models_quick(tmp_path, capsys):
     assert torch.get_num_threads() == before
     assert json.loads(out.read_text()) == records
     impls = {r["impl"] for r in records}
-    expected = set(IMPLS)
+    expected = set(DEFAULT_IMPLS)
     if not (importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")):
         expected -= {"ort_fp32", "ort_int8"}  # pragma: no cover - optional peer
     assert expected <= impls
@@ -39,6 +39,17 @@ def test_bench_models_quick(tmp_path, capsys):
             assert 1e-4 < by[impl]["rel_l2"] < 0.2, (impl, by[impl]["rel_l2"])
     table = capsys.readouterr().out
     assert "lowbit_static vs the faster int8 peer" in table and "logical CPUs" in table
+
+
+def test_bench_models_w46_pipeline(capsys):
+    """``--impls lowbit_w8,lowbit_w46``: the w46 pipeline's 8-bit and 4.6-bit models (plain rounding) are
+    timed beside the peers, their outputs agree with fp32 to their quantization, the table gives their ratio."""
+    records = run(quick=True, impls=["torch_fp32", "lowbit_w8", "lowbit_w46"], threads=[1])
+    by = {r["impl"]: r for r in records}
+    assert set(by) == {"torch_fp32", "lowbit_w8", "lowbit_w46"}
+    assert 1e-4 < by["lowbit_w8"]["rel_l2"] < by["lowbit_w46"]["rel_l2"] < 0.3, by
+    assert by["lowbit_w46"]["median_ms"] > 0
+    assert "lowbit_w46 vs lowbit_w8:" in capsys.readouterr().out
 
 
 def test_bench_nets_depend_on_their_input():

@@ -3,6 +3,7 @@ layer-wise correction stage, packed files, fall-backs and bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -220,6 +221,8 @@ def test_study_w46_quick(digits_cnn, tmp_path, capsys):
     text = out.read_text()
     assert "lowbit study w46 --quick" in text and "CPU:" in text and "Claim (4.6-bit" in text
     assert all(f"| {m} |" in text for m in ("w46", "w4", "w8")) and "| w46 | avx2 |" in text
+    peers = ["torch.ao int8"] + (["ONNX Runtime int8"] if importlib.util.find_spec("onnxruntime") else [])
+    assert all(f"| {p} | its own (best ISA) |" in text for p in peers) and "against the int8 peers" in text
     recs = [json.loads(x) for x in (tmp_path / "res" / "w46.jsonl").read_text().splitlines()[1:]]
     assert len(recs) == 6
     by = {(r["id"]["method"], r["id"]["seed"]): r for r in recs}
@@ -231,6 +234,7 @@ def test_study_w46_quick(digits_cnn, tmp_path, capsys):
     before = (tmp_path / "res" / "w46.jsonl").read_text()
     assert main([*argv, "--speed-repeats", "0"]) == 0  # every run is in the results file: nothing is redone
     assert (tmp_path / "res" / "w46.jsonl").read_text() == before and "speed vs w8" not in out.read_text()
+    assert "6 runs (6 taken from the results file of an earlier invocation)" in out.read_text()
     assert main(["study", "w46", "--quick", "--pair", "27,21", "--out", str(out)]) == 2
     assert "K_x·K_w = 13·10 = 130" in capsys.readouterr().err
 

@@ -52,11 +52,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "e.g. lowbit_int8,lowbit_bm8,lowbit_bm16")
     bp.set_defaults(fn=cmd_bench_kernels)
 
-    from lowbit.bench.models import IMPLS, MODELS
+    from lowbit.bench.models import DEFAULT_IMPLS, IMPLS, MODELS
 
     mp = bsub.add_parser("models", help="whole networks (batch 1) against torch fp32/int8 and ONNX Runtime")
     mp.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)} (default all)")
-    mp.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)} (default all)")
+    mp.add_argument("--impls", default=None,
+                    help=f"comma-separated subset of {','.join(IMPLS)} (default {','.join(DEFAULT_IMPLS)})")
     mp.add_argument("--threads", type=_ints, default=[1], help="thread count(s), e.g. 1,2 (default 1)")
     mp.add_argument("--repeats", type=int, default=3, help="repeats of the interleaved rounds (default 3)")
     mp.add_argument("--rounds", type=int, default=None, help="rounds per repeat (default: as many as fit ~2 s)")

@@ -11,6 +11,9 @@ Networks (:mod:`lowbit.bench.nets`): ResNet-18 and MobileNetV2 at 224x224, resne
   ``intra_op_num_threads`` = threads, sequential, all graph optimizations, and
   ``session.force_spinning_stop=1`` (else ORT's workers spin after each run into everyone else's time).
 - ``lowbit_static`` / ``lowbit_dynamic``: ``lowbit.quantize(model, "static" | "dynamic", calib)``.
+- ``lowbit_w8`` / ``lowbit_w46`` (not in the default set; ``--impls``): the 8-bit (256 x 256 levels, int8
+  kernels) and 4.6-bit (25 x 21 levels, 4.6-bit kernels where dispatch picks them) models of the w46
+  pipeline, plain rounding (``correction_steps=0``: the pipeline's later stages change weights, not speed).
 
 The int8 candidates calibrate on the same random inputs. Method: every candidate is warmed up, then
 timed in rounds in which each runs once, in an order rotated every round; the median of the rounds is
@@ -53,9 +56,10 @@ from lowbit import files
 
 from .nets import NETS, make_net
 
-__all__ = ["run", "IMPLS", "MODELS", "QUICK_MODELS"]
+__all__ = ["run", "peer_runners", "IMPLS", "DEFAULT_IMPLS", "MODELS", "QUICK_MODELS"]
 
-IMPLS = ("torch_fp32", "torch_ao_int8", "ort_fp32", "ort_int8", "lowbit_static", "lowbit_dynamic")
+DEFAULT_IMPLS = ("torch_fp32", "torch_ao_int8", "ort_fp32", "ort_int8", "lowbit_static", "lowbit_dynamic")
+IMPLS = (*DEFAULT_IMPLS, "lowbit_w8", "lowbit_w46")
 MODELS = ("resnet18", "mobilenetv2", "resnet20", "mobilenet")
 QUICK_MODELS = ("resnet20",)
 INT8_PEERS = ("torch_ao_int8", "ort_int8")
@@ -147,12 +151,17 @@ def _ort_session(path: str, threads: int) -> Callable[[torch.Tensor], Any]:
     return lambda x: sess.run(None, {"x": x.numpy()})[0]
 
 
+#: Options of the lowbit candidates beyond the calibration data.
+_LOWBIT_OPTIONS: dict[str, dict[str, Any]] = {
+    "static": {"progress": False}, "dynamic": {},
+    "w8": {"correction_steps": 0, "progress": False}, "w46": {"correction_steps": 0, "progress": False},
+}
+
+
 def _lowbit(model: nn.Module, method: str, calib: list[torch.Tensor], x: torch.Tensor) -> nn.Module:
     from lowbit.methods.api import quantize
 
-    q = quantize(model, method, torch.cat(calib), example_input=x, progress=False) if method == "static" else \
-        quantize(model, method, torch.cat(calib), example_input=x)
-    return q
+    return quantize(model, method, torch.cat(calib), example_input=x, **_LOWBIT_OPTIONS[method])
 
 
 def _build(model: nn.Module, impls: list[str], calib: list[torch.Tensor], x: torch.Tensor, workdir: str,
@@ -175,10 +184,8 @@ def _build(model: nn.Module, impls: list[str], calib: list[torch.Tensor], x: tor
                     q = os.path.join(workdir, "model_int8.onnx")
                     _ort_int8_model(fp32, calib, q)
                     built[impl] = q
-            elif impl == "lowbit_static":
-                built[impl] = _lowbit(model, "static", calib, x)
-            elif impl == "lowbit_dynamic":
-                built[impl] = _lowbit(model, "dynamic", calib, x)
+            elif impl.startswith("lowbit_"):
+                built[impl] = _lowbit(model, impl.removeprefix("lowbit_"), calib, x)
         except ImportError as e:
             notes.append(f"{impl} skipped: {e}")
         except Exception as e:  # a peer failing to build must not hide the others
@@ -195,6 +202,18 @@ def _candidates(built: dict[str, Any], threads: int) -> list[Candidate]:
         else:
             out.append(Candidate(impl, obj))
     return out
+
+
+def peer_runners(model: nn.Module, impls: list[str], calib: list[torch.Tensor], x: torch.Tensor, workdir: str,
+                 threads: int, notes: list[str]) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """One batch-1 forward per implementation of ``impls`` (names of :data:`IMPLS`) built for ``model``, for
+    callers that time them beside their own candidates (ORT sessions use ``threads``; the caller sets
+    torch's and lowbit's). ``calib``: calibration batches; ``workdir``: where the ONNX files go. A peer that
+    cannot be built is left out with a line in ``notes``."""
+    bad = [i for i in impls if i not in IMPLS]
+    if bad:
+        raise ValueError(f"unknown implementation(s) {bad}; choose from {', '.join(IMPLS)}")
+    return {c.impl: c.fn for c in _candidates(_build(model, impls, calib, x, workdir, notes), threads)}
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -367,7 +386,7 @@ def run(
     CPU. ``quick``: resnet20 only, few rounds, no waiting (a smoke test).
     """
     models = list(models or (QUICK_MODELS if quick else MODELS))
-    impls = list(impls or IMPLS)
+    impls = list(impls or DEFAULT_IMPLS)
     threads = [int(t) for t in (threads or [1])]
     bad = [m for m in models if m not in NETS]
     if bad:
@@ -460,6 +479,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         if peers and "lowbit_static" in by:
             ratio = min(peers) / by["lowbit_static"]["median_ms"]
             lines.append(f"{'':16s} lowbit_static vs the faster int8 peer: {ratio:.2f}x")
+        if "lowbit_w46" in by and "lowbit_w8" in by:
+            ratio = by["lowbit_w8"]["median_ms"] / by["lowbit_w46"]["median_ms"]
+            lines.append(f"{'':16s} lowbit_w46 vs lowbit_w8: {ratio:.2f}x")
         lines.append("")
     loads = [r["load"] for r in records if not math.isnan(r["load"])]
     if loads:

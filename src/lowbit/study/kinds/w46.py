@@ -8,7 +8,8 @@ it) — and measure the integer model's test accuracy after each, the file size 
 The report gives mean ± std over the seeds per stage and checks the paper's claim (4.6-bit ≥ the mean of
 4-bit and 8-bit). With ``--speed-repeats`` > 0 it also times each model at batch 1 on one thread,
 interleaved in one process: torch fp32, the 8-bit model on the int8 kernels and the 4.6-bit model, on the
-AVX2 path (ISA capped) and on the best path of this CPU.
+AVX2 path (ISA capped) and on the best path of this CPU, and beside them the int8 peers of ``lowbit bench
+models`` (torch.ao x86 and ONNX Runtime static QDQ, both on their own best ISA).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from lowbit.study.registry import StudyKind, register_study
 
 _METHODS = ("w46", "w4", "w8")
 _STAGES = ("rounding", "correction", "freezing")
+#: The int8 peers timed beside the w8/w46 models (``lowbit bench models`` names -> row names) and how many
+#: calibration images they calibrate on.
+_PEERS = {"torch_ao_int8": "torch.ao int8", "ort_int8": "ONNX Runtime int8"}
+_PEER_CALIB = 64
 
 
 @register_study
@@ -97,7 +102,7 @@ class W46Study(StudyKind):
         speed = {m: _speed(floats[m], splits, pair, args) for m in models} if args.speed_repeats else {}
         body = _report(records, models, float_acc, speed, pair, args)
         write_markdown(out, "4.6-bit against 4-bit and 8-bit, one pipeline (`lowbit study w46`)", args,
-                       time.perf_counter() - t0, body)
+                       time.perf_counter() - t0, body, records=records, resumed=results.resumed)
         print(f"study written to {out}")
         return 0
 
@@ -135,7 +140,9 @@ def _one_run(rid: dict[str, Any], model: torch.nn.Module, splits: Any, pair: tup
             continue
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        data = {"train": train, "test": splits.test} if stage == "freezing" else {}
+        # no test data for stage 2: its per-layer test accuracies are not reported, and on resnet20 they would
+        # cost one full test-set pass per frozen layer
+        data = {"train": train} if stage == "freezing" else {}
         qm = lowbit.quantize(model, method, calib=calib, **data, **_options(method, pair, seed, args, stage))
         rec[f"time_{stage}_s"] = time.perf_counter() - t0
         rec[f"acc_{stage}"] = evaluate(qm, splits.test)
@@ -154,6 +161,7 @@ def _speed(model: torch.nn.Module, splits: Any, pair: tuple[int, int], args: arg
     on the best path, interleaved in this process. Each path runs its own copy of a model, so the per-shape
     plans (and the 4.6-bit dispatch choice) of one path are not rebuilt by the other's calls."""
     import lowbit
+    from lowbit.bench.models import peer_runners
     from lowbit.evaluate import measure_latency
     from lowbit.graph import prepare
     from lowbit.kernels.native import active_isa, isa
@@ -175,8 +183,13 @@ def _speed(model: torch.nn.Module, splits: Any, pair: tuple[int, int], args: arg
     for path in paths:
         for name, m in q.items():
             runs[f"{name} {path}"] = on(path, copy.deepcopy(m))
-    lat = measure_latency(runs, 1, warmup=5, repeats=args.speed_repeats, threads=1)
-    return {"paths": paths, "ms": {k: v.median_ms for k, v in lat.items()}}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-study-w46-peers-") as tmp:
+        peer_calib = list(calib[:_PEER_CALIB].split(1))
+        peers = peer_runners(model, list(_PEERS), peer_calib, x, tmp, 1, notes)
+        runs.update({_PEERS[k]: (lambda f=f: f(x)) for k, f in peers.items()})
+        lat = measure_latency(runs, 1, warmup=5, repeats=args.speed_repeats, threads=1)
+    return {"paths": paths, "ms": {k: v.median_ms for k, v in lat.items()}, "notes": notes}
 
 
 def _report(records: list[dict[str, Any]], models: list[str], float_acc: dict[str, float], speed: dict[str, Any],
@@ -225,5 +238,13 @@ def _speed_table(sp: dict[str, Any]) -> list[str]:
         for name in ("w8", "w46"):
             rows.append([name, path, f"{ms[f'{name} {path}']:.3f}",
                          f"{ms[f'w8 {path}'] / ms[f'{name} {path}']:.2f}x"])
-    return ["Batch 1, one thread, interleaved, median (rounded models: speed does not depend on the stage):", "",
-            markdown_table(["model", "kernel path", "latency ms", "speed vs w8 on the same path"], rows)]
+    best = sp["paths"][-1]
+    peers = [name for name in _PEERS.values() if name in ms]
+    w8 = ms[f"w8 {best}"]
+    rows += [[n, "its own (best ISA)", f"{ms[n]:.3f}", f"{w8 / ms[n]:.2f}x (vs w8 {best})"] for n in peers]
+    lines = ["Batch 1, one thread, interleaved, median (rounded models: speed does not depend on the stage):", "",
+             markdown_table(["model", "kernel path", "latency ms", "speed vs w8 on the same path"], rows)]
+    if peers:
+        lines += ["", f"w46 on the {best} path against the int8 peers: "
+                  + ", ".join(f"{ms[n] / ms[f'w46 {best}']:.2f}x {n}" for n in peers) + "."]
+    return lines + [f"\nNote: {n}" for n in sp.get("notes", [])]
