@@ -128,6 +128,18 @@ def test_bad_input_is_refused_before_timing(model_file, tmp_path, monkeypatch):
         profile.profile_file(model_file, input_shape="1,64,64")
     with pytest.raises(ValueError, match="comma-separated"):
         profile.profile_file(model_file, input_shape="3x64x64")
+    for bad in ("3,0,32", "-3,32,32", "3,-1,32"):
+        with pytest.raises(ValueError, match=r"sizes >= 1 \(C,H,W\), got '" + bad + "'"):
+            profile.profile_file(model_file, input_shape=bad)
+    with pytest.raises(ValueError, match="comma-separated"):
+        profile.profile_file(model_file, input_shape="")
+
+
+def test_bad_lowbit_plan_is_refused_before_any_command(model_file, monkeypatch, capsys):
+    monkeypatch.setenv("LOWBIT_PLAN", "maybe")
+    assert main(["info", str(model_file)]) != 0
+    err = capsys.readouterr()
+    assert "LOWBIT_PLAN='maybe'" in err.err and err.out == ""
 
 
 def test_cli_table_json_and_report(model_file, tmp_path, capsys):

@@ -178,13 +178,15 @@ def format_ops(ops: dict[str, Any], per_layer: bool = True) -> str:
 
 
 def _input_shape(meta: dict[str, Any], text: str | None) -> tuple[int, ...]:
-    if text:
+    if text is not None:
         try:
-            shape = tuple(int(v) for v in text.split(",") if v.strip())
+            shape = tuple(int(v) for v in text.split(","))
         except ValueError:
             raise ValueError(f"--input-shape takes comma-separated integers (C,H,W), got {text!r}") from None
-    else:
-        shape = tuple(meta.get("input_shape") or ())
+        if any(v < 1 for v in shape):
+            raise ValueError(f"--input-shape takes sizes >= 1 (C,H,W), got {text!r}")
+        return shape
+    shape = tuple(meta.get("input_shape") or ())
     if not shape or any(v < 1 for v in shape):
         raise ValueError("the model file does not record its input shape: pass --input-shape C,H,W")
     return shape

@@ -75,7 +75,8 @@ _env_checked = False
 
 
 def check_environment() -> None:
-    """``LOWBIT_KERNELS`` and ``LOWBIT_ISA``, when set, hold known values (a typo is an error, not ignored)."""
+    """``LOWBIT_KERNELS``, ``LOWBIT_ISA`` and ``LOWBIT_PLAN``, when set, hold known values (a typo is an error, not
+    ignored; every ``lowbit`` command checks them before it starts)."""
     global _env_checked
     kern = os.environ.get("LOWBIT_KERNELS", "").strip().lower()
     if kern not in ("", "torch", "native"):
@@ -83,6 +84,9 @@ def check_environment() -> None:
     isa = os.environ.get("LOWBIT_ISA", "")
     if isa and isa not in _ISA_NAMES:
         raise ValueError(f"LOWBIT_ISA={isa!r}: use one of {', '.join(_ISA_NAMES[:-1])} (or unset it)")
+    plan = os.environ.get("LOWBIT_PLAN", "").strip()
+    if plan not in ("", "0", "1"):
+        raise ValueError(f"LOWBIT_PLAN={os.environ['LOWBIT_PLAN']!r}: use 0 (node-by-node) or 1 (plans, the default)")
     _env_checked = True
 
 
