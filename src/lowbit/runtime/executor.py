@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from lowbit import kernels
+from lowbit.kernels import native as nat
+
 from .plan import CompiledPlan, Unplannable, build_plan
 
 __all__ = ["Executor", "install", "plan_status", "set_plan", "executor_of", "plan_enabled_by_env"]
@@ -42,8 +45,6 @@ def plan_enabled_by_env() -> bool:
 
 
 def _native_ok() -> str | None:
-    from lowbit import kernels
-
     if not kernels._use_native():
         return "lowbit's native kernels are off (not built, or LOWBIT_KERNELS=torch / kernels.set_backend('torch'))"
     return None
@@ -92,8 +93,6 @@ class Executor:
         plan = self.plan_for((x,), {})
         if plan is None:
             return self.fallback(x)
-        from lowbit.kernels import native as nat
-
         t = torch.zeros(len(plan.steps), dtype=torch.float64)
         with self._lock:
             y = plan.run(_as_input(x), t)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _m
 
 from lowbit.kernels import PackedInt8
 from lowbit.kernels import native as nat
@@ -498,8 +499,6 @@ class CompiledPlan:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
     return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
 
 
