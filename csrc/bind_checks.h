@@ -11,6 +11,7 @@
 
 #include "int8_common.h"
 #include "qops.h"
+#include "w46.h"
 
 namespace lowbit {
 
@@ -51,6 +52,12 @@ GemmCall check_int8_gemm(std::uintptr_t x, int64_t mrows, int64_t k, int64_t ldx
 // Pooling of uint8 codes: in_shape (b, c, h, w), out_hw, geometry (kh, kw, sh, sw, ph, pw, dh, dw).
 qops::PoolShape check_pool2d(pybind11::tuple in_shape, pybind11::tuple out_hw, pybind11::tuple geom, bool fixed,
                              int op, int zp, bool ceil_mode);
+
+// The epilogue of a 4.6-bit call over `rows` output rows of w.N channels (epilogue.h's check_epilogue,
+// the accumulator bound with the bias and the activation zero point x_zp; < 0: K_x), checked.
+wb::Epi check_w46_epi(const char* what, int epi, std::uintptr_t p0, std::uintptr_t p1, int32_t zp, int32_t qmin,
+                      int32_t qmax, const w46::Packed& w, std::uintptr_t bias, std::uintptr_t out, int64_t rows,
+                      int x_zp);
 
 qops::AddParams check_add(int64_t m_a, int64_t m_b, int rshift, int a_zp, int b_zp, int out_zp, int lo, int hi);
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "int8_common.h"
 #include "qops.h"
 #include "quantize.h"
+#include "w46.h"
 
 namespace py = pybind11;
 
@@ -41,7 +43,7 @@ enum class Cvt : int { quant = 0, dequant = 1, copy = 2 };
 // layouts: 0 = same index, 1 = NCHW -> NHWC, 2 = NHWC -> NCHW (a [b, c, hw] <-> [b, hw, c] transpose)
 
 struct Step {
-    enum class Kind { convert, conv, gemm, add, clamp, pool } kind = Kind::convert;
+    enum class Kind { convert, conv, gemm, add, clamp, pool, w46conv, w46gemm } kind = Kind::convert;
     int in0 = 0, in1 = 0, out = 0;
     ConvCall conv;
     GemmCall gemm;
@@ -56,7 +58,17 @@ struct Step {
     float scale = 1.0f;
     int32_t zp = 0, lo = 0, hi = 255;
     uint8_t xor_mask = 0;
+    // 4.6-bit layers (w46.h): conv on NHWC codes (w46g) or linear on dense rows [n, K]
+    std::shared_ptr<w46::Packed> w46w;
+    w46::ConvGeom w46g{};
+    const int32_t* w46_bias = nullptr;
+    wb::Epi w46_e;
+    int w46_zp = -1;
 };
+
+int64_t epi_out_bytes(int kind) {
+    return (kind == static_cast<int>(EpiKind::requant_u8) || kind == static_cast<int>(EpiKind::requant_s8)) ? 1 : 4;
+}
 
 template <class F>
 void relayout(int layout, int64_t b, int64_t c, int64_t hw, F&& f) {
@@ -244,7 +256,7 @@ class Plan {
                                  x_zp, w, bias, kind,
                                  reinterpret_cast<std::uintptr_t>(bufs_.at(static_cast<size_t>(out)).get()), m0,
                                  rshift, out_zp, qmin, qmax, scale, fbias);
-        const int64_t es = (kind == static_cast<int>(EpiKind::requant_u8) || kind == static_cast<int>(EpiKind::requant_s8)) ? 1 : 4;
+        const int64_t es = epi_out_bytes(kind);
         buf(x, mrows * k, false, "gemm input");
         buf(out, mrows * w.n * es, false, "gemm output");
         s.in0 = x;
@@ -252,6 +264,67 @@ class Plan {
         steps_.push_back(s);
         keep_.push_back(handle);
         keep_.push_back(keep);
+    }
+
+    // A 4.6-bit convolution: x uint8 NHWC codes (in_shape b, c, h, w; NCHW semantics), out NHWC rows.
+    void add_w46_conv(int x, int out, py::tuple in_shape, int x_zp, std::shared_ptr<w46::Packed> w, py::tuple kernel,
+                      py::tuple stride, py::tuple padding, py::tuple dilation, int64_t groups, std::uintptr_t bias,
+                      int kind, std::uintptr_t p0, std::uintptr_t p1, int out_zp, int qmin, int qmax,
+                      py::object keep) {
+        const char* what = "w46 conv";
+        need(x >= 0 && out >= 0 && x != out, "w46 conv: operands must be two different buffers of the plan");
+        need(w != nullptr, "w46 conv: no weights");
+        need(py::len(in_shape) == 4 && py::len(kernel) == 2 && py::len(stride) == 2 && py::len(padding) == 2 &&
+                 py::len(dilation) == 2,
+             "w46 conv: in_shape has 4 entries, kernel/stride/padding/dilation 2");
+        auto at = [](const py::tuple& t, int i) { return t[static_cast<size_t>(i)].cast<int64_t>(); };
+        w46::ConvGeom g{at(in_shape, 0), at(in_shape, 1), at(in_shape, 2), at(in_shape, 3), at(kernel, 0),
+                        at(kernel, 1), at(stride, 0), at(stride, 1), at(padding, 0), at(padding, 1),
+                        at(dilation, 0), at(dilation, 1), 0, 0, groups, true, x_zp};
+        need(g.B >= 0 && g.C >= 1 && g.H >= 1 && g.W >= 1, "w46 conv: bad input shape");
+        need(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 && g.pw >= 0 && g.kh >= 1 && g.kw >= 1 &&
+                 groups >= 1,
+             "w46 conv: bad stride / padding / dilation / kernel size");
+        need(groups == w->G && g.C % groups == 0 && w->K == g.kh * g.kw * (g.C / groups),
+             "w46 conv: the weights do not match the input channels / groups / kernel");
+        g.Ho = wb::conv_out_size(g.H, g.kh, g.sh, g.ph, g.dh);
+        g.Wo = wb::conv_out_size(g.W, g.kw, g.sw, g.pw, g.dw);
+        need(g.Ho >= 1 && g.Wo >= 1, "w46 conv: empty output");
+        const int64_t rows = g.B * g.Ho * g.Wo;
+        Step s;
+        s.kind = Step::Kind::w46conv;
+        s.w46_e = check_w46_epi(what, kind, p0, p1, out_zp, qmin, qmax, *w, bias, 1, rows, x_zp);
+        buf(x, g.B * g.H * g.W * g.C, false, "w46 conv input");
+        buf(out, rows * w->N * epi_out_bytes(kind), false, "w46 conv output");
+        s.w46g = g;
+        push_w46(s, std::move(w), bias, x, out, x_zp, std::move(keep));
+    }
+
+    // A 4.6-bit linear layer on dense rows x [m, K].
+    void add_w46_gemm(int x, int out, int64_t mrows, int x_zp, std::shared_ptr<w46::Packed> w, std::uintptr_t bias,
+                      int kind, std::uintptr_t p0, std::uintptr_t p1, int out_zp, int qmin, int qmax,
+                      py::object keep) {
+        need(x >= 0 && out >= 0 && x != out, "w46 gemm: operands must be two different buffers of the plan");
+        need(w != nullptr && w->G == 1, "w46 gemm: weights packed with groups != 1");
+        need(mrows >= 0, "w46 gemm: negative row count");
+        Step s;
+        s.kind = Step::Kind::w46gemm;
+        s.w46_e = check_w46_epi("w46 gemm", kind, p0, p1, out_zp, qmin, qmax, *w, bias, 1, mrows, x_zp);
+        buf(x, mrows * w->K, false, "w46 gemm input");
+        buf(out, mrows * w->N * epi_out_bytes(kind), false, "w46 gemm output");
+        s.n = mrows;
+        push_w46(s, std::move(w), bias, x, out, x_zp, std::move(keep));
+    }
+
+    void push_w46(Step& s, std::shared_ptr<w46::Packed> w, std::uintptr_t bias, int x, int out, int x_zp,
+                  py::object keep) {
+        s.w46_zp = x_zp;
+        s.w46w = std::move(w);
+        s.w46_bias = reinterpret_cast<const int32_t*>(bias);
+        s.in0 = x;
+        s.out = out;
+        steps_.push_back(s);
+        keep_.push_back(std::move(keep));
     }
 
     void add_add(int a, int b, int out, int64_t n, int64_t m_a, int64_t m_b, int rshift, int a_zp, int b_zp,
@@ -335,6 +408,13 @@ class Plan {
         return id == kExtOut ? static_cast<uint8_t*>(out) : bufs_[static_cast<size_t>(id)].get();
     }
 
+    wb::Out w46_out(const Step& s, void* out) const {
+        wb::Out o;
+        o.ptr = dst(s.out, out);
+        o.ldo = s.w46w->N;
+        return o;
+    }
+
     void exec(const Step& s, const void* in, void* out) const {
         switch (s.kind) {
             case Step::Kind::convert:
@@ -358,6 +438,13 @@ class Plan {
             }
             case Step::Kind::pool:
                 if (s.pool.b) qops::pool2d(src(s.in0, in), dst(s.out, out), s.pool, s.pool_op, s.pool_zp, true);
+                return;
+            case Step::Kind::w46conv:
+                if (s.w46g.B) w46::conv2d(src(s.in0, in), s.w46g, *s.w46w, s.w46_bias, s.w46_e, w46_out(s, out));
+                return;
+            case Step::Kind::w46gemm:
+                if (s.n) w46::linear(src(s.in0, in), s.n, s.w46w->K, *s.w46w, s.w46_bias, s.w46_e, w46_out(s, out),
+                                     s.w46_zp);
                 return;
         }
     }
@@ -389,6 +476,13 @@ void register_plan(py::module_& m) {
         .def("gemm", &Plan::add_gemm, py::arg("x"), py::arg("out"), py::arg("m"), py::arg("k"), py::arg("x_zp"),
              py::arg("w"), py::arg("bias"), py::arg("kind"), py::arg("m0"), py::arg("rshift"), py::arg("out_zp"),
              py::arg("qmin"), py::arg("qmax"), py::arg("scale"), py::arg("fbias"), py::arg("handle"), py::arg("keep"))
+        .def("w46_conv", &Plan::add_w46_conv, py::arg("x"), py::arg("out"), py::arg("in_shape"), py::arg("x_zp"),
+             py::arg("w"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+             py::arg("groups"), py::arg("bias"), py::arg("kind"), py::arg("p0"), py::arg("p1"), py::arg("out_zp"),
+             py::arg("qmin"), py::arg("qmax"), py::arg("keep"))
+        .def("w46_gemm", &Plan::add_w46_gemm, py::arg("x"), py::arg("out"), py::arg("m"), py::arg("x_zp"), py::arg("w"),
+             py::arg("bias"), py::arg("kind"), py::arg("p0"), py::arg("p1"), py::arg("out_zp"), py::arg("qmin"),
+             py::arg("qmax"), py::arg("keep"))
         .def("add", &Plan::add_add, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("n"), py::arg("m_a"),
              py::arg("m_b"), py::arg("rshift"), py::arg("a_zp"), py::arg("b_zp"), py::arg("out_zp"), py::arg("lo"),
              py::arg("hi"))

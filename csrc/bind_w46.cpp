@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bind_checks.h"
 #include "epilogue.h"
 #include "w46.h"
 
@@ -25,10 +26,12 @@ void require(bool ok, const char* what, const std::string& msg) {
     if (!ok) throw std::invalid_argument(std::string(what) + ": " + msg);
 }
 
+}  // namespace
+
 // Validated epilogue and output for N channels of `rows` output rows.
 // x_zp: the activation zero point (< 0: K_x); |a - x_zp| <= max(x_zp, 2 K_x - x_zp) bounds the accumulator.
-wb::Epi checked_epi(const char* what, int epi, uintptr_t p0, uintptr_t p1, int32_t zp, int32_t qmin, int32_t qmax,
-                    const w46::Packed& w, uintptr_t bias, uintptr_t out, int64_t rows, int x_zp) {
+wb::Epi check_w46_epi(const char* what, int epi, uintptr_t p0, uintptr_t p1, int32_t zp, int32_t qmin, int32_t qmax,
+                      const w46::Packed& w, uintptr_t bias, uintptr_t out, int64_t rows, int x_zp) {
     EpiArgs a;
     a.kind = epi;
     a.p0 = p0;
@@ -42,8 +45,6 @@ wb::Epi checked_epi(const char* what, int epi, uintptr_t p0, uintptr_t p1, int32
     require(out != 0 || rows == 0, what, "null output pointer");
     return wb::make_epi(epi, p0, p1, zp, qmin, qmax);
 }
-
-}  // namespace
 
 void register_w46(py::module_& m) {
     using w46::Packed;
@@ -79,7 +80,7 @@ void register_w46(py::module_& m) {
             require(M >= 0, what, "negative row count");
             require(ldx >= w.K, what, "row stride " + std::to_string(ldx) + " < K = " + std::to_string(w.K));
             require(x != 0 || M == 0, what, "null activation pointer");
-            const wb::Epi e = checked_epi(what, epi, p0, p1, zp, qmin, qmax, w, bias, out, M, x_zp);
+            const wb::Epi e = check_w46_epi(what, epi, p0, p1, zp, qmin, qmax, w, bias, out, M, x_zp);
             if (M == 0) return;
             wb::Out o;
             o.ptr = reinterpret_cast<void*>(out);
@@ -107,7 +108,7 @@ void register_w46(py::module_& m) {
             gm.Ho = wb::conv_out_size(H, kh, sh, ph, dh);
             gm.Wo = wb::conv_out_size(W, kw, sw, pw, dw);
             require(gm.Ho >= 1 && gm.Wo >= 1, what, "empty output");
-            const wb::Epi e = checked_epi(what, epi, p0, p1, zp, qmin, qmax, w, bias, out, B * gm.Ho * gm.Wo, x_zp);
+            const wb::Epi e = check_w46_epi(what, epi, p0, p1, zp, qmin, qmax, w, bias, out, B * gm.Ho * gm.Wo, x_zp);
             if (B == 0) return;
             wb::Out o;
             o.ptr = reinterpret_cast<void*>(out);

@@ -4,17 +4,14 @@ the model-file standard: every corruption or hostile field is a ModelFileError, 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import lowbit
 from lowbit.io import ModelFileError
-from lowbit.modelfile.container import DIGEST_KEY, digest
+from lowbit.modelfile.container import read, to_bytes
 
 
 class Tagger(nn.Module):
@@ -30,13 +27,11 @@ class Tagger(nn.Module):
 
 
 def _read(path):
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["lowbit"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    return read(path)
 
 
 def _write(path, header, tensors):
-    text = json.dumps(header)
-    save_file(tensors, str(path), metadata={"lowbit": text, DIGEST_KEY: digest(text, tensors)})
+    path.write_bytes(to_bytes(header, tensors))
     return path
 
 

@@ -7,9 +7,11 @@ format has one) recomputed, as an attacker would: the loader's checks must stop 
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import random
+import zlib
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from torch import fx, nn
 import lowbit
 from lowbit.evaluate import model_input
 from lowbit.io import ModelFileError
+from lowbit.modelfile.container import DIGEST_KEY, FORMAT_VERSION, digest, read
 
 MARKER = "pwned.marker"
 PAYLOAD = f"__import__('pathlib').Path({MARKER!r}).touch()"
@@ -34,23 +37,21 @@ def small(tmp_path_factory):
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3)).eval()
     q = lowbit.quantize(m, "static", calib=torch.randn(16, 1, 8, 8), progress=False)
     path = lowbit.save(q, tmp_path_factory.mktemp("small") / "m.lowbit")
-    with safe_open(str(path), framework="pt") as f:
-        header = json.loads(f.metadata()["lowbit"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    header, tensors = read(path)
     return q, path, header, tensors
 
 
 def _write(path, header, tensors):
-    """A file with this header and tensors, its checksum (where the format has one) made to match."""
-    text = json.dumps(header)
-    meta = {"lowbit": text}
-    try:
-        from lowbit.modelfile.container import DIGEST_KEY, digest
-    except ImportError:  # a format without a checksum
-        pass
-    else:
-        meta[DIGEST_KEY] = digest(text, tensors)
-    save_file(tensors, str(path), metadata=meta)
+    """A file with this header and tensors, its checksum made to match."""
+    return _write_text(path, json.dumps(header), tensors)
+
+
+def _write_text(path, text, tensors, version=FORMAT_VERSION):
+    """A format-3 file built here from the format's description (not by lowbit's writer): a stub under
+    ``lowbit``, the header text zlib-compressed and base64-encoded under ``lowbit_z``, the checksum."""
+    stub = json.dumps({"format_version": version, "lowbit_version": lowbit.__version__, "encoding": "zlib+base64"})
+    body = base64.b64encode(zlib.compress(text.encode())).decode()
+    save_file(tensors, str(path), metadata={"lowbit": stub, "lowbit_z": body, DIGEST_KEY: digest(text, tensors)})
     return path
 
 
@@ -234,7 +235,7 @@ def test_hostile_header_is_refused_without_side_effects(damage, small, tmp_path,
     path = tmp_path / "hostile.lowbit"
     if damage is _very_deep_json:
         text = json.dumps(h).replace('"DEEP"', "[" * 100_000 + "]" * 100_000)
-        save_file(t, str(path), metadata={"lowbit": text})
+        _write_text(path, text, t)
     else:
         _write(path, h, t)
     try:
@@ -342,6 +343,104 @@ def test_every_sampled_bit_flip_is_a_model_file_error(small, tmp_path):
     assert not other, f"other exceptions: {other[:5]}"
 
 
+def test_format_3_layout_compressed_header(small, tmp_path):
+    """The file's metadata, read without lowbit: a stub, the header compressed, the checksum; the header
+    is several times smaller than its JSON text."""
+    _, path, header, _ = small
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert set(meta) == {"lowbit", "lowbit_z", DIGEST_KEY}
+    stub = json.loads(meta["lowbit"])
+    assert stub == {"format_version": 3, "lowbit_version": lowbit.__version__, "encoding": "zlib+base64"}
+    text = zlib.decompress(base64.b64decode(meta["lowbit_z"])).decode()
+    assert json.loads(text) == header and header["format_version"] == 3
+    assert len(meta["lowbit_z"]) * 2 < len(text)  # 2.9x on this 5-module model, 7x on ResNet-20
+
+
+def test_info_prints_the_header(small, capsys):
+    from lowbit.cli import main
+
+    _, path, header, _ = small
+    assert main(["info", str(path), "--header"]) == 0
+    assert json.loads(capsys.readouterr().out) == header
+    assert main(["info", "--header"]) == 2 and "give the FILE" in capsys.readouterr().err
+
+
+def test_format_2_files_still_load(small, tmp_path):
+    """A file written before the header was compressed (format 2: the JSON header under ``lowbit``)."""
+    q, _, header, tensors = small
+    text = json.dumps({**header, "format_version": 2})
+    path = tmp_path / "v2.lowbit"
+    save_file(tensors, str(path), metadata={"lowbit": text, DIGEST_KEY: digest(text, tensors)})
+    x = model_input(q, torch.randn(3, 1, 8, 8))
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(path)(x), q(x))
+    save_file(tensors, str(path), metadata={"lowbit": text, "lowbit_z": "", DIGEST_KEY: digest(text, tensors)})
+    with pytest.raises(ModelFileError, match="unexpected metadata key 'lowbit_z'"):
+        lowbit.load(path)
+
+
+def _non_canonical(text):
+    """base64 of the compressed text with the unused low bits of its last character changed (it decodes to
+    the same bytes), or None when no compression level leaves padding bits."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    for level in range(1, 10):
+        enc = base64.b64encode(zlib.compress(text.encode(), level)).decode()
+        if enc.endswith("="):
+            core = enc.rstrip("=")
+            return core[:-1] + alphabet[alphabet.index(core[-1]) ^ 1] + enc[len(core):]
+    return None
+
+
+def _packed_cases(text):
+    good = zlib.compress(text.encode())
+    stub = {"format_version": 3, "lowbit_version": lowbit.__version__, "encoding": "zlib+base64"}
+    b64 = base64.b64encode
+    return {  # name: (stub, lowbit_z or None, the error)
+        "not base64": (stub, "@@@@" + b64(good).decode(), "cannot decompress"),
+        "not zlib": (stub, b64(b"plain text, not zlib").decode(), "cannot decompress"),
+        "truncated": (stub, b64(good[: len(good) // 2]).decode(), "truncated"),
+        "trailing bytes": (stub, b64(good + b"xx").decode(), "trailing"),
+        "non-canonical base64": (stub, _non_canonical(text), "not canonical"),
+        "other encoding": ({**stub, "encoding": "gzip"}, b64(good).decode(), "expected"),
+        "extra stub key": ({**stub, "modules": {}}, b64(good).decode(), "expected"),
+        "no body": (stub, None, "expected"),
+        "version inside differs": ({**stub}, b64(zlib.compress(text.replace('"format_version": 3',
+                                                                         '"format_version": 2').encode())).decode(),
+                                   "format_version 2 inside"),
+        "lowbit version differs": ({**stub, "lowbit_version": "9.9"}, b64(good).decode(), "lowbit_version"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_packed_cases("")))
+def test_corrupt_compressed_header(case, small, tmp_path):
+    _, _, header, tensors = small
+    text = json.dumps(header)
+    stub, body, err = _packed_cases(text)[case]
+    if case == "non-canonical base64" and body is None:
+        pytest.skip("no compression level of this header leaves base64 padding bits")
+    meta = {"lowbit": json.dumps(stub), DIGEST_KEY: digest(text, tensors)}
+    if body is not None:
+        meta["lowbit_z"] = body
+    path = tmp_path / "c.lowbit"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ModelFileError, match=err):
+        lowbit.load(path)
+
+
+def test_compressed_header_bomb_is_bounded(small, tmp_path, monkeypatch):
+    """Decompression stops at MAX_HEADER bytes: a header that expands past it is refused, not inflated."""
+    from lowbit.modelfile import container
+
+    _, _, header, tensors = small
+    monkeypatch.setattr(container, "MAX_HEADER", 1 << 16)
+    text = json.dumps({**header, "pad": " " * (1 << 20)})  # 1 MiB of spaces compresses to ~1 kB
+    path = _write_text(tmp_path / "bomb.lowbit", text, tensors)
+    assert path.stat().st_size < (1 << 16)
+    with pytest.raises(ModelFileError, match="expands past"):
+        lowbit.load(path)
+
+
 def test_checksum_names_the_problem_and_can_be_skipped(small, tmp_path):
     q, path, _, _ = small
     data = bytearray(path.read_bytes())
@@ -364,6 +463,7 @@ def test_loaded_model_runs_without_fx_and_saves_again(small, tmp_path):
     assert r2.lowbit_meta == r.lowbit_meta and r.lowbit_meta["method"] == "static"
     with safe_open(str(path), framework="pt") as a, safe_open(str(tmp_path / "again.lowbit"), framework="pt") as b:
         assert a.metadata() == b.metadata()  # same header, same checksum: the same tensors
+    assert read(path)[0] == read(tmp_path / "again.lowbit")[0]
 
 
 class _FloatLayers(nn.Module):

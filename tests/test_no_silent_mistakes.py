@@ -4,18 +4,17 @@ checked first, the user's checkpoint never overwritten, multi-input models, all-
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import lowbit
 from lowbit import kernels
 from lowbit.cli import main
 from lowbit.evaluate import FloatIO, model_input
+from lowbit.modelfile.container import read
 
 
 @pytest.fixture()
@@ -46,8 +45,7 @@ def no_work(monkeypatch):
 
 
 def _config(path):
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["lowbit"])["meta"]["config"]
+    return read(path)[0]["meta"]["config"]
 
 
 def test_options_are_parsed_by_field_type(ckpt, tmp_path, capsys):

@@ -272,7 +272,10 @@ def test_corrupt_and_future_files(quantized, tmp_path):
         lowbit.load(tmp_path / "missing.lowbit")
     # same file, header claiming a newer format version
     n = struct.unpack("<Q", data[:8])[0]
-    header = data[8 : 8 + n].replace(b'\\"format_version\\":2', b'\\"format_version\\":99')
+    from lowbit.modelfile.container import FORMAT_VERSION
+
+    old = f'\\"format_version\\":{FORMAT_VERSION}'.encode()
+    header = data[8 : 8 + n].replace(old, b'\\"format_version\\":99')
     assert header != data[8 : 8 + n]
     (tmp_path / "future.lowbit").write_bytes(struct.pack("<Q", len(header)) + header + data[8 + n :])
     with pytest.raises(ModelFileError, match="newer|upgrade"):

@@ -42,6 +42,8 @@ def test_pairs():
         check_pair(*good)
     with pytest.raises(ValueError, match=r"K_x·K_w = 13·10 = 130 .* at most N_x = 25"):
         check_pair(27, 21)
+    with pytest.raises(ValueError, match="No N_x >= 3 works with N_w = 257"):
+        check_pair(3, 257)
     with pytest.raises(ValueError, match="must be odd"):
         check_pair(25, 20)
     with pytest.raises(ValueError, match="pair must be"):
@@ -235,8 +237,14 @@ def test_study_w46_quick(digits_cnn, tmp_path, capsys):
     assert main([*argv, "--speed-repeats", "0"]) == 0  # every run is in the results file: nothing is redone
     assert (tmp_path / "res" / "w46.jsonl").read_text() == before and "speed vs w8" not in out.read_text()
     assert "6 runs (6 taken from the results file of an earlier invocation)" in out.read_text()
+    sub = tmp_path / "res" / "w8.md"  # a subset of the methods, from the same results file
+    assert main([*argv[:-3], "--out", str(sub), "--results", str(tmp_path / "res" / "w46.jsonl"), "--methods", "w8",
+                 "--speed-repeats", "0", "--no-progress"]) == 0
+    assert "| w8 |" in sub.read_text() and "| w46 |" not in sub.read_text() and "Claim" not in sub.read_text()
     assert main(["study", "w46", "--quick", "--pair", "27,21", "--out", str(out)]) == 2
     assert "K_x·K_w = 13·10 = 130" in capsys.readouterr().err
+    assert main(["study", "w46", "--quick", "--methods", "w46,w2", "--out", str(out)]) == 2
+    assert "--methods takes a subset of w46,w4,w8" in capsys.readouterr().err
 
 
 def test_cli_quantize_and_compare_run_gradual_freezing(digits_cnn, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -259,9 +260,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit import kernels
 
+    if getattr(args, "header", False) and not getattr(args, "file", None):
+        raise ValueError("--header prints a model file's header: give the FILE")
     if getattr(args, "file", None):
         from lowbit.fileinfo import describe_file, format_file_info
         from lowbit.opcount import cli_info_file
+
+        if args.header:
+            from lowbit.io import read_header
+
+            print(json.dumps(read_header(args.file, verify=not args.no_verify), indent=1))
+            return 0
 
         print(format_file_info(describe_file(args.file, verify=not args.no_verify)))
         return cli_info_file(args)
@@ -359,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-verify", action="store_true", help="skip the file's SHA-256 check")
     sp.add_argument("--input-shape", default=None,
                     help="C,H,W of one input sample, for the operation count, if the file does not record it")
+    sp.add_argument("--header", action="store_true",
+                    help="print the file's header (stored compressed) as JSON: format_version, lowbit_version, "
+                         "meta, modules, nodes")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("demo", help="the main job: train (or reuse) a CNN, compare every method, report")

@@ -32,7 +32,7 @@ from .w46 import (
     w46_linear_ref,
 )
 
-__all__ = ["call"]
+__all__ = ["call", "route", "dispatch_state"]
 
 _MAX_PLANS = 64  # per weight object; more distinct input shapes than this restart the cache
 
@@ -48,6 +48,19 @@ def _state(nat: Any, auto: bool) -> tuple[Any, ...]:
     if nat is None:
         return (None,)
     return (nat.w46_path(), _threads(), w46_dispatch.dispatch_mode() if auto else "w46")
+
+
+def dispatch_state() -> tuple[Any, ...]:
+    """What a layer's kernel choice depends on beyond its shapes: (native path, threads, dispatch mode)."""
+    return _state(_native(), True)
+
+
+def route(w: PackedW46, kind: str, x: torch.Tensor, bias: torch.Tensor | None, epi: Epilogue | None,
+          x_zp: int | None, geo: tuple[Any, ...]) -> str:
+    """The kernel (``"w46"`` or ``"int8"``) the protocol's call of ``kind`` on inputs shaped like ``x`` runs
+    (chosen and cached by one call on ``x``, :mod:`.w46_dispatch`)."""
+    call(w, kind, x, bias, epi, x_zp, geo, True)
+    return str(w._plans[(kind, x.shape, x.dtype, x.stride(), geo, x_zp, True)].route)
 
 
 def _version(t: torch.Tensor | None) -> int:

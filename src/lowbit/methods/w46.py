@@ -79,9 +79,11 @@ def check_pair(n_x: int, n_w: int) -> None:
             raise ValueError(f"{what} must be odd and >= 3 for 4.6-bit quantization, got {n}")
     k_x, k_w = n_x // 2, n_w // 2
     if k_x * k_w > 127:
+        most = (f"With N_w = {n_w} at most N_x = {2 * (127 // k_w) + 1}." if k_w <= 127 else
+                f"No N_x >= 3 works with N_w = {n_w}: N_w is at most 255.")
         raise ValueError(f"pair (N_x, N_w) = ({n_x}, {n_w}) breaks K_x·K_w <= 127: K_x·K_w = {k_x}·{k_w} = "
                          f"{k_x * k_w} (K = N // 2; a centred activation code times a weight code must fit in "
-                         f"int8). With N_w = {n_w} at most N_x = {2 * (127 // k_w) + 1}.")
+                         f"int8). {most}")
 
 
 def weight_format(n: int) -> IntRange:
@@ -315,7 +317,10 @@ class W8(LevelsMethod):
 
 def use_w46_kernels(gm: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
     """Move every integer layer of ``gm`` whose levels satisfy the 4.6-bit bound to the 4.6-bit kernels (in
-    place). Returns ``(kernel family by layer, reason by layer for those left on the int8 kernels)``."""
+    place). Returns ``(kernel family by layer, reason by layer for those left on the int8 kernels)``: the
+    weights each layer holds (``"w46"``: 4.6-bit packed weights). Which kernel a ``"w46"`` layer then runs
+    for a given input shape (the 4.6-bit one, or the int8 one on the same codes where that is faster) is
+    decided when it runs: ``lowbit.runtime.plan_status(model)["steps"]`` names it."""
     from lowbit.kernels.w46 import PackedW46
     from lowbit.nn.layers import _StaticInt8
 

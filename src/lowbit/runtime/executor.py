@@ -2,7 +2,8 @@
 
 :func:`install` (done by ``lowbit.quantize`` and ``lowbit.load``) gives the model an :class:`Executor`
 that its ``forward`` calls. On each call with one CPU tensor it looks up the plan for the input's shape and
-dtype (compiling it on the first call with that shape: :func:`lowbit.runtime.plan.build_plan`) and runs
+dtype (compiling it on the first call with that shape: :func:`lowbit.runtime.plan.build_plan`, through
+:func:`lowbit.runtime.w46_choice.compile_plan`) and runs
 it; anything it cannot plan runs the model's own node-by-node forward, unchanged, and
 :func:`plan_status` says why. A module of the graph with forward hooks (a profiler, an activation
 recorder) also makes the call run node by node, so that its hooks see the module calls they expect.
@@ -26,8 +27,10 @@ from torch import fx, nn
 
 from lowbit import kernels
 from lowbit.kernels import native as nat
+from lowbit.kernels import w46_plan
 
-from .plan import CompiledPlan, Unplannable, build_plan
+from .plan import CompiledPlan, Unplannable
+from .w46_choice import compile_plan
 
 __all__ = ["Executor", "install", "plan_status", "set_plan", "executor_of", "plan_enabled_by_env"]
 
@@ -99,7 +102,7 @@ class Executor:
         isa = nat.int8_isa()
         for s, sec in zip(plan.steps, t.tolist(), strict=True):
             e = timings.setdefault(s.name, {"seconds": 0.0, "calls": 0, "kind": s.kind,
-                                            "path": f"{s.path} ({isa})" if s.kind in ("conv", "gemm") else s.path,
+                                            "path": _path_label(s, isa),
                                             "fused": list(s.fused)})
             e["seconds"] += sec
             e["calls"] += 1
@@ -126,13 +129,15 @@ class Executor:
             return None
         key = (x.dtype, tuple(x.shape))
         plan = self._plans.get(key)
+        if isinstance(plan, CompiledPlan) and plan.dispatch_state is not None \
+                and plan.dispatch_state != w46_plan.dispatch_state():
+            plan = None  # a 4.6-bit layer's kernel choice depends on the ISA path / threads / mode: choose again
         if plan is None:
             plan = self._compile(x)
             self._plans[key] = plan
-            while len(self._plans) > MAX_PLANS:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
+        self._plans.move_to_end(key)  # the last entry: the plan of the latest call (plan_status shows its steps)
+        while len(self._plans) > MAX_PLANS:
+            self._plans.popitem(last=False)
         if isinstance(plan, str):
             self.last_reason = plan
             return None
@@ -147,7 +152,7 @@ class Executor:
         try:
             nodes, module = _program(self.model)
             with torch.no_grad():
-                return build_plan(nodes, module, x)
+                return compile_plan(nodes, module, x)
         except Unplannable as e:
             return str(e)
 
@@ -159,7 +164,17 @@ class Executor:
             "reason": self.last_reason,
             "steps": [p.describe() for p in plans][-1] if plans else [],
             "buffer_bytes": [p.native.nbytes for p in plans],
+            "w46_choice": plans[-1].w46_choice if plans else None,
         }
+
+
+def _path_label(s: Any, isa: str) -> str:
+    """A step's kernel path with the ISA it runs on (``int8 conv 3x3 (vnni)``)."""
+    if s.kind in ("conv", "gemm"):
+        return f"{s.path} ({isa})"
+    if s.kind in ("w46conv", "w46gemm"):
+        return f"{s.path} ({nat._C.w46_path()})"
+    return s.path
 
 
 def _as_input(x: torch.Tensor) -> torch.Tensor:
@@ -250,12 +265,14 @@ def executor_of(model: nn.Module) -> Executor | None:
 
 def plan_status(model: nn.Module) -> dict[str, Any]:
     """Whether ``model`` runs as a plan: ``enabled``, ``planned`` (the input shapes compiled), ``reason``
-    (why the last call ran node by node, None if it ran the plan), ``steps`` (the latest plan's steps)
-    and ``buffer_bytes``. A model without the executor: ``{"enabled": False, "reason": ...}``."""
+    (why the last call ran node by node, None if it ran the plan), ``steps`` (the latest plan's steps),
+    ``buffer_bytes`` and ``w46_choice`` (how the latest plan's 4.6-bit layers chose their kernels on a VNNI
+    CPU: :mod:`lowbit.runtime.w46_choice`; None elsewhere). A model without the executor:
+    ``{"enabled": False, "reason": ...}``."""
     ex = executor_of(model)
     if ex is None:
         return {"enabled": False, "planned": [], "reason": "the model has no plan executor (not a converted "
-                "integer graph)", "steps": [], "buffer_bytes": []}
+                "integer graph)", "steps": [], "buffer_bytes": [], "w46_choice": None}
     return ex.status()
 
 

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _m
 
-from lowbit.kernels import PackedInt8
+from lowbit.kernels import PackedInt8, w46_plan
 from lowbit.kernels import native as nat
 from lowbit.kernels.epilogue import EPI_KIND
+from lowbit.kernels.w46 import PackedW46, _epi_args
 from lowbit.modelfile.values import Ref
 from lowbit.nn import (
     CheckInput,
@@ -89,7 +90,7 @@ class Value:
 
 @dataclass
 class Step:
-    kind: str  # convert, conv, gemm, add, clamp, pool
+    kind: str  # convert, conv, gemm, w46conv, w46gemm, add, clamp, pool
     name: str  # the node (module path) the step runs
     ins: list[Value]
     out: Value
@@ -110,15 +111,23 @@ def _nchw_dims(shape: Sequence[int]) -> tuple[int, int, int]:
     return 1, n, 1
 
 
+#: How a plan's 4.6-bit layers pick their kernel: None (lowbit.kernels.w46_dispatch, per layer, on the
+#: node-by-node call), ``"w46"`` / ``"int8"`` for all of them, or a kernel by layer (the others: None's rule).
+Routes = str | dict[str, str] | None
+
+
 class _Builder:
-    def __init__(self, nodes: Sequence[Any], module: Callable[[str], nn.Module], x: torch.Tensor) -> None:
+    def __init__(self, nodes: Sequence[Any], module: Callable[[str], nn.Module], x: torch.Tensor,
+                 routes: Routes = None) -> None:
         self.nodes = nodes
         self.module = module
         self.x = x
+        self.routes = routes
         self.steps: list[Step] = []
         self.modules: dict[str, nn.Module] = {}  # every module the graph calls (for the hook check)
         self.vals: dict[int, Value] = {}
         self.output: Value | None = None
+        self.w46 = False  # a 4.6-bit layer chose its kernel: the plan holds for this dispatch state only
 
     # ------------------------------------------------------------------------------ helpers
     def new(self, shape: tuple[int, ...], dtype: torch.dtype, nhwc: bool) -> Value:
@@ -219,18 +228,32 @@ class _Builder:
         self.convert(node.target, v, out, "copy", layout=1 if ext else 0, xor=0x80)
         return out
 
+    def w46_route(self, node: Any, mod: QConv | QLinear, kind: str, v: Value, geo: tuple[Any, ...]) -> str:
+        """``"w46"`` or ``"int8"``: the kernel :mod:`lowbit.kernels.w46_dispatch` picks for this layer and input
+        shape (measured on a dummy input of that shape once per process, as the node-by-node path would)."""
+        assert isinstance(mod.packed, PackedW46)
+        self.w46 = True
+        fixed = self.routes.get(node.target) if isinstance(self.routes, dict) else self.routes
+        if fixed is not None:
+            return fixed
+        x = torch.full(v.shape, int(mod.in_zp), dtype=torch.uint8)
+        if kind == "conv":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return w46_plan.route(mod.packed, kind, x, mod.bias_q, mod.epilogue, int(mod.in_zp), geo)
+
     def conv(self, node: Any, mod: QConv) -> Value:
         p = mod.packed
-        if not isinstance(p, PackedInt8) or p.native is None:
-            raise Unplannable(f"node '{node.name}': weights of the {p.kernel} kernels")
         if mod.conv1d or mod.snap is not None:
             what = "a 1-D convolution" if mod.conv1d else "non-uniform output codes"
             raise Unplannable(f"node '{node.name}': {what}")
+        groups = int(mod.geometry["groups"])
+        native = p.native("conv", groups) if isinstance(p, PackedW46) else getattr(p, "native", None)
+        if not isinstance(p, (PackedInt8, PackedW46)) or native is None:
+            raise Unplannable(f"node '{node.name}': weights of the {p.kernel} kernels")
         v = self.codes(node, self.arg(node))
         g = mod.geometry
         n, cg, kh, kw = (int(s) for s in p.weight.shape)
         b, c, h, w = v.shape
-        groups = int(g["groups"])
         if c != cg * groups:
             raise Unplannable(f"node '{node.name}': input has {c} channels, the layer expects {cg * groups}")
         (sh, sw), (ph, pw), (dh, dw) = pair(g["stride"]), pair(g["padding"]), pair(g["dilation"])
@@ -238,6 +261,11 @@ class _Builder:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if ho < 1 or wo < 1:
             raise ValueError(f"{node.target}: output would be empty: input {h}x{w}, kernel {kh}x{kw}")
+        if isinstance(p, PackedW46):
+            geo = ((sh, sw), (ph, pw), (dh, dw), groups)
+            if self.w46_route(node, mod, "conv", v, geo) == "w46":
+                return self.w46_conv(node, mod, p, v, (b, n, ho, wo), geo)
+            p = p.as_int8()
         ws, wdw = nat._conv_weights(p, groups)
         epi = mod.epilogue
         kind, odt, m0, rs, ozp, qmin, qmax, sc, fb = nat._epilogue(epi, n)
@@ -251,8 +279,38 @@ class _Builder:
         self.steps.append(Step("conv", node.target, [v], out, args, path=f"int8 conv {what}"))
         return out
 
+    def w46_conv(self, node: Any, mod: QConv, p: PackedW46, v: Value, out_shape: tuple[int, int, int, int],
+                 geo: tuple[Any, ...]) -> Value:
+        stride, padding, dilation, groups = geo
+        n, _, kh, kw = (int(s) for s in p.weight.shape)
+        kind, p0, p1, ozp, qmin, qmax, odt, keep = _epi_args(mod.epilogue, n)
+        out = self.new(out_shape, odt, True)
+        args = dict(in_shape=tuple(v.shape), x_zp=int(mod.in_zp), w=p.native("conv", groups), kernel=(kh, kw),
+                    stride=stride, padding=padding, dilation=dilation, groups=groups, bias=mod.bias_q.data_ptr(),
+                    kind=kind, p0=p0, p1=p1, out_zp=ozp, qmin=qmin, qmax=qmax, keep=(p, mod.bias_q, keep))
+        what = "depthwise" if groups > 1 and groups == v.shape[1] else f"{kh}x{kw}"
+        self.steps.append(Step("w46conv", node.target, [v], out, args, path=f"4.6-bit conv {what}"))
+        return out
+
+    def w46_linear(self, node: Any, mod: QLinear, p: PackedW46, v: Value) -> Value:
+        m, n = v.shape[0], int(p.weight.shape[0])
+        kind, p0, p1, ozp, qmin, qmax, odt, keep = _epi_args(mod.epilogue, n)
+        out = self.new((m, n), odt, False)
+        args = dict(m=m, x_zp=int(mod.in_zp), w=p.native("linear", 1), bias=mod.bias_q.data_ptr(), kind=kind, p0=p0,
+                    p1=p1, out_zp=ozp, qmin=qmin, qmax=qmax, keep=(p, mod.bias_q, keep))
+        self.steps.append(Step("w46gemm", node.target, [v], out, args, path="4.6-bit gemm"))
+        return out
+
     def linear(self, node: Any, mod: QLinear) -> Value:
         p = mod.packed
+        if isinstance(p, PackedW46) and p.native("linear", 1) is not None and mod.snap is None:
+            v = self.codes(node, self.arg(node), 2)
+            if v.shape[1] != p.weight.shape[1]:
+                raise Unplannable(f"node '{node.name}': input has {v.shape[1]} features, the layer expects "
+                                  f"{p.weight.shape[1]}")
+            if self.w46_route(node, mod, "linear", v, ()) == "w46":
+                return self.w46_linear(node, mod, p, v)
+            p = p.as_int8()
         if not isinstance(p, PackedInt8) or not isinstance(p.native, nat._C.Int8Weights) or mod.snap is not None:
             raise Unplannable(f"node '{node.name}': a linear layer off the int8 GEMM kernels")
         v = self.codes(node, self.arg(node), 2)
@@ -477,6 +535,11 @@ class CompiledPlan:
         self.out_shape, self.out_dtype = out_shape, out_dtype
         self.in_bytes = _numel(in_shape) * in_dtype.itemsize
         self.out_bytes = _numel(out_shape) * out_dtype.itemsize
+        #: the 4.6-bit dispatch state (kernel path, threads, mode) its 4.6-bit layers chose their kernels
+        #: under, None without such layers: the executor compiles again when the state changes
+        self.dispatch_state: tuple[Any, ...] | None = None
+        #: how the 4.6-bit layers' kernels were chosen on the plan (:mod:`lowbit.runtime.w46_choice`), or None
+        self.w46_choice: dict[str, Any] | None = None
 
     def run(self, x: torch.Tensor, timings: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(self.out_shape, dtype=self.out_dtype)
@@ -509,14 +572,15 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def build_plan(nodes: Sequence[Any], module: Callable[[str], nn.Module], x: torch.Tensor, fuse: bool = True
-               ) -> CompiledPlan:
+def build_plan(nodes: Sequence[Any], module: Callable[[str], nn.Module], x: torch.Tensor, fuse: bool = True,
+               w46_routes: Routes = None) -> CompiledPlan:
     """The plan of ``nodes`` (:class:`lowbit.modelfile.program.Node` list) for inputs shaped like ``x``.
 
-    ``module(path)`` returns a called module. Raises :class:`Unplannable` (the reason) when some node
-    has no plan step; errors the model itself would raise for this input (a failed input check, a
-    window larger than the map) propagate."""
-    b = _Builder(nodes, module, x)
+    ``module(path)`` returns a called module. ``w46_routes``: the kernel of the 4.6-bit layers
+    (:data:`Routes`). Raises :class:`Unplannable` (the reason) when some node has no plan step; errors the
+    model itself would raise for this input (a failed input check, a window larger than the map)
+    propagate."""
+    b = _Builder(nodes, module, x, w46_routes)
     steps = b.build()
     if fuse:
         steps = _fuse_adds(_fuse_clamps(steps))
@@ -526,7 +590,9 @@ def build_plan(nodes: Sequence[Any], module: Callable[[str], nn.Module], x: torc
     plan = nat._C.Plan(sizes, _numel(x.shape) * x.dtype.itemsize, out.numel * _ESIZE[out.dtype])
     for s in steps:
         _emit(plan, s)
-    return CompiledPlan(plan, steps, tuple(x.shape), x.dtype, out.shape, out.dtype, b.modules)
+    cp = CompiledPlan(plan, steps, tuple(x.shape), x.dtype, out.shape, out.dtype, b.modules)
+    cp.dispatch_state = w46_plan.dispatch_state() if b.w46 else None
+    return cp
 
 
 def _emit(plan: Any, s: Step) -> None:
@@ -540,6 +606,10 @@ def _emit(plan: Any, s: Step) -> None:
         plan.conv(_buf(s.ins[0]), _buf(s.out), -3 if res is None else _buf(res), **a, **add)
     elif s.kind == "gemm":
         plan.gemm(_buf(s.ins[0]), _buf(s.out), **a)
+    elif s.kind == "w46conv":
+        plan.w46_conv(_buf(s.ins[0]), _buf(s.out), **a)
+    elif s.kind == "w46gemm":
+        plan.w46_gemm(_buf(s.ins[0]), _buf(s.out), **a)
     elif s.kind == "add":
         plan.add(_buf(s.ins[0]), _buf(s.ins[1]), _buf(s.out), **a)
     elif s.kind == "clamp":

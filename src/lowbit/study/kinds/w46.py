@@ -51,6 +51,9 @@ class W46Study(StudyKind):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--models", default="small_cnn,resnet20", help="built-in models (default small_cnn,resnet20)")
+        p.add_argument("--methods", default=",".join(_METHODS),
+                       help="which of w46,w4,w8 to run (default all three; a subset lets several processes share "
+                            "a study: give each its own --results, then join the files and rerun with all)")
         p.add_argument("--data", default="mnist", help="dataset (default mnist)")
         p.add_argument("--data-dir", default=None, help="folder with the dataset files")
         p.add_argument("--checkpoint", default=None, help="float checkpoint (one model only; default lowbit's cache)")
@@ -81,6 +84,7 @@ class W46Study(StudyKind):
             raise ValueError("--models is empty")
         if args.checkpoint is not None and len(models) != 1:
             raise ValueError("--checkpoint names one float model: give one model in --models")
+        methods = _methods(args.methods)
         pair = parse_pair(args.pair)
         check_pair(*pair)
         if not args.freeze_epochs >= 0:
@@ -96,7 +100,7 @@ class W46Study(StudyKind):
                "correction_steps": args.correction_steps, "freeze_epochs": args.freeze_epochs,
                "train_samples": args.train_samples, "calib_samples": args.calib_samples}
         results = Results(args.results or out.with_suffix(".jsonl"), key)
-        runs = [{"model": m, "method": meth, "seed": s} for m in models for meth in _METHODS for s in range(args.seeds)]
+        runs = [{"model": m, "method": meth, "seed": s} for m in models for meth in methods for s in range(args.seeds)]
         records = run_grid(runs, lambda rid: _one_run(rid, floats[rid["model"]], splits, pair, args), results,
                            progress=not args.no_progress, label=lambda r: f"{r['model']} {r['method']} s{r['seed']}")
         speed = {m: _speed(floats[m], splits, pair, args) for m in models} if args.speed_repeats else {}
@@ -105,6 +109,15 @@ class W46Study(StudyKind):
                        time.perf_counter() - t0, body, records=records, resumed=results.resumed)
         print(f"study written to {out}")
         return 0
+
+
+def _methods(text: str) -> list[str]:
+    """The methods of ``--methods``, checked (in the study's order)."""
+    wanted = split_list(text)
+    bad = [m for m in wanted if m not in _METHODS]
+    if bad or not wanted:
+        raise ValueError(f"--methods takes a subset of {','.join(_METHODS)}, got {text!r}")
+    return [m for m in _METHODS if m in wanted]
 
 
 def _options(method: str, pair: tuple[int, int], seed: int, args: argparse.Namespace, stage: str) -> dict[str, Any]:
