@@ -80,7 +80,8 @@ def _method_configs(args: argparse.Namespace, methods: list[str]) -> dict[str, A
         configs[m] = cls.from_dict(raw, method=m, strings=True)
     unused = sorted(set(opts.get("*", {})) - used)
     if unused:
-        raise ValueError(f"unknown option(s) {', '.join(unused)} for {', '.join(methods)}")
+        known = sorted({k for m in methods for k in field_hints(get_method(m).config_cls)})
+        raise ValueError(f"unknown option(s) {', '.join(unused)} for {', '.join(methods)}; known: {', '.join(known)}")
     return configs
 
 
