@@ -201,3 +201,22 @@ def test_per_layer_choice_counts_the_unfused_add(w46_models, digits_cnn, monkeyp
     assert routes[plain.name] == "w46" and costs[plain.name] == {"int8": 10.0, "w46": 8.0}
     # 8 µs + 3 µs for the add (its clamp is fused into the add's step in the 4.6-bit plan) > 10 µs
     assert routes[fused.name] == "int8" and costs[fused.name]["w46"] >= 11.0
+
+
+@pytest.mark.skipif("vnni" not in PATHS, reason="needs the vnni path (the plan-level choice runs there only)")
+@pytest.mark.parametrize("faster,kept", [(0.03, "int8"), (0.10, "w46")])
+def test_w46_plan_must_beat_int8_by_the_margin(w46_models, digits_cnn, monkeypatch, faster, kept):
+    from lowbit.runtime import build_plan, w46_choice
+    from lowbit.runtime.executor import _program
+
+    q = w46_models["small_cnn"]
+    x = _x(digits_cnn, 1)
+    monkeypatch.setattr(w46_choice.w46_dispatch, "_measure",
+                        lambda c: {k: (1.0 - faster if k == "w46" else 1.0) for k in c})
+    nodes, module = _program(q)
+    with nat.isa("vnni"), torch.no_grad():
+        plan = w46_choice.compile_plan(nodes, module, x)
+        assert torch.equal(plan.run(x), build_plan(nodes, module, x, w46_routes="int8").run(x))
+    assert plan.w46_choice["plan"] == kept
+    paths = [s.path for s in plan.steps if s.kind in _LAYERS]
+    assert all(p.startswith("int8" if kept == "int8" else "4.6-bit") for p in paths)

@@ -12,6 +12,7 @@ kernel on every call.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,15 @@ def _state(nat: Any, auto: bool) -> tuple[Any, ...]:
 def dispatch_state() -> tuple[Any, ...]:
     """What a layer's kernel choice depends on beyond its shapes: (native path, threads, dispatch mode)."""
     return _state(_native(), True)
+
+
+def quick_state(nat: Any) -> tuple[Any, ...]:
+    """:func:`dispatch_state` for a caller that knows the native kernels are on (``nat``: ``lowbit._native``),
+    in three cheap reads: the executor checks it on every call of a model with 4.6-bit layers. An invalid
+    ``LOWBIT_W46_DISPATCH`` is not checked here: it differs from any state a plan was made under, and the
+    new plan's :func:`dispatch_state` raises."""
+    mode = w46_dispatch._mode[0] or os.environ.get("LOWBIT_W46_DISPATCH", "").strip().lower() or "auto"
+    return (nat.w46_path(), nat.num_threads(), mode)
 
 
 def route(w: PackedW46, kind: str, x: torch.Tensor, bias: torch.Tensor | None, epi: Epilogue | None,

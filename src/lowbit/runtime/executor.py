@@ -130,7 +130,7 @@ class Executor:
         key = (x.dtype, tuple(x.shape))
         plan = self._plans.get(key)
         if isinstance(plan, CompiledPlan) and plan.dispatch_state is not None \
-                and plan.dispatch_state != w46_plan.dispatch_state():
+                and plan.dispatch_state != w46_plan.quick_state(nat._C):
             plan = None  # a 4.6-bit layer's kernel choice depends on the ISA path / threads / mode: choose again
         if plan is None:
             plan = self._compile(x)
