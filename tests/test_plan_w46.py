@@ -220,3 +220,17 @@ def test_w46_plan_must_beat_int8_by_the_margin(w46_models, digits_cnn, monkeypat
     assert plan.w46_choice["plan"] == kept
     paths = [s.path for s in plan.steps if s.kind in _LAYERS]
     assert all(p.startswith("int8" if kept == "int8" else "4.6-bit") for p in paths)
+
+
+def test_invalid_dispatch_variable_fails_only_4bit_models(w46_models, digits_cnn, residual_models, monkeypatch):
+    """LOWBIT_W46_DISPATCH concerns 4.6-bit layers: an invalid value is an error for a model that has them
+    and does not stop an int8 model from running (as a plan)."""
+    x = _x(digits_cnn, 7)  # a batch no other test uses: both models compile a plan under the variable
+    static, _ = residual_models[0]["resnet20"]
+    q = w46_models["small_cnn"]
+    monkeypatch.setenv("LOWBIT_W46_DISPATCH", "bogus")
+    with torch.no_grad():
+        static(x)
+        assert plan_status(static)["reason"] is None
+        with pytest.raises(ValueError, match="LOWBIT_W46_DISPATCH='bogus'"):
+            q(x)

@@ -33,7 +33,7 @@ from .w46 import (
     w46_linear_ref,
 )
 
-__all__ = ["call", "route", "dispatch_state"]
+__all__ = ["call", "route", "quick_state"]
 
 _MAX_PLANS = 64  # per weight object; more distinct input shapes than this restart the cache
 
@@ -51,16 +51,12 @@ def _state(nat: Any, auto: bool) -> tuple[Any, ...]:
     return (nat.w46_path(), _threads(), w46_dispatch.dispatch_mode() if auto else "w46")
 
 
-def dispatch_state() -> tuple[Any, ...]:
-    """What a layer's kernel choice depends on beyond its shapes: (native path, threads, dispatch mode)."""
-    return _state(_native(), True)
-
-
 def quick_state(nat: Any) -> tuple[Any, ...]:
-    """:func:`dispatch_state` for a caller that knows the native kernels are on (``nat``: ``lowbit._native``),
-    in three cheap reads: the executor checks it on every call of a model with 4.6-bit layers. An invalid
-    ``LOWBIT_W46_DISPATCH`` is not checked here: it differs from any state a plan was made under, and the
-    new plan's :func:`dispatch_state` raises."""
+    """What a layer's kernel choice depends on beyond its shapes, for a caller that knows the native kernels
+    are on (``nat``: ``lowbit._native``): (native path, threads, dispatch mode as set), in three cheap reads
+    (the executor checks it on every call of a model with 4.6-bit layers). An invalid
+    ``LOWBIT_W46_DISPATCH`` is not checked here, so it cannot fail a model without 4.6-bit layers; a 4.6-bit
+    layer's kernel choice (:func:`lowbit.kernels.w46_dispatch.dispatch_mode`) raises on it."""
     mode = w46_dispatch._mode[0] or os.environ.get("LOWBIT_W46_DISPATCH", "").strip().lower() or "auto"
     return (nat.w46_path(), nat.num_threads(), mode)
 

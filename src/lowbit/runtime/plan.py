@@ -591,7 +591,7 @@ def build_plan(nodes: Sequence[Any], module: Callable[[str], nn.Module], x: torc
     for s in steps:
         _emit(plan, s)
     cp = CompiledPlan(plan, steps, tuple(x.shape), x.dtype, out.shape, out.dtype, b.modules)
-    cp.dispatch_state = w46_plan.dispatch_state() if b.w46 else None
+    cp.dispatch_state = w46_plan.quick_state(nat._C) if b.w46 else None
     return cp
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.kernels import native as nat
 from lowbit.kernels import w46_dispatch, w46_plan
 
 from .plan import CompiledPlan, build_plan
@@ -40,7 +41,7 @@ _LAYER_KINDS = ("conv", "gemm", "w46conv", "w46gemm")
 def compile_plan(nodes: Sequence[Any], module: Callable[[str], nn.Module], x: torch.Tensor) -> CompiledPlan:
     """The plan of ``nodes`` for ``x`` (:func:`lowbit.runtime.plan.build_plan`), its 4.6-bit layers' kernels
     chosen on the plan where the dispatch is measured (module docstring)."""
-    state = w46_plan.dispatch_state()
+    state = w46_plan.quick_state(nat._C)
     if state[0] != "vnni" or state[2] != "auto":
         return build_plan(nodes, module, x)
     on_int8 = build_plan(nodes, module, x, w46_routes="int8")
