@@ -65,7 +65,7 @@ def test_w46_plans_are_exact(w46_models, digits_cnn, name, path, mode):
     n_layers = sum(1 for m in q.modules() if type(m).__name__ in ("QConv", "QLinear"))
     assert len(layers) == n_layers
     on_w46 = [s for s in layers if s["path"].startswith("4.6-bit")]
-    if mode == "w46" or (mode == "auto" and path != "vnni"):  # the rule of lowbit.kernels.w46_dispatch
+    if mode == "w46":
         assert len(on_w46) == n_layers
     elif mode == "int8":
         assert not on_w46 and all(s["path"].startswith("int8") for s in layers)
@@ -156,12 +156,12 @@ def test_native_w46_steps_check_arguments():
     assert lin is packed_lin
 
 
-@pytest.mark.skipif("vnni" not in PATHS, reason="needs the vnni path (the plan-level choice runs there only)")
-def test_vnni_auto_chooses_on_the_plan(w46_models, digits_cnn):
-    """auto mode on the vnni path: the plan's 4.6-bit layers get their kernels from timing whole plans
-    (all int8, all 4.6-bit, the per-layer mix); the choice is reported and the result exact."""
+@pytest.mark.parametrize("path", PATHS)
+def test_auto_chooses_on_the_plan(w46_models, digits_cnn, path):
+    """auto mode: the plan's 4.6-bit layers get their kernels from timing whole plans (all int8, all
+    4.6-bit, the per-layer mix), on every path; the choice is reported and the result exact."""
     q = w46_models["resnet20"]
-    with nat.isa("vnni"):
+    with nat.isa(path):
         y, steps, ref = _run_both(q, _x(digits_cnn, 2))
         choice = plan_status(q)["w46_choice"]
     assert torch.equal(y, ref)
@@ -174,9 +174,13 @@ def test_vnni_auto_chooses_on_the_plan(w46_models, digits_cnn):
     else:
         by = {s["name"]: s["path"] for s in steps}
         assert all(by[k].startswith(want[v]) for k, v in choice["layers"].items())
-    with nat.isa("avx2"):
-        _run_both(q, _x(digits_cnn, 2))
-        assert plan_status(q)["w46_choice"] is None  # the AVX2 rule: the 4.6-bit kernel, no timing
+    w46_dispatch.set_dispatch("w46")
+    try:
+        with nat.isa(path):
+            _run_both(q, _x(digits_cnn, 2))
+            assert plan_status(q)["w46_choice"] is None  # a forced kernel: no timing
+    finally:
+        w46_dispatch.set_dispatch(None)
 
 
 def test_per_layer_choice_counts_the_unfused_add(w46_models, digits_cnn, monkeypatch):
@@ -203,7 +207,6 @@ def test_per_layer_choice_counts_the_unfused_add(w46_models, digits_cnn, monkeyp
     assert routes[fused.name] == "int8" and costs[fused.name]["w46"] >= 11.0
 
 
-@pytest.mark.skipif("vnni" not in PATHS, reason="needs the vnni path (the plan-level choice runs there only)")
 @pytest.mark.parametrize("faster,kept", [(0.03, "int8"), (0.10, "w46")])
 def test_w46_plan_must_beat_int8_by_the_margin(w46_models, digits_cnn, monkeypatch, faster, kept):
     from lowbit.runtime import build_plan, w46_choice
@@ -214,7 +217,7 @@ def test_w46_plan_must_beat_int8_by_the_margin(w46_models, digits_cnn, monkeypat
     monkeypatch.setattr(w46_choice.w46_dispatch, "_measure",
                         lambda c: {k: (1.0 - faster if k == "w46" else 1.0) for k in c})
     nodes, module = _program(q)
-    with nat.isa("vnni"), torch.no_grad():
+    with torch.no_grad():
         plan = w46_choice.compile_plan(nodes, module, x)
         assert torch.equal(plan.run(x), build_plan(nodes, module, x, w46_routes="int8").run(x))
     assert plan.w46_choice["plan"] == kept

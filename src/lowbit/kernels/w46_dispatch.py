@@ -1,15 +1,18 @@
 """Which kernel runs a 4.6-bit layer: the 4.6-bit kernel or the int8 kernel on the same codes.
 
 Both compute exactly the same integers (the 4.6-bit codes are int8 codes too), so the choice is only
-about speed, decided per layer shape once per process and cached:
+about speed, decided per layer shape once per process and cached: whichever measures faster on the layer's
+problem (its weight shape, the input shape, the geometry, the thread count, the kernel path), timed on the
+first call with that problem (warm-up, then interleaved rounds, the minimum of each).
 
-* CPUs without int8 dot products (the ``avx2`` and ``avx512bw`` paths, ``portable``): the 4.6-bit kernel,
-  whose int16 accumulation of ``vpmaddubsw`` pair sums the bound ``K_x·K_w <= 127`` makes exact, where
-  the exact int8 kernel needs ``vpmaddwd`` on widened operands (methods.md §2, x86 note).
-* CPUs with AVX-512 VNNI (``vnni`` path): both do ``vpdpbusd``; whichever measures faster on the layer's
-  problem (its weight shape, the input shape, the geometry, the thread count) is kept. The measurement
-  runs on the first call with that problem (warm-up, then interleaved rounds, the minimum of each).
+* Without int8 dot products (the ``avx2`` and ``avx512bw`` paths, ``portable``) the 4.6-bit kernel usually
+  wins: its int16 accumulation of ``vpmaddubsw`` pair sums, exact under ``K_x·K_w <= 127``, against the int8
+  kernel's ``vpmaddwd`` on widened operands (methods.md §2, x86 note) — 1.3–2x on 3x3 and linear layers.
+  It loses badly on depthwise convolutions (MobileNetV2 on AVX2: 5x slower as a whole), which is why it
+  is measured there too.
+* With AVX-512 VNNI (``vnni`` path) both do ``vpdpbusd`` and either may win.
 
+A model run as a plan makes the same choice on the plan itself (:mod:`lowbit.runtime.w46_choice`).
 ``LOWBIT_W46_DISPATCH=auto|w46|int8`` (or :func:`set_dispatch`) forces one kernel, e.g. to benchmark
 the 4.6-bit kernel on a VNNI CPU. :func:`choices` lists the decisions made so far.
 """
@@ -67,8 +70,6 @@ def choose(problem: Hashable, path: str, threads: int, run_w46: Callable[[], Any
     mode = dispatch_mode()
     if mode != "auto":
         return mode
-    if path != "vnni":
-        return "w46"
     key = (problem, path, int(threads))
     hit = _CHOICES.get(key)
     if hit is None:

@@ -1,20 +1,19 @@
 """Which kernel the 4.6-bit layers of a plan run, chosen on the plan itself.
 
-On a CPU with int8 dot products (the ``vnni`` path) a 4.6-bit layer may run the 4.6-bit kernel or the int8
-kernel on the same codes (:mod:`lowbit.kernels.w46_dispatch`; the same integers either way). Timing each
-layer alone, node by node, misleads inside a plan: there the int8 convolution can take the residual add
-that follows it into its epilogue (the 4.6-bit kernel cannot), and the Python around a node-by-node call
-is gone. So for ``auto`` mode on the ``vnni`` path :func:`compile_plan` builds the plan with every 4.6-bit
-layer on the int8 kernel and with every one on the 4.6-bit kernel, times both step by step on the call's
-input, gives each layer the kernel whose steps took less (its own step, plus on the 4.6-bit side the add
-and clamp steps the int8 plan had fused into it), builds that mixed plan too, and keeps the fastest of the
-three whole plans (warm-up, interleaved rounds, the minimum of each). A plan that runs any layer on the
-4.6-bit kernel must beat the all-int8 plan by :data:`MARGIN`: it carries two kernel families (more code and
-packed weights to keep in cache), and timed back to back it looks better than it runs between other work
-(on the digits small_cnn, a mixed plan 2% faster back to back ran 30-45% slower than the all-int8 one when
-``lowbit compare`` interleaved it with the float model). A model with 4.6-bit layers is therefore not
-slower than the same codes on the int8 kernels, up to timing noise. Elsewhere (the AVX2
-path, a forced ``LOWBIT_W46_DISPATCH``) the plan follows :mod:`lowbit.kernels.w46_dispatch`'s rule.
+A 4.6-bit layer may run the 4.6-bit kernel or the int8 kernel on the same codes
+(:mod:`lowbit.kernels.w46_dispatch`; the same integers either way). Timing each layer alone, node by node,
+misleads inside a plan: there the int8 convolution can take the residual add that follows it into its
+epilogue (the 4.6-bit kernel cannot), and the Python around a node-by-node call is gone. So in ``auto``
+mode :func:`compile_plan` builds the plan with every 4.6-bit layer on the int8 kernel and with every one on
+the 4.6-bit kernel, times both step by step on the call's input, gives each layer the kernel whose steps
+took less (its own step, plus on the 4.6-bit side the add and clamp steps the int8 plan had fused into it),
+builds that mixed plan too, and keeps the fastest of the three whole plans (warm-up, interleaved rounds,
+the minimum of each), on every kernel path: on AVX2 the 4.6-bit kernel wins on 3x3 and linear layers but
+loses 5x on depthwise ones. A plan that runs any layer on the 4.6-bit kernel
+must beat the all-int8 plan by :data:`MARGIN`: within that, the timings (a few rounds, once per input
+shape) do not tell the plans apart, and the all-int8 plan, one kernel family with the fused residual
+adds, is kept. A model with 4.6-bit layers is therefore not slower than the same codes on the int8 kernels,
+up to timing noise. With a forced ``LOWBIT_W46_DISPATCH`` the plan runs that kernel.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def compile_plan(nodes: Sequence[Any], module: Callable[[str], nn.Module], x: to
     """The plan of ``nodes`` for ``x`` (:func:`lowbit.runtime.plan.build_plan`), its 4.6-bit layers' kernels
     chosen on the plan where the dispatch is measured (module docstring)."""
     state = w46_plan.quick_state(nat._C)
-    if state[0] != "vnni" or state[2] != "auto":
+    if state[2] != "auto":
         return build_plan(nodes, module, x)
     on_int8 = build_plan(nodes, module, x, w46_routes="int8")
     if on_int8.dispatch_state is None:  # no 4.6-bit layer
