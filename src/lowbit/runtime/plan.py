@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _m
 
-from lowbit.kernels import PackedInt8, w46_plan
+from lowbit.kernels import PackedInt8, w46_dispatch, w46_plan
 from lowbit.kernels import native as nat
 from lowbit.kernels.epilogue import EPI_KIND
 from lowbit.kernels.w46 import PackedW46, _epi_args
@@ -234,6 +234,8 @@ class _Builder:
         assert isinstance(mod.packed, PackedW46)
         self.w46 = True
         fixed = self.routes.get(node.target) if isinstance(self.routes, dict) else self.routes
+        if fixed is None and w46_dispatch.dispatch_mode() != "auto":
+            fixed = w46_dispatch.dispatch_mode()  # forced: nothing to measure
         if fixed is not None:
             return fixed
         x = torch.full(v.shape, int(mod.in_zp), dtype=torch.uint8)
